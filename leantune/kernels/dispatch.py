@@ -1,0 +1,68 @@
+"""One dispatch rule for every leantune kernel.
+
+CUDA tensors and an importable Triton -> the Triton kernel; anything else -> the plain-torch reference.
+The Triton interpreter (``TRITON_INTERPRET=1`` with CPU tensors) is used only when a test asks for it with
+:func:`force_triton`, so users on a CPU always get the reference path.
+
+Callers (``leantune.memory``, ``leantune.adapters``, ``leantune.optim``) ask ``kernel_for(name, *tensors)``
+and fall back to their own torch code when it returns ``None``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Callable, Iterator
+
+import torch
+
+_KERNELS: dict[str, Callable] = {}
+_DISABLED: set[str] = set()
+_ENABLED: bool | None = None  # None: on for CUDA tensors, off otherwise
+_FORCE_INTERPRETER = False
+
+
+def triton_available() -> bool:
+    """Whether the ``triton`` package can be imported on this machine."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def register_kernel(name: str, fn: Callable) -> None:
+    """Register the Triton-backed callable for kernel ``name`` (done by each kernel module)."""
+    _KERNELS[name] = fn
+
+
+def set_enabled(enabled: bool | None, disable: tuple[str, ...] | list[str] = ()) -> None:
+    """Globally switch kernels on/off (``None`` restores the default) and turn off single kernels by name."""
+    global _ENABLED
+    _ENABLED = enabled
+    _DISABLED.clear()
+    _DISABLED.update(disable)
+
+
+@contextlib.contextmanager
+def force_triton() -> Iterator[None]:
+    """Tests only: route CPU tensors through Triton kernels (needs ``TRITON_INTERPRET=1`` set before import)."""
+    global _FORCE_INTERPRETER
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("force_triton() needs TRITON_INTERPRET=1 set before triton is imported")
+    previous, _FORCE_INTERPRETER = _FORCE_INTERPRETER, True
+    try:
+        yield
+    finally:
+        _FORCE_INTERPRETER = previous
+
+
+def kernel_for(name: str, *tensors: torch.Tensor) -> Callable | None:
+    """The Triton callable for ``name`` if the dispatch rule picks Triton for these tensors, else ``None``."""
+    if name in _DISABLED or _ENABLED is False:
+        return None
+    fn = _KERNELS.get(name)
+    if fn is None:
+        return None
+    if _FORCE_INTERPRETER:
+        return fn
+    if all(t.is_cuda for t in tensors) and triton_available():
+        return fn
+    return None

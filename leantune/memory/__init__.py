@@ -1,0 +1,1 @@
+"""Memory-saving backprop: approximate activation backward, memory-sharing norms, profiler, model patching."""

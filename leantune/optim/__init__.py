@@ -1,0 +1,1 @@
+"""Low-rank gradient optimizers (GaLore family), per-layer updates and LISA."""
