@@ -2,15 +2,18 @@
 
 CUDA tensors and an importable Triton -> the Triton kernel; anything else -> the plain-torch reference.
 The Triton interpreter (``TRITON_INTERPRET=1`` with CPU tensors) is used only when a test asks for it with
-:func:`force_triton`, so users on a CPU always get the reference path.
+:func:`force_triton`, so users on a CPU always get the reference path (and pay nothing for leantune kernels).
 
 Callers (``leantune.memory``, ``leantune.adapters``, ``leantune.optim``) ask ``kernel_for(name, *tensors)``
-and fall back to their own torch code when it returns ``None``.
+and fall back to their own torch code when it returns ``None``. Registered names and their callable
+contracts are documented in the kernel modules (``activations``, ``norms``, ``gated_mlp``, ``lora_linear``,
+``optimizer_step``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from typing import Callable, Iterator
@@ -23,14 +26,25 @@ _ENABLED: bool | None = None  # None: on for CUDA tensors, off otherwise
 _FORCE_INTERPRETER = False
 
 
+@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
     """Whether the ``triton`` package can be imported on this machine."""
     return importlib.util.find_spec("triton") is not None
 
 
+def interpreter_active() -> bool:
+    """Whether ``TRITON_INTERPRET=1`` is set (Triton kernels then run in numpy, on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def register_kernel(name: str, fn: Callable) -> None:
-    """Register the Triton-backed callable for kernel ``name`` (done by each kernel module)."""
+    """Register the Triton-backed callable for kernel ``name`` (done by each kernel module at import)."""
     _KERNELS[name] = fn
+
+
+def registered_kernels() -> list[str]:
+    """Names of all registered kernels (after ``import leantune.kernels``)."""
+    return sorted(_KERNELS)
 
 
 def set_enabled(enabled: bool | None, disable: tuple[str, ...] | list[str] = ()) -> None:
@@ -45,7 +59,7 @@ def set_enabled(enabled: bool | None, disable: tuple[str, ...] | list[str] = ())
 def force_triton() -> Iterator[None]:
     """Tests only: route CPU tensors through Triton kernels (needs ``TRITON_INTERPRET=1`` set before import)."""
     global _FORCE_INTERPRETER
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreter_active():
         raise RuntimeError("force_triton() needs TRITON_INTERPRET=1 set before triton is imported")
     previous, _FORCE_INTERPRETER = _FORCE_INTERPRETER, True
     try:
@@ -63,6 +77,6 @@ def kernel_for(name: str, *tensors: torch.Tensor) -> Callable | None:
         return None
     if _FORCE_INTERPRETER:
         return fn
-    if all(t.is_cuda for t in tensors) and triton_available():
+    if tensors and all(t.is_cuda for t in tensors) and triton_available():
         return fn
     return None

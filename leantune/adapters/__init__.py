@@ -1,0 +1,35 @@
+"""leantune's adapters as peft tuner types; importing this package registers them with peft.
+
+======================  =========================================  =================================
+method                  config                                     trainable per adapted matrix
+======================  =========================================  =================================
+LoRA-XS                 :class:`LoraXSConfig`                      r²
+LoRA-SB                 :class:`LoraSBConfig` + get_lora_sb_model  r²
+ALLoRA                  :class:`ALLoRAConfig`                      r·(in + out)
+DyLoRA                  :class:`DyLoRAConfig`                      r·(in + out)  (any rank ≤ r usable)
+======================  =========================================  =================================
+"""
+
+from .allora import ALLoRAConfig, ALLoRAModel
+from .dylora import DyLoRAConfig, DyLoRAModel
+from .lora_sb import LoraSBConfig, LoraSBModel, estimate_first_step, get_lora_sb_model
+from .lora_xs import LoraXSConfig, LoraXSModel
+from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
+from .registration import LeanTuneType
+
+__all__ = [
+    "ALLoRAConfig",
+    "ALLoRAModel",
+    "DyLoRAConfig",
+    "DyLoRAModel",
+    "LeanTuneType",
+    "LoraSBConfig",
+    "LoraSBModel",
+    "LoraXSConfig",
+    "LoraXSModel",
+    "LowRankConfig",
+    "LowRankLayer",
+    "LowRankModel",
+    "estimate_first_step",
+    "get_lora_sb_model",
+]

@@ -1,0 +1,201 @@
+"""Shared machinery for leantune's additive low-rank tuners (LoRA-XS, LoRA-SB, ALLoRA, DyLoRA, NOLA).
+
+Every such method updates a frozen weight ``W0 ∈ R^{out×in}`` by a low-rank product
+
+    W = W0 + ΔW,   ΔW = B_eff · A_eff,   B_eff ∈ R^{out×k}, A_eff ∈ R^{k×in}
+
+where each method decides what ``B_eff`` and ``A_eff`` are (the scale is folded into them). This module
+implements, once for all of them, what peft users expect from a tuner layer: wrapping ``nn.Linear``,
+GPT-2's ``Conv1D`` (stored transposed) and bitsandbytes 8-bit/4-bit linears (merged through peft's
+quantization backends), forward with several active adapters, ``disable_adapter``, merge / unmerge, and the
+factors needed to export the adapter as a plain peft LoRA. A method subclasses :class:`LowRankLayer`,
+adds its parameters in ``update_layer`` and defines ``lowrank_factors`` (and, if its training-time
+computation differs from ``x ↦ x A_effᵀ B_effᵀ``, ``adapter_output``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+@dataclass
+class LowRankConfig(PeftConfig):
+    """Fields shared by every leantune low-rank tuner (same meaning as in peft's ``LoraConfig``).
+
+    Args:
+        r: rank of the update.
+        target_modules: module names (suffix match), a regex (full match), or ``"all-linear"``.
+        exclude_modules: names or regex of modules never to adapt.
+        layers_to_transform / layers_pattern: restrict to some layer indices, as in peft.
+        modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier head).
+    """
+
+    # peft's matching helper reads this attribute; leantune tuners adapt modules, never bare parameters.
+    target_parameters: ClassVar[None] = None
+
+    r: int = field(default=8, metadata={"help": "Rank of the low-rank update."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names, a regex, or 'all-linear'."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"{type(self).__name__}: `r` must be a positive integer, got {self.r!r}.")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`.")
+
+
+def base_weight_out_in(layer: BaseTunerLayer) -> torch.Tensor:
+    """The base weight as a float ``(out, in)`` tensor: dequantized if needed, Conv1D transposed back."""
+    weight = layer.get_base_weight()
+    if isinstance(layer.get_base_layer(), Conv1D):
+        weight = weight.T
+    return weight
+
+
+class LowRankLayer(nn.Module, BaseTunerLayer):
+    """peft tuner layer for additive low-rank updates; see the module docstring.
+
+    Subclasses set ``adapter_layer_names`` (trainable containers) and ``other_param_names`` (frozen
+    containers and plain per-adapter dicts), create those containers after calling this ``__init__``,
+    then call their own ``update_layer``.
+    """
+
+    supported_base_types: ClassVar[tuple[type, ...]] = (nn.Linear, Conv1D)
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        nn.Module.__init__(self)
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        self.quantization_backend = resolve_quantization_backend(base)
+        if self.quantization_backend is None and not isinstance(base, self.supported_base_types):
+            raise TypeError(
+                f"{type(self).__name__} cannot wrap a {type(base).__name__}: supported are nn.Linear, "
+                "transformers Conv1D and bitsandbytes Linear8bitLt/Linear4bit. Remove it from `target_modules`."
+            )
+        self.in_features, self.out_features = _get_in_out_features(base)
+        self.is_conv1d = isinstance(base, Conv1D)
+
+    # --- what a method defines -------------------------------------------------------------------------
+    def lowrank_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B_eff (out×k), A_eff (k×in))`` with ``ΔW = B_eff @ A_eff`` (scale included)."""
+        raise NotImplementedError
+
+    def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """The adapter's additive contribution ``x ΔWᵀ`` for input ``x`` (…, in)."""
+        b_eff, a_eff = self.lowrank_factors(adapter)
+        return nn.functional.linear(nn.functional.linear(x, a_eff), b_eff)
+
+    def adapter_dtype(self, adapter: str) -> torch.dtype:
+        """dtype the input is cast to before the adapter path (that of its first trainable tensor)."""
+        for name in self.adapter_layer_names:
+            container = getattr(self, name)
+            if adapter in container:
+                return container[adapter].dtype
+        raise KeyError(adapter)
+
+    # --- peft behaviour shared by all low-rank methods ---------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``ΔW`` in the base layer's own layout (``(in, out)`` for Conv1D), as peft expects."""
+        b_eff, a_eff = self.lowrank_factors(adapter)
+        delta = b_eff @ a_eff
+        return delta.T if self.is_conv1d else delta
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add ``ΔW`` of the given (default: active) adapters into the base weight."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+            raise ValueError(f"Merging into {type(self.get_base_layer()).__name__} weights is not supported.")
+        for adapter in adapter_names:
+            if adapter not in self.r:
+                continue
+            weight = self.get_base_weight()
+            merged = weight + self.get_delta_weight(adapter).detach().to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"Merging adapter {adapter!r} would put NaN/inf into the weights; nothing was merged.")
+            self.set_base_weight(merged)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter's ``ΔW`` again (in reverse order)."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            weight = self.get_base_weight()
+            self.set_base_weight(weight - self.get_delta_weight(adapter).detach().to(weight.dtype))
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for adapter in self.active_adapters:
+            if adapter not in self.r:
+                continue
+            x_cast = self._cast_input_dtype(x, self.adapter_dtype(adapter))
+            result = result + self.adapter_output(x_cast, adapter).to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__.lower()}.{super().__repr__()}"
+
+
+class LowRankModel(BaseTuner):
+    """peft tuner for a :class:`LowRankLayer` subclass (set ``prefix`` and ``tuner_layer_cls``)."""
+
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self,
+        config: LowRankConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, current_key)
+            return
+        new_module = self.tuner_layer_cls(target, adapter_name, config, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter is not trained
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_new_adapter_config(self, config: PeftConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if getattr(config, "bias", "none") != "none":
+            raise ValueError(f"{type(self).__name__} does not train biases; set bias='none'.")

@@ -1,0 +1,174 @@
+"""MS-RMSNorm / MS-LayerNorm (Memory-Sharing BP, Yang et al. ICML 2024): norms without affine that save their output.
+
+Per row of width H (fp32 statistics):
+
+    RMSNorm:    rstd = 1/sqrt(mean(x²) + ε),            y = x · rstd
+    LayerNorm:  μ = mean(x), rstd = 1/sqrt(var(x) + ε),  y = (x − μ) · rstd
+
+Saved for backward: the **output** ``y`` (input dtype) and ``rstd`` (fp32, one per row), never ``x``. The backward is
+written in terms of the output, so a following linear that saves the same ``y`` object makes the norm ~free:
+
+    MS-RMSNorm: dx = rstd · (dy − mean(dy ⊙ y) · y)
+    MS-LN:      dx = rstd · (dy − mean(dy) − mean(dy ⊙ y) · y)
+
+The affine (γ, β) is not part of the kernel: callers either fold it into the next linear or apply ``γ ⊙ y + β``
+themselves (exact for Llama-style RMSNorm, whose γ multiplies the normalised output).
+
+Registered kernels ``"ms_rmsnorm"`` and ``"ms_layernorm"`` (see :class:`MSNormKernel`) follow this contract:
+
+* ``fn(x, eps) -> y`` — differentiable, normalises the last dimension;
+* ``fn.forward(x, eps) -> (y, rstd)`` — ``y`` like ``x``, ``rstd`` fp32 of shape ``x.shape[:-1]``;
+* ``fn.backward(grad_y, y, rstd) -> grad_x``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._triton import next_power_of_2, tl, triton
+from .dispatch import kernel_for, register_kernel
+
+_MAX_WIDTH = 65536  # one row per program; wider rows would not fit a block
+
+
+# ----------------------------------------------------------------------------------------------- torch reference
+
+
+def reference_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference forward → (y in x.dtype, rstd fp32 [rows])."""
+    xf = x.float()
+    if kind == "layernorm":
+        xf = xf - xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd).to(x.dtype), rstd.squeeze(-1)
+
+
+def reference_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, kind: str) -> torch.Tensor:
+    """Torch reference backward from the saved output (formulas in the module docstring), fp32 math."""
+    dy, yf, r = grad_y.float(), y.float(), rstd.unsqueeze(-1)
+    inner = dy - (dy * yf).mean(-1, keepdim=True) * yf
+    if kind == "layernorm":
+        inner = inner - dy.mean(-1, keepdim=True)
+    return (r * inner).to(grad_y.dtype)
+
+
+def reference_ms_rmsnorm(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """MS-RMSNorm reference forward → (y, rstd)."""
+    return reference_ms_norm(x, eps, "rmsnorm")
+
+
+def reference_ms_layernorm(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """MS-LayerNorm reference forward → (y, rstd)."""
+    return reference_ms_norm(x, eps, "layernorm")
+
+
+# ----------------------------------------------------------------------------------------------- Triton kernels
+
+
+@triton.jit
+def _ms_norm_fwd_kernel(X, Y, RSTD, H, eps, LAYERNORM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    x = tl.load(X + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    if LAYERNORM:
+        x = tl.where(mask, x - tl.sum(x, axis=0) / H, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + tl.cast(eps, tl.float32))
+    tl.store(Y + row * H + cols, (x * rstd).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _ms_norm_bwd_kernel(DY, Y, RSTD, DX, H, LAYERNORM: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < H
+    dy = tl.load(DY + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + row)
+    inner = dy - (tl.sum(dy * y, axis=0) / H) * y
+    if LAYERNORM:
+        inner = inner - tl.sum(dy, axis=0) / H
+    tl.store(DX + row * H + cols, (rstd * inner).to(DX.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor, what: str) -> tuple[torch.Tensor, int, int]:
+    width = t.shape[-1]
+    if width > _MAX_WIDTH:
+        raise ValueError(f"{what}: hidden size {width} exceeds the kernel's one-row block ({_MAX_WIDTH})")
+    flat = t.contiguous().view(-1, width)
+    return flat, flat.shape[0], width
+
+
+def triton_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton forward → (y, rstd); same math as :func:`reference_ms_norm`."""
+    flat, rows, width = _rows(x, f"ms_{kind}")
+    y = torch.empty_like(flat)
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    if rows:
+        _ms_norm_fwd_kernel[(rows,)](
+            flat, y, rstd, width, eps, LAYERNORM=kind == "layernorm", BLOCK=next_power_of_2(width)
+        )
+    return y.view(x.shape), rstd.view(x.shape[:-1])
+
+
+def triton_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, kind: str) -> torch.Tensor:
+    """Triton backward from the saved output; same math as :func:`reference_ms_norm_backward`."""
+    dy, rows, width = _rows(grad_y, f"ms_{kind} backward")
+    yc = y.contiguous().view(-1, width)
+    dx = torch.empty_like(dy)
+    if rows:
+        _ms_norm_bwd_kernel[(rows,)](
+            dy, yc, rstd.contiguous(), dx, width, LAYERNORM=kind == "layernorm", BLOCK=next_power_of_2(width)
+        )
+    return dx.view(grad_y.shape)
+
+
+# ----------------------------------------------------------------------------------------------- autograd + dispatch
+
+
+class MSNormFunction(torch.autograd.Function):
+    """Normalise the last dimension without affine; save (y, rstd) and differentiate from the output."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float, kind: str, use_triton: bool) -> torch.Tensor:
+        y, rstd = (triton_ms_norm if use_triton else reference_ms_norm)(x, eps, kind)
+        ctx.save_for_backward(y, rstd)  # the output itself: shared with the next layer's saved input
+        ctx.kind, ctx.use_triton = kind, use_triton
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        y, rstd = ctx.saved_tensors
+        bwd = triton_ms_norm_backward if ctx.use_triton else reference_ms_norm_backward
+        return bwd(grad_y, y, rstd, ctx.kind), None, None, None
+
+
+class MSNormKernel:
+    """The callable registered as ``"ms_rmsnorm"`` / ``"ms_layernorm"`` (contract in the module docstring)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        return MSNormFunction.apply(x, eps, self.kind, True)
+
+    def forward(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return triton_ms_norm(x, eps, self.kind)
+
+    def backward(self, grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        return triton_ms_norm_backward(grad_y, y, rstd, self.kind)
+
+
+def ms_rmsnorm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """MS-RMSNorm of the last dimension (no affine); Triton on CUDA, torch reference elsewhere."""
+    return MSNormFunction.apply(x, eps, "rmsnorm", kernel_for("ms_rmsnorm", x) is not None)
+
+
+def ms_layernorm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """MS-LayerNorm of the last dimension (no affine); Triton on CUDA, torch reference elsewhere."""
+    return MSNormFunction.apply(x, eps, "layernorm", kernel_for("ms_layernorm", x) is not None)
+
+
+register_kernel("ms_rmsnorm", MSNormKernel("rmsnorm"))
+register_kernel("ms_layernorm", MSNormKernel("layernorm"))

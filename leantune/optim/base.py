@@ -1,0 +1,170 @@
+"""Shared machinery of the low-rank optimizers: param-group config, projector refresh, moment policy, stepping.
+
+A param group is low-rank when it has a ``rank`` key (the galore-torch convention); its 2-D parameters are then
+projected, everything else in the same optimizer gets the plain (full-rank) update.  Group keys:
+
+``rank``, ``update_proj_gap`` (T), ``scale`` (alpha), ``projector`` ("svd" | "rsvd" | "dct"),
+``moment_policy`` ("keep" | "reset" | "rotate": what happens to the low-rank moments when P changes),
+``max_grad_norm_per_param`` (clip each parameter's gradient by its own norm; None = off).
+
+Subclasses implement ``_update(p, grad, state, group, projector)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from leantune.optim.layerwise import LayerwiseMixin
+from leantune.optim.projectors import PROJECTOR_KINDS, Projector, make_projector
+
+MOMENT_POLICIES = ("keep", "reset", "rotate")
+
+LOW_RANK_DEFAULTS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "projector": "svd",
+    "moment_policy": "keep",
+    "max_grad_norm_per_param": None,
+}
+
+
+class LowRankOptimizer(LayerwiseMixin, Optimizer):
+    """Base class: projector handling + per-parameter stepping (``step()`` or layer-wise hooks)."""
+
+    #: state keys living in the low-rank space (reset / rotated on refresh)
+    moment_keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
+    supports_rotate: bool = True
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+    ) -> None:
+        defaults = {**LOW_RANK_DEFAULTS, **defaults}
+        super().__init__(params, defaults)
+        self._param_seed: dict[torch.Tensor, int] = {}
+        for gi, group in enumerate(self.param_groups):
+            self._validate_group(gi, group)
+            for p in group["params"]:
+                self._param_seed[p] = len(self._param_seed)
+        self._init_layerwise(layerwise, accumulation_steps)
+
+    def _validate_group(self, index: int, group: dict[str, Any]) -> None:
+        if group["lr"] < 0:
+            raise ValueError(f"param group {index}: lr must be >= 0, got {group['lr']}")
+        if "rank" not in group:
+            return
+        if group["projector"] not in PROJECTOR_KINDS:
+            raise ValueError(f"param group {index}: projector={group['projector']!r}, expected one of {PROJECTOR_KINDS}")
+        if group["moment_policy"] not in MOMENT_POLICIES:
+            raise ValueError(
+                f"param group {index}: moment_policy={group['moment_policy']!r}, expected one of {MOMENT_POLICIES}"
+            )
+        if group["moment_policy"] == "rotate" and not self.supports_rotate:
+            raise ValueError(
+                f"{type(self).__name__} cannot rotate its moments (they are quantized or factored); "
+                "use moment_policy='keep' or 'reset'."
+            )
+        for p in group["params"]:
+            if p.ndim != 2:
+                warnings.warn(
+                    f"param group {index} has rank={group['rank']} but holds a {p.ndim}-D parameter of shape "
+                    f"{tuple(p.shape)}; it gets the plain full-rank update.",
+                    stacklevel=3,
+                )
+
+    @staticmethod
+    def is_low_rank(group: dict[str, Any], p: torch.Tensor) -> bool:
+        return group.get("rank") is not None and p.ndim == 2
+
+    # ---- stepping --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layerwise:  # updates already happened inside backward; only flush partial windows
+            self._flush_layerwise()
+            return loss
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group)
+        return loss
+
+    def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)}).")
+        max_norm = group.get("max_grad_norm_per_param")
+        if max_norm:
+            # same coefficient as torch.nn.utils.clip_grad_norm_, but per parameter
+            coef = (max_norm / (torch.linalg.vector_norm(grad) + 1e-6)).clamp(max=1.0)
+            grad = grad * coef
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+        projector = None
+        if self.is_low_rank(group, p):
+            projector = self._projector(p, group, state)
+            if projector.needs_refresh(state["step"]):
+                ok = self._refresh(projector, grad, state, group)
+                if not ok and (not projector.initialized or not bool(torch.isfinite(grad).all())):
+                    return  # never write NaN into the weights
+        self._update(p, grad, state, group, projector)
+
+    def _projector(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> Projector:
+        return make_projector(group["projector"], state, group, seed=self._param_seed.get(p, 0))
+
+    def _refresh(self, projector: Projector, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
+        had = projector.initialized
+        policy = group["moment_policy"]
+        old = projector.matrix() if (had and policy == "rotate") else None
+        ok = projector.refresh(grad, state["step"])
+        if ok and had:
+            if policy == "reset":
+                self._reset_moments(state)
+            elif policy == "rotate":
+                self._rotate_moments(state, projector.transition(old), state["proj_right"])
+        return ok
+
+    def _reset_moments(self, state: dict[str, Any]) -> None:
+        for key in self.moment_keys:
+            if key in state:
+                state[key].zero_()
+
+    def _rotate_moments(self, state: dict[str, Any], T: torch.Tensor, right: bool) -> None:
+        """m <- m T (right) / T m (left); v <- |v T| (the DCT-AdamW heuristic keeps v non-negative)."""
+        for key in self.moment_keys:
+            if key not in state:
+                continue
+            x = state[key].float()
+            y = x @ T if right else T @ x
+            if key == "exp_avg_sq":
+                y = y.abs()
+            state[key].copy_(y)
+
+    def _update(self, p, grad, state, group, projector) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- helpers shared by the Adam family --------------------------------------------------------------------
+    def shared_state_tensors(self) -> list[torch.Tensor]:
+        """Tensors the optimizer keeps alive outside ``self.state`` (e.g. shared DCT bases)."""
+        from leantune.optim.dct import shared_dct_basis
+
+        out = []
+        for group in self.param_groups:
+            if group.get("rank") is None or group["projector"] != "dct":
+                continue
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "proj_indices" in st:
+                    out.append(shared_dct_basis(st["proj_dim"], st["proj_dtype_ref"].dtype, st["proj_indices"].device))
+        return out

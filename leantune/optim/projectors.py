@@ -1,0 +1,224 @@
+"""Low-rank gradient projectors: one interface, three ways to pick the subspace.
+
+For a weight W in R^{m x n} with gradient G, rank r and scale alpha (GaLore, Zhao et al. 2024):
+
+* m >= n ("right" side): P in R^{r x n} with orthonormal rows,    R = G P^T (m x r),  back(N) = alpha * N P
+* m <  n ("left" side):  P in R^{m x r} with orthonormal columns, R = P^T G (r x n),  back(N) = alpha * P N
+
+so the low-rank state is always r x max(m, n) and the projector r x min(m, n).  P is refreshed from the current
+gradient every T = ``update_proj_gap`` optimizer steps (at per-parameter step 0, T, 2T, ... counted before the
+increment, exactly like galore-torch).
+
+A projector is a thin view on the optimizer's per-parameter state dict: everything it keeps lives there as
+tensors (``proj_ortho`` for SVD kinds, ``proj_indices`` for DCT) plus the group's plain config, so
+``optimizer.state_dict()`` loads with ``torch.load(weights_only=True)`` (ms-swift #10161 was bitten by pickled
+projector objects).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+
+PROJECTOR_KINDS = ("svd", "rsvd", "dct")
+
+
+class Projector:
+    """Common interface: ``needs_refresh``, ``refresh``, ``project``, ``project_back`` (with scale), ``matrix``.
+
+    Args:
+        state: the optimizer's state dict for this parameter; the projector reads/writes its tensors there.
+        rank: r (clamped to min(m, n), as the reference does).
+        update_proj_gap: T, refresh period in optimizer steps.
+        scale: alpha, multiplies the back-projected update (acts as a fractional learning rate).
+    """
+
+    kind = "base"
+
+    def __init__(self, state: dict[str, Any], rank: int, update_proj_gap: int, scale: float) -> None:
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if update_proj_gap < 1:
+            raise ValueError(f"update_proj_gap must be >= 1, got {update_proj_gap}")
+        self.state = state
+        self.rank = int(rank)
+        self.update_proj_gap = int(update_proj_gap)
+        self.scale = float(scale)
+
+    # ---- side rule ------------------------------------------------------------------------------------------
+    @staticmethod
+    def is_right(full_shape: torch.Size | tuple[int, ...]) -> bool:
+        """GaLore 'std' side rule: tall (m >= n) gradients project on the right."""
+        return full_shape[0] >= full_shape[1]
+
+    # ---- interface ------------------------------------------------------------------------------------------
+    @property
+    def initialized(self) -> bool:
+        raise NotImplementedError
+
+    def needs_refresh(self, step: int) -> bool:
+        return (not self.initialized) or step % self.update_proj_gap == 0
+
+    def refresh(self, grad: torch.Tensor, step: int) -> bool:
+        """Recompute P from ``grad``.  Returns False (and keeps the previous P) when that fails."""
+        raise NotImplementedError
+
+    def matrix(self) -> torch.Tensor:
+        """P: r x n (right side) or m x r (left side)."""
+        raise NotImplementedError
+
+    def project(self, grad: torch.Tensor) -> torch.Tensor:
+        P = self.matrix()
+        if self.state["proj_right"]:
+            return torch.matmul(grad, P.t())
+        return torch.matmul(P.t(), grad)
+
+    def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
+        P = self.matrix()
+        if self.state["proj_right"]:
+            full = torch.matmul(low_rank, P)
+        else:
+            full = torch.matmul(P, low_rank)
+        return full * self.scale
+
+    def transition(self, old_matrix: torch.Tensor) -> torch.Tensor:
+        """Change of basis that carries a low-rank state from the old subspace into the new one.
+
+        right: R_new ~= R_old (P_old P_new^T)   (multiply on the right);
+        left:  R_new ~= (P_new^T P_old) R_old   (multiply on the left).
+        """
+        new = self.matrix()
+        if self.state["proj_right"]:
+            return old_matrix.float() @ new.float().t()
+        return new.float().t() @ old_matrix.float()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Config plus tensors (weights_only-safe)."""
+        out: dict[str, Any] = {
+            "kind": self.kind,
+            "rank": self.rank,
+            "update_proj_gap": self.update_proj_gap,
+            "scale": self.scale,
+        }
+        out.update({k: v for k, v in self.state.items() if k.startswith("proj_")})
+        return out
+
+    # ---- helpers --------------------------------------------------------------------------------------------
+    def _accept(self, grad: torch.Tensor, new: torch.Tensor | None, reason: str) -> bool:
+        if new is not None and bool(torch.isfinite(new).all()):
+            self.state["proj_ortho"] = new
+            return True
+        kept = "keeping the previous projector" if self.initialized else "no projector yet, skipping this update"
+        warnings.warn(
+            f"{self.kind} projector refresh failed for a gradient of shape {tuple(grad.shape)} ({reason}); {kept}.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+
+def _grad_as_fp32(grad: torch.Tensor) -> torch.Tensor:
+    # galore-torch: SVD of grad.float(), reuse the tensor itself when it is already fp32 (bitwise parity)
+    return grad if grad.dtype == torch.float32 else grad.float()
+
+
+class SVDProjector(Projector):
+    """Exact truncated SVD: G = U S V^T, P = V^T[:r] (right) or U[:, :r] (left).
+
+    The slice is stored as a ``.contiguous()`` copy in the gradient's dtype so the full U / V^T factors are freed
+    (a view would keep the whole factor alive: min(m,n)^2 floats instead of r*min(m,n)).
+    """
+
+    kind = "svd"
+
+    @property
+    def initialized(self) -> bool:
+        return "proj_ortho" in self.state
+
+    def matrix(self) -> torch.Tensor:
+        return self.state["proj_ortho"]
+
+    def refresh(self, grad: torch.Tensor, step: int) -> bool:
+        self.state["proj_right"] = self.is_right(grad.shape)
+        if not bool(torch.isfinite(grad).all()):
+            return self._accept(grad, None, "non-finite gradient")
+        try:
+            U, _, Vh = torch.linalg.svd(_grad_as_fp32(grad), full_matrices=False)
+        except RuntimeError as err:  # e.g. "linalg.svd: failed to converge" (GaLore #58)
+            return self._accept(grad, None, f"torch.linalg.svd raised: {err}")
+        new = Vh[: self.rank, :] if self.state["proj_right"] else U[:, : self.rank]
+        return self._accept(grad, new.to(dtype=grad.dtype).contiguous(), "non-finite singular vectors")
+
+
+class RandomizedSVDProjector(Projector):
+    """Randomized range finder (Halko, Martinsson & Tropp 2011), GaLore-2 style.
+
+    With k = r + oversample and a Gaussian test matrix Omega: Y = (A A^T)^q A Omega, Q = qr(Y), B = Q^T A,
+    B = U_B S V^T, U = Q U_B.  A is G (left side) or G^T (right side) so the sketch always spans the min(m,n)-dim
+    side.  The Gaussian is drawn from a generator seeded by (param seed, step), so results are reproducible and
+    a resumed run draws the same sketch.
+    """
+
+    kind = "rsvd"
+
+    def __init__(self, state, rank, update_proj_gap, scale, oversample: int = 8, power_iters: int = 2, seed: int = 0):
+        super().__init__(state, rank, update_proj_gap, scale)
+        self.oversample = oversample
+        self.power_iters = power_iters
+        self.seed = seed
+
+    @property
+    def initialized(self) -> bool:
+        return "proj_ortho" in self.state
+
+    def matrix(self) -> torch.Tensor:
+        return self.state["proj_ortho"]
+
+    def refresh(self, grad: torch.Tensor, step: int) -> bool:
+        right = self.is_right(grad.shape)
+        self.state["proj_right"] = right
+        if not bool(torch.isfinite(grad).all()):
+            return self._accept(grad, None, "non-finite gradient")
+        A = _grad_as_fp32(grad)
+        A = A.t() if right else A  # rows of A = the small side (min(m, n))
+        rows, cols = A.shape
+        k = min(self.rank + self.oversample, rows, cols)
+        gen = torch.Generator(device=A.device)
+        gen.manual_seed((self.seed * 1_000_003 + step) % (2**63 - 1))
+        omega = torch.randn(cols, k, generator=gen, device=A.device, dtype=A.dtype)
+        try:
+            Q = torch.linalg.qr(A @ omega).Q
+            for _ in range(self.power_iters):
+                Q = torch.linalg.qr(A.t() @ Q).Q
+                Q = torch.linalg.qr(A @ Q).Q
+            U_B, _, _ = torch.linalg.svd(Q.t() @ A, full_matrices=False)
+        except RuntimeError as err:
+            return self._accept(grad, None, f"randomized SVD raised: {err}")
+        U = (Q @ U_B)[:, : self.rank]  # basis of the small side: n x r (right) or m x r (left)
+        new = U.t() if right else U
+        return self._accept(grad, new.to(dtype=grad.dtype).contiguous(), "non-finite singular vectors")
+
+
+def make_projector(kind: str, state: dict[str, Any], group: dict[str, Any], seed: int = 0) -> Projector:
+    """Build the projector named by ``kind`` ("svd" | "rsvd" | "dct") from a param group's config."""
+    rank, gap, scale = group["rank"], group["update_proj_gap"], group["scale"]
+    if kind == "svd":
+        return SVDProjector(state, rank, gap, scale)
+    if kind == "rsvd":
+        return RandomizedSVDProjector(
+            state, rank, gap, scale, group.get("rsvd_oversample", 8), group.get("rsvd_power_iters", 2), seed
+        )
+    if kind == "dct":
+        from leantune.optim.dct import DCTProjector
+
+        return DCTProjector(state, rank, gap, scale, norm_ord=group.get("dct_norm_ord", 1))
+    raise ValueError(f"Unknown projector {kind!r}; choose one of {PROJECTOR_KINDS}.")
+
+
+def subspace_distance(P1: torch.Tensor, P2: torch.Tensor) -> float:
+    """||P1^T P1 - P2^T P2||_F / sqrt(r) for row-orthonormal P (use P^T for left projectors): 0 = same subspace."""
+    a, b = P1.double(), P2.double()
+    return float(torch.linalg.norm(a.t() @ a - b.t() @ b) / math.sqrt(max(a.shape[0], 1)))
