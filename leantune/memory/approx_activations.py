@@ -1,0 +1,165 @@
+"""ReGELU2 / ReSiLU2: exact GELU/SiLU forward, 2-bit step-derivative backward (Approx-BP, Yang et al., ICML 2024).
+
+The backward pass uses the derivative of the surrogate
+
+    h̃(x) = Σ_{i=1..3} a_i · max(x − c_i, 0),   Σ a_i = 1,  Σ a_i c_i = 0,
+
+i.e. the step function  h̃'(x) = Σ_i a_i · [x > c_i]  (strict ``>``). Only the segment index
+``code = [x > c1] + [x > c2] + [x > c3] ∈ {0, 1, 2, 3}`` is saved, packed four codes per ``uint8``
+(element ``i`` in bits ``2·(i mod 4)`` .. ``2·(i mod 4)+1`` of byte ``i // 4``): 1/8 of a bf16 input, 1/16 of fp32.
+
+Kernel contract (``leantune.kernels.dispatch.kernel_for("regelu2" | "resilu2", x)``): the registered object must be
+a ``torch.autograd.Function`` subclass (or anything with static ``forward(ctx, x, approximate)`` and
+``backward(ctx, grad_y)``) computing the same thing: ``forward`` returns ``y`` and saves what its own ``backward``
+needs; ``backward`` returns ``(grad_x, None)``. For ReSiLU2 ``approximate`` is ignored (pass ``"none"``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leantune.kernels.dispatch import kernel_for
+
+# (a_1, a_2, a_3), (c_1, c_2, c_3) fitted by the authors (LowMemoryBP, k = 2).
+REGELU2_SLOPES = (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286)
+REGELU2_THRESHOLDS = (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)
+RESILU2_SLOPES = (-0.04060357190528599, 1.080925428529668, -0.040321856624382146)
+RESILU2_THRESHOLDS = (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708)
+
+_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
+
+
+def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
+    """Pack a flat tensor of codes in {0,1,2,3} into ``ceil(n/4)`` bytes (element i -> bits 2·(i mod 4) of byte i//4)."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 4
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    shifts = _SHIFTS.to(flat.device)
+    return (flat.view(-1, 4) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_2bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_2bit`: the first ``numel`` codes as a flat ``uint8`` tensor."""
+    shifts = _SHIFTS.to(packed.device)
+    return ((packed.unsqueeze(1) >> shifts) & 3).reshape(-1)[:numel]
+
+
+def step_codes(x: torch.Tensor, thresholds: tuple[float, float, float]) -> torch.Tensor:
+    """Segment index ``Σ_i [x > c_i]`` as ``uint8`` (comparison in fp32 or better, thresholds are fp64 constants)."""
+    xf = x if x.dtype == torch.float64 else x.float()
+    code = (xf > thresholds[0]).to(torch.uint8)
+    code += xf > thresholds[1]
+    code += xf > thresholds[2]
+    return code
+
+
+def step_derivative_table(slopes: tuple[float, float, float], dtype: torch.dtype, device) -> torch.Tensor:
+    """Derivative of h̃ on each segment: ``[0, a1, a1+a2, a1+a2+a3]``."""
+    a1, a2, a3 = slopes
+    return torch.tensor([0.0, a1, a1 + a2, a1 + a2 + a3], dtype=torch.float64, device=device).to(dtype)
+
+
+def _step_backward(grad_y: torch.Tensor, packed: torch.Tensor, slopes, shape) -> torch.Tensor:
+    compute_dtype = torch.promote_types(grad_y.dtype, torch.float32)
+    table = step_derivative_table(slopes, compute_dtype, grad_y.device)
+    codes = unpack_2bit(packed, grad_y.numel()).long()
+    grad_x = grad_y.reshape(-1).to(compute_dtype) * table[codes]
+    return grad_x.view(shape).to(grad_y.dtype)
+
+
+class ReGELU2Function(torch.autograd.Function):
+    """``y = GELU(x)`` exactly (``approximate`` ∈ {"none", "tanh"} as in ``F.gelu``); backward ``dx = dy · h̃'(x)``.
+
+    Signature: ``ReGELU2Function.apply(x, approximate="none", forward_fn=None)``. ``forward_fn`` lets a model keep
+    its own bit-exact GELU implementation (e.g. GPT-2's python ``gelu_new``); then no kernel is used for the forward.
+    Saves one packed ``uint8`` tensor of ``ceil(numel/4)`` bytes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, approximate: str = "none", forward_fn: Callable | None = None):
+        kernel = kernel_for("regelu2", x) if forward_fn is None else None
+        ctx.kernel = kernel
+        if kernel is not None:
+            return kernel.forward(ctx, x, approximate)
+        y = forward_fn(x) if forward_fn is not None else F.gelu(x, approximate=approximate)
+        ctx.save_for_backward(pack_2bit(step_codes(x, REGELU2_THRESHOLDS)))
+        ctx.shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        if ctx.kernel is not None:
+            return (*ctx.kernel.backward(ctx, grad_y), None)[:3]
+        (packed,) = ctx.saved_tensors
+        return _step_backward(grad_y.contiguous(), packed, REGELU2_SLOPES, ctx.shape), None, None
+
+
+class ReSiLU2Function(torch.autograd.Function):
+    """``y = SiLU(x) = x·σ(x)`` exactly; backward ``dx = dy · h̃'(x)`` with the ReSiLU2 constants.
+
+    Signature: ``ReSiLU2Function.apply(x, forward_fn=None)``; saves ``ceil(numel/4)`` bytes.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, forward_fn: Callable | None = None):
+        kernel = kernel_for("resilu2", x) if forward_fn is None else None
+        ctx.kernel = kernel
+        if kernel is not None:
+            return kernel.forward(ctx, x, "none")
+        y = forward_fn(x) if forward_fn is not None else F.silu(x)
+        ctx.save_for_backward(pack_2bit(step_codes(x, RESILU2_THRESHOLDS)))
+        ctx.shape = x.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        if ctx.kernel is not None:
+            return ctx.kernel.backward(ctx, grad_y)[0], None
+        (packed,) = ctx.saved_tensors
+        return _step_backward(grad_y.contiguous(), packed, RESILU2_SLOPES, ctx.shape), None
+
+
+def regelu2(x: torch.Tensor, approximate: str = "none", forward_fn: Callable | None = None) -> torch.Tensor:
+    """Functional ReGELU2 (see :class:`ReGELU2Function`)."""
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"regelu2: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return ReGELU2Function.apply(x, approximate, forward_fn)
+
+
+def resilu2(x: torch.Tensor, forward_fn: Callable | None = None) -> torch.Tensor:
+    """Functional ReSiLU2 (see :class:`ReSiLU2Function`)."""
+    return ReSiLU2Function.apply(x, forward_fn)
+
+
+class ApproxActivation(nn.Module):
+    """Drop-in replacement for a model's GELU/SiLU module: same forward (calls the original), 2-bit backward.
+
+    ``kind`` is "gelu" (ReGELU2 constants) or "silu" (ReSiLU2). ``original`` is the replaced module; it is kept so
+    the forward stays bit-identical and so :func:`leantune.memory.restore` can put it back.
+    """
+
+    def __init__(self, original: nn.Module | Callable, kind: str, approximate: str | None = None):
+        super().__init__()
+        if kind not in ("gelu", "silu"):
+            raise ValueError(f"ApproxActivation: kind must be 'gelu' or 'silu', got {kind!r}")
+        self.kind = kind
+        self.approximate = approximate  # None: call `original` (exact model forward); else use F.gelu(approximate=)
+        self.original = original
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() or not x.requires_grad:
+            return self.original(x)
+        if self.kind == "silu":
+            return resilu2(x, None if self.approximate is not None else self.original)
+        if self.approximate is not None:
+            return regelu2(x, self.approximate)
+        return regelu2(x, "none", self.original)
+
+    def extra_repr(self) -> str:
+        name = "ReSiLU2" if self.kind == "silu" else "ReGELU2"
+        return f"{name}, forward={type(self.original).__name__}"

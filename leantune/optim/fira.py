@@ -1,0 +1,52 @@
+"""FiraAdamW: GaLore plus a norm-scaled full-rank residual (Chen et al., arXiv 2410.01623).
+
+After the GaLore Adam step (R = project(G), N = Adam-normalised R, see ``galore_adamw.py``):
+
+    S     = G - alpha * back(R)                  residual outside the subspace (reference: alpha-scaled; the paper's
+                                                 orthogonal G - back(R) with ``orthogonal_residual=True``)
+    phi   = ||N||_d / (||R||_d + 1e-8)           per column (R wide, r x n) or per row (R tall, m x r)
+    S     = S * phi                              Adam-like rescaling of the residual ("norm-based scaling")
+    limiter (gamma = 1.01): if ||S_t|| / ||S_{t-1}|| > gamma then S_t <- S_t * gamma ||S_{t-1}|| / ||S_t||
+    W    <- W - eta_t (alpha * back(N) + S)
+
+The only extra state is the previous residual norm (one scalar per matrix).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from leantune.optim.galore_adamw import GaLoreAdamW
+
+
+class FiraAdamW(GaLoreAdamW):
+    """GaLoreAdamW + Fira residual.  Extra args: ``gamma`` (limiter, 1.01), ``orthogonal_residual`` (False =
+    fira 1.0.2 behaviour).  With ``reference_adam=True`` in fp32 it matches the ``fira`` package bitwise."""
+
+    def __init__(
+        self, params: Iterable[Any], *args: Any, gamma: float = 1.01, orthogonal_residual: bool = False, **kwargs: Any
+    ) -> None:
+        if gamma < 1.0:
+            raise ValueError(f"gamma (norm-growth limit) must be >= 1, got {gamma}")
+        super().__init__(params, *args, gamma=gamma, orthogonal_residual=orthogonal_residual, **kwargs)
+
+    def _postprocess(self, p, grad, R, N, update, state, group, projector) -> torch.Tensor:
+        removed = projector.project_back(R)
+        if group["orthogonal_residual"] and projector.scale != 0:
+            removed = removed / projector.scale
+        dim = 0 if N.shape[0] < N.shape[1] else 1
+        phi = torch.norm(N, dim=dim) / (torch.norm(R, dim=dim) + 1e-8)
+        if dim == 1:
+            phi = phi.unsqueeze(1)
+        residual = (grad - removed) * phi
+        gamma = group["gamma"]
+        if "fira_prev_norm" in state:
+            norm = torch.norm(residual)
+            limiter = max(norm / (state["fira_prev_norm"] + 1e-8), gamma) / gamma
+            residual = residual / limiter
+            state["fira_prev_norm"] = norm / limiter
+        else:
+            state["fira_prev_norm"] = torch.norm(residual)
+        return update + residual

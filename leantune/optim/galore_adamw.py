@@ -1,0 +1,148 @@
+"""GaLoreAdamW: Adam in the projected gradient space (Zhao et al., ICML 2024, arXiv 2403.03507).
+
+For a targeted W in R^{m x n} with gradient G_t (projector P, rank r, scale alpha, see ``projectors.py``):
+
+    R_t = project(G_t)                                  (r x max(m, n))
+    M_t = b1 M_{t-1} + (1 - b1) R_t,   V_t = b2 V_{t-1} + (1 - b2) R_t^2
+    N_t = M_t / (sqrt(V_t) + eps) * c_t
+    W_t = W_{t-1} - eta * alpha * back(N_t)             (+ decoupled weight decay)
+
+Two arithmetic modes:
+* default (torch-style, like ``torch.optim.AdamW``): N = (M/bc1) / (sqrt(V/bc2) + eps), decay
+  W <- W (1 - eta wd) before the update, eps default 1e-8.
+* ``reference_adam=True`` (galore-torch 1.0 / fira 1.0.2 / old HF AdamW): eps added to sqrt(V) un-corrected, the
+  bias correction folded into the step size eta_t = eta sqrt(bc2)/bc1, decay W <- W - eta wd W applied *after*
+  the update, eps default 1e-6.  With this flag and fp32 the results match galore-torch bitwise.
+
+Moments are kept when P is refreshed (as in every reference code base) unless ``moment_policy`` says otherwise.
+Parameters of groups without ``rank`` get the same Adam without projection.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+import torch
+
+from leantune.optim.base import LowRankOptimizer
+from leantune.optim.projectors import Projector
+
+
+def resolve_eps(eps: float | None, reference_adam: bool) -> float:
+    if eps is None:
+        return 1e-6 if reference_adam else 1e-8
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return eps
+
+
+def check_betas(betas: tuple[float, float]) -> None:
+    for b in betas:
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"Adam betas must be in [0, 1), got {betas}")
+
+
+def adam_direction(R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """Update the moments with R (``state['step']`` already incremented) and return (N, step_size)."""
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    beta1, beta2 = group["betas"]
+    step = state["step"]
+    exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+    bc1 = 1.0 - beta1**step if group["correct_bias"] else 1.0
+    bc2 = 1.0 - beta2**step if group["correct_bias"] else 1.0
+    if group["reference_adam"]:
+        denom = exp_avg_sq.sqrt().add_(group["eps"])
+        step_size = group["lr"] * math.sqrt(bc2) / bc1
+    else:
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
+        step_size = group["lr"] / bc1
+    return exp_avg / denom, step_size
+
+
+def apply_update(p: torch.Tensor, update: torch.Tensor, step_size: float, group: dict[str, Any]) -> None:
+    """p -= step_size * update, with decoupled weight decay before (torch) or after (reference) it."""
+    wd = group["weight_decay"]
+    if group["reference_adam"]:
+        p.add_(update, alpha=-step_size)
+        if wd > 0.0:
+            p.add_(p, alpha=-group["lr"] * wd)
+    else:
+        if wd > 0.0:
+            p.mul_(1.0 - group["lr"] * wd)
+        p.add_(update, alpha=-step_size)
+
+
+class GaLoreAdamW(LowRankOptimizer):
+    """AdamW whose ``rank`` groups keep their moments in a rank-r gradient subspace.
+
+    Args:
+        params: parameters or param groups (see ``make_param_groups``); groups with ``rank`` are projected.
+        lr, betas, eps, weight_decay, correct_bias: Adam hyper-parameters (eps None -> 1e-8, or 1e-6 with
+            ``reference_adam``).
+        reference_adam: reproduce galore-torch / fira arithmetic (see module docstring).
+        update_proj_gap, scale, projector, moment_policy, max_grad_norm_per_param: defaults for low-rank groups.
+        layerwise: update each parameter inside backward and free its gradient (see ``layerwise.py``).
+        accumulation_steps: micro-batches per optimizer step (layerwise only).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float | None = None,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        reference_adam: bool = False,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        projector: str = "svd",
+        moment_policy: str = "keep",
+        max_grad_norm_per_param: float | None = None,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        **extra_defaults: Any,
+    ) -> None:
+        check_betas(betas)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": resolve_eps(eps, reference_adam),
+            "weight_decay": weight_decay,
+            "correct_bias": correct_bias,
+            "reference_adam": reference_adam,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "projector": projector,
+            "moment_policy": moment_policy,
+            "max_grad_norm_per_param": max_grad_norm_per_param,
+            **extra_defaults,
+        }
+        super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
+
+    def _transform_low_rank_grad(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+        """Hook for preconditioning the projected gradient (Natural GaLore)."""
+        return R
+
+    def _postprocess(self, p, grad, R, N, update, state, group, projector) -> torch.Tensor:
+        """Hook on the back-projected update (Fira adds its residual here)."""
+        return update
+
+    def _update(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], projector: Projector | None
+    ) -> None:
+        R = projector.project(grad) if projector is not None else grad
+        if projector is not None:
+            R = self._transform_low_rank_grad(R, state, group)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(R)
+            state["exp_avg_sq"] = torch.zeros_like(R)
+        state["step"] += 1
+        N, step_size = adam_direction(R, state, group)
+        if projector is None:
+            apply_update(p, N, step_size, group)
+            return
+        update = self._postprocess(p, grad, R, N, projector.project_back(N), state, group, projector)
+        apply_update(p, update, step_size, group)

@@ -1,0 +1,92 @@
+"""GaLoreAdamW8bit: GaLore with 8-bit blockwise Adam moments (bitsandbytes) on the low-rank state.
+
+Same algorithm as ``GaLoreAdamW`` (torch-style Adam), but M and V are stored as uint8 codes of bitsandbytes'
+dynamic quantization maps with one fp32 absmax per block of 256 values (Dettmers et al. 2022).  Tensors with
+fewer than ``min_8bit_size`` (4096) elements keep fp32 moments, like bitsandbytes.
+
+The update for a projected parameter is computed into a transient low-rank buffer (r x max(m, n)) by
+``bitsandbytes.functional.optimizer_update_8bit_blockwise`` with lr = 1 and no decay, so buffer = -N; then
+W <- W (1 - eta wd) - eta alpha back(N).  Unlike galore-torch's 8-bit class, the full weight is never cloned.
+Non-projected parameters are updated by bitsandbytes directly (its Adam applies the same decoupled decay).
+bitsandbytes >= 0.49 runs these kernels on CPU as well as CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from leantune.optim.galore_adamw import GaLoreAdamW, adam_direction, apply_update
+
+BLOCKSIZE = 256
+
+
+def _bnb():
+    try:
+        import bitsandbytes.functional as F
+    except ImportError as err:  # pragma: no cover - bnb is a dependency
+        raise ImportError("GaLoreAdamW8bit needs bitsandbytes (pip install bitsandbytes>=0.49).") from err
+    return F
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """8-bit blockwise Adam states in the GaLore subspace.  ``reference_adam`` is not available (bitsandbytes
+    implements torch-style Adam); eps defaults to 1e-8, weight_decay to 0.0."""
+
+    moment_keys = ("exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2")
+    supports_rotate = False
+
+    def __init__(self, params: Iterable[Any], *args: Any, min_8bit_size: int = 4096, **kwargs: Any) -> None:
+        if kwargs.get("reference_adam"):
+            raise ValueError("GaLoreAdamW8bit uses bitsandbytes' torch-style Adam; reference_adam=True is not supported.")
+        F = _bnb()
+        self._qmap1 = F.create_dynamic_map(signed=True)
+        self._qmap2 = F.create_dynamic_map(signed=False)
+        super().__init__(params, *args, min_8bit_size=min_8bit_size, **kwargs)
+
+    def _qmaps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._qmap1.device != device:
+            self._qmap1, self._qmap2 = self._qmap1.to(device), self._qmap2.to(device)
+        return self._qmap1, self._qmap2
+
+    def _init_8bit(self, like: torch.Tensor, state: dict[str, Any]) -> None:
+        blocks = (like.numel() + BLOCKSIZE - 1) // BLOCKSIZE
+        state["state1"] = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
+        state["state2"] = torch.zeros(like.shape, dtype=torch.uint8, device=like.device)
+        # absmax 0 dequantizes every code to 0, so these are zero moments
+        state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
+        state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=like.device)
+
+    def _bnb_adam(self, g: torch.Tensor, target: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                  lr: float, weight_decay: float) -> None:
+        beta1, beta2 = group["betas"]
+        q1, q2 = self._qmaps(g.device)
+        _bnb().optimizer_update_8bit_blockwise(
+            "adam", g.contiguous(), target, state["state1"], state["state2"], beta1, beta2, 0.0, 0.0,
+            group["eps"], state["step"], lr, q1, q2, state["absmax1"], state["absmax2"], weight_decay=weight_decay,
+        )
+
+    def _update(self, p, grad, state, group, projector) -> None:
+        R = projector.project(grad) if projector is not None else grad
+        eight_bit = R.numel() >= group["min_8bit_size"]
+        if eight_bit and "state1" not in state:
+            self._init_8bit(R, state)
+        if not eight_bit and "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(R)
+            state["exp_avg_sq"] = torch.zeros_like(R)
+        state["step"] += 1
+        if not eight_bit:
+            N, step_size = adam_direction(R, state, group)
+            update = projector.project_back(N) if projector is not None else N
+            apply_update(p, update, step_size, group)
+            return
+        if projector is None:  # full-rank 8-bit Adam straight into p (bnb applies decoupled decay)
+            self._bnb_adam(grad, p, state, group, group["lr"], group["weight_decay"])
+            return
+        buf = torch.zeros(R.shape, dtype=torch.float32, device=R.device)
+        self._bnb_adam(R.float(), buf, state, group, 1.0, 0.0)  # buf = -N
+        update = projector.project_back(buf.to(p.dtype))
+        apply_update(p, update, -group["lr"], {**group, "weight_decay": 0.0})
+        if group["weight_decay"] > 0.0:  # decoupled decay, torch order (before the update) is equivalent here
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
