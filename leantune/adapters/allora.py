@@ -124,7 +124,8 @@ class ALLoRALayer(LowRankLayer):
     @torch.no_grad()
     def coefficients(self, adapter: str) -> tuple[Optional[torch.Tensor], ...]:
         """``(c_out, c_a, c_b)`` for the configured rule (see :class:`_ALLoRAFunction`)."""
-        a, b = self.allora_A[adapter].float(), self.allora_B[adapter].float()
+        dtype = torch.promote_types(self.allora_A[adapter].dtype, torch.float32)  # norms in fp32 or better
+        a, b = self.allora_A[adapter].to(dtype), self.allora_B[adapter].to(dtype)
         eta, squared = self.eta[adapter], self.squared[adapter]
         if self.norm_of[adapter] == "delta_w_row":
             # ‖(BA)_i‖² = B_i (A Aᵀ) B_iᵀ: no out×in product needed

@@ -148,7 +148,7 @@ def estimate_first_step(
     loss_fn = loss_fn or _default_loss
     modules = targeted_modules(model, config)
     for name, module in modules.items():
-        if not isinstance(module, (nn.Linear, Conv1D)):
+        if not isinstance(module, (nn.Linear, Conv1D)) or not module.weight.dtype.is_floating_point:
             raise TypeError(
                 f"LoRA-SB needs full-precision gradients, but {name} is a {type(module).__name__}. Estimate the "
                 "initialisation on the unquantized model, then quantize (see the README)."

@@ -172,6 +172,26 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         return f"{self.__class__.__name__.lower()}.{super().__repr__()}"
 
 
+def check_checkpoint_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise a ``ValueError`` naming the first adapter tensor whose shape differs from the model's.
+
+    This is what loading an adapter onto a different base model looks like; torch's own error would list
+    every mismatch of every layer at once.
+    """
+    prefix = "base_model.model."
+    own = model.state_dict()
+    if not any(k.startswith(prefix) for k in own):
+        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    for key, target in own.items():  # model order, so "first" means the earliest layer
+        tensor = state_dict.get(key)
+        if tensor is not None and target.shape != tensor.shape:
+            raise ValueError(
+                f"This adapter was trained on a different base model: for {key.removeprefix(prefix)!r} the "
+                f"checkpoint has shape {tuple(tensor.shape)} but this model needs {tuple(target.shape)}. "
+                "Load it onto the base model it was trained with."
+            )
+
+
 class LowRankModel(BaseTuner):
     """peft tuner for a :class:`LowRankLayer` subclass (set ``prefix`` and ``tuner_layer_cls``)."""
 
@@ -194,6 +214,14 @@ class LowRankModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trained
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_checkpoint_shapes(model, remapped)
+        return remapped
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         super()._check_new_adapter_config(config)

@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import next_power_of_2, tl, triton
+from ._triton import compute_dtype, next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
 # (a1, a2, a3), (c1, c2, c3) fitted by the paper (k = 2 → 3 thresholds), see spec §1.1.
@@ -75,7 +75,7 @@ def unpack_2bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
 def reference_approx_activation(x: torch.Tensor, kind: str, approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference forward: exact activation in fp32 (cast back) and packed 2-bit flags."""
     _check(kind, approximate)
-    xf = x.float()
+    xf = compute_dtype(x)
     y = F.silu(xf) if kind == "resilu2" else F.gelu(xf, approximate=approximate)
     _, (c1, c2, c3) = _CONSTANTS[kind]
     flags = (xf > c1).to(torch.uint8) + (xf > c2).to(torch.uint8) + (xf > c3).to(torch.uint8)
@@ -84,9 +84,10 @@ def reference_approx_activation(x: torch.Tensor, kind: str, approximate: str = "
 
 def reference_approx_backward(grad_y: torch.Tensor, codes: torch.Tensor, kind: str) -> torch.Tensor:
     """Torch reference backward: ``grad_y · s_flag`` computed in fp32."""
-    table = torch.tensor((0.0, *step_slopes(kind)), dtype=torch.float32, device=grad_y.device)
+    gf = compute_dtype(grad_y)
+    table = torch.tensor((0.0, *step_slopes(kind)), dtype=gf.dtype, device=grad_y.device)
     slope = table[unpack_2bit(codes, grad_y.numel()).long()].view(grad_y.shape)
-    return (grad_y.float() * slope).to(grad_y.dtype)
+    return (gf * slope).to(grad_y.dtype)
 
 
 def reference_regelu2(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +113,7 @@ def _approx_act_fwd_kernel(X, Y, CODES, n, c1, c2, c3, ACT: tl.constexpr, BLOCK:
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == 1:  # GELU, tanh form; tanh(u) = 2σ(2u) − 1 (no libdevice)
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        u = tl.minimum(tl.maximum(u, -20.0), 20.0)  # tanh is ±1 in fp32 there; avoids exp overflow
         y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))
     else:  # SiLU
         y = x * tl.sigmoid(x)

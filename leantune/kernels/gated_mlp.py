@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import next_power_of_2, tl, triton
+from ._triton import compute_dtype, next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
 _ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -62,7 +62,7 @@ def _act_grad(ef: torch.Tensor, activation: str) -> torch.Tensor:
 def reference_gated_mlp(e: torch.Tensor, g: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """Torch reference forward ``h = act(e) ⊙ g`` (fp32 math, cast to e.dtype)."""
     _check(e, g, activation)
-    return (_act(e.float(), activation) * g.float()).to(e.dtype)
+    return (_act(compute_dtype(e), activation) * compute_dtype(g)).to(e.dtype)
 
 
 def reference_gated_mlp_backward(
@@ -70,7 +70,7 @@ def reference_gated_mlp_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference backward → (h recomputed, ∂e, ∂g)."""
     _check(e, g, activation)
-    ef, gf, dh = e.float(), g.float(), grad_h.float()
+    ef, gf, dh = compute_dtype(e), compute_dtype(g), compute_dtype(grad_h)
     f = _act(ef, activation)
     return (f * gf).to(e.dtype), (dh * gf * _act_grad(ef, activation)).to(e.dtype), (dh * f).to(g.dtype)
 
@@ -89,7 +89,8 @@ def _activation(e, ACT: tl.constexpr):
         f = e * cdf
         df = cdf + e * tl.exp(-0.5 * e * e) * 0.3989422804014327
     else:
-        t = 2.0 * tl.sigmoid(2.0 * 0.7978845608028654 * (e + 0.044715 * e * e * e)) - 1.0  # tanh without libdevice
+        u = tl.minimum(tl.maximum(0.7978845608028654 * (e + 0.044715 * e * e * e), -20.0), 20.0)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh without libdevice (saturated beyond |u| = 20)
         f = 0.5 * e * (1.0 + t)
         df = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * e * e)
     return f, df

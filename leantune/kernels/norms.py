@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import next_power_of_2, tl, triton
+from ._triton import compute_dtype, next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
 _MAX_WIDTH = 65536  # one row per program; wider rows would not fit a block
@@ -36,7 +36,7 @@ _MAX_WIDTH = 65536  # one row per program; wider rows would not fit a block
 
 def reference_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference forward → (y in x.dtype, rstd fp32 [rows])."""
-    xf = x.float()
+    xf = compute_dtype(x)
     if kind == "layernorm":
         xf = xf - xf.mean(-1, keepdim=True)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -45,7 +45,8 @@ def reference_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Ten
 
 def reference_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, kind: str) -> torch.Tensor:
     """Torch reference backward from the saved output (formulas in the module docstring), fp32 math."""
-    dy, yf, r = grad_y.float(), y.float(), rstd.unsqueeze(-1)
+    dy, yf = compute_dtype(grad_y), compute_dtype(y)
+    r = rstd.unsqueeze(-1).to(dy.dtype)
     inner = dy - (dy * yf).mean(-1, keepdim=True) * yf
     if kind == "layernorm":
         inner = inner - dy.mean(-1, keepdim=True)

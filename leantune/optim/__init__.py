@@ -1,6 +1,64 @@
-"""Low-rank gradient optimizers (GaLore family), per-layer updates and LISA."""
+"""Low-rank gradient optimizers (GaLore family), per-layer updates and LISA.
 
+Quick start::
+
+    from leantune.optim import GaLoreAdamW, make_param_groups
+    opt = GaLoreAdamW(make_param_groups(model, target_modules="all-linear", rank=128), lr=1e-2)
+
+or by name, in a ``transformers.Trainer``::
+
+    from leantune.optim import OptimizerConfig, install_in_trainer
+    install_in_trainer(trainer, OptimizerConfig(name="fira_adamw", rank=16, scale=2.0, layerwise=True))
+"""
+
+from leantune.optim.config import OPTIMIZERS, OptimizerConfig, build_optimizer
 from leantune.optim.dct import DCTProjector, dct_matrix, shared_dct_basis
 from leantune.optim.fira import FiraAdamW
+from leantune.optim.galore_adafactor import GaLoreAdafactor
 from leantune.optim.galore_adamw import GaLoreAdamW
-from leantune.optim.projectors import Projector, RandomizedSVDProjector, SVDProjector, make_projector
+from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
+from leantune.optim.layerwise import assert_single_process
+from leantune.optim.lisa import LISACallback, find_layer_stack
+from leantune.optim.natural_galore import NaturalGaLoreAdamW, woodbury_inverse_fisher
+from leantune.optim.param_groups import find_target_weights, make_param_groups
+from leantune.optim.projectors import (
+    PROJECTOR_KINDS,
+    Projector,
+    RandomizedSVDProjector,
+    SVDProjector,
+    make_projector,
+    subspace_distance,
+)
+from leantune.optim.state_bytes import optimizer_state_bytes, storage_bytes
+from leantune.optim.trainer import LowRankOptimizerFactory, install_in_trainer, optimizer_cls_and_kwargs
+
+__all__ = [
+    "OPTIMIZERS",
+    "PROJECTOR_KINDS",
+    "DCTProjector",
+    "FiraAdamW",
+    "GaLoreAdafactor",
+    "GaLoreAdamW",
+    "GaLoreAdamW8bit",
+    "LISACallback",
+    "LowRankOptimizerFactory",
+    "NaturalGaLoreAdamW",
+    "OptimizerConfig",
+    "Projector",
+    "RandomizedSVDProjector",
+    "SVDProjector",
+    "assert_single_process",
+    "build_optimizer",
+    "dct_matrix",
+    "find_layer_stack",
+    "find_target_weights",
+    "install_in_trainer",
+    "make_param_groups",
+    "make_projector",
+    "optimizer_cls_and_kwargs",
+    "optimizer_state_bytes",
+    "shared_dct_basis",
+    "storage_bytes",
+    "subspace_distance",
+    "woodbury_inverse_fisher",
+]

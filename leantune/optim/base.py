@@ -154,6 +154,17 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     def _update(self, p, grad, state, group, projector) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch casts every state tensor to the parameter's dtype; restore the saved dtypes of uint8 8-bit codes,
+        int32 DCT indices, fp32 absmax etc."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for key, value in saved.get(pid, {}).items():
+                    if isinstance(value, torch.Tensor) and self.state[p][key].dtype != value.dtype:
+                        self.state[p][key] = self.state[p][key].to(value.dtype)
+
     # ---- helpers shared by the Adam family --------------------------------------------------------------------
     def shared_state_tensors(self) -> list[torch.Tensor]:
         """Tensors the optimizer keeps alive outside ``self.state`` (e.g. shared DCT bases)."""

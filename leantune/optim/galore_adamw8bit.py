@@ -86,7 +86,6 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             return
         buf = torch.zeros(R.shape, dtype=torch.float32, device=R.device)
         self._bnb_adam(R.float(), buf, state, group, 1.0, 0.0)  # buf = -N
-        update = projector.project_back(buf.to(p.dtype))
-        apply_update(p, update, -group["lr"], {**group, "weight_decay": 0.0})
-        if group["weight_decay"] > 0.0:  # decoupled decay, torch order (before the update) is equivalent here
+        if group["weight_decay"] > 0.0:  # decoupled decay before the update, as torch.optim.AdamW and bnb do
             p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.add_(projector.project_back(buf.to(p.dtype)), alpha=group["lr"])  # buf = -N

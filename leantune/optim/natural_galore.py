@@ -24,8 +24,9 @@ from leantune.optim.galore_adamw import GaLoreAdamW
 
 def woodbury_inverse_fisher(g: torch.Tensor, history: torch.Tensor, damping: float) -> torch.Tensor:
     """(damping I + H^T H)^{-1} g for flat g (d,) and history rows H (s x d), via the s x s Woodbury system."""
-    H = history.float()  # s x d; G in the formula is H^T
-    gf = g.float()
+    dtype = torch.promote_types(g.dtype, torch.float32)  # fp32 at least, fp64 stays fp64
+    H = history.to(dtype)  # s x d; G in the formula is H^T
+    gf = g.to(dtype)
     s = H.shape[0]
     S = torch.eye(s, dtype=H.dtype, device=H.device) + (H @ H.t()) / damping
     y = H @ gf

@@ -51,7 +51,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data, scheduler=None, ac
     for i, xy in enumerate(data):
         loss = loss_fn(model, xy) / accumulation
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (i + 1) % accumulation == 0:
             opt.step()
             if scheduler is not None:

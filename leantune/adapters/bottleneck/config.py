@@ -1,0 +1,115 @@
+"""Configurations of the bottleneck-adapter family: Houlsby/Pfeiffer adapters, PHM adapters, Compacter(++).
+
+One tuner (peft type ``BOTTLENECK``) covers the family; the presets only change defaults:
+
+==========================  =========  ========  ===  ============  ===========  ====================
+config                      placement  rf        PHM  shared rule   W per layer  LayerNorms trained
+==========================  =========  ========  ===  ============  ===========  ====================
+BottleneckConfig            pfeiffer   16        no   –             –            no
+BottleneckConfig(phm=True)  (any)      (any)     yes  yes (option)  rank-1       (option)
+CompacterConfig             houlsby    32, n=4   yes  yes           rank-1       yes
+CompacterPlusPlusConfig     pfeiffer   32, n=4   yes  yes           rank-1       yes
+==========================  =========  ========  ===  ============  ===========  ====================
+
+A saved adapter reloads as a :class:`BottleneckConfig` holding the same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal, Optional, Union
+
+from peft.config import PeftConfig
+from transformers.activations import ACT2FN
+
+from ..registration import LeanTuneType
+
+INIT_SCHEMES = ("bert", "houlsby", "zeros_up")
+
+
+@dataclass
+class BottleneckConfig(PeftConfig):
+    """A residual bottleneck adapter ``h ↦ h + scaling · U f(D h)`` after sublayer outputs.
+
+    Args:
+        placement: ``"houlsby"`` (after the attention output and after the FFN output of every block) or
+            ``"pfeiffer"`` (after the FFN output only). Resolved per architecture through
+            :data:`leantune.adapters.bottleneck.placement.PLACEMENTS`; ignored when ``target_modules`` is given.
+        target_modules: names (suffix match) or a regex (full match) of the Linear/Conv1D layers whose output
+            the adapter is applied to; only needed for an architecture missing from the placement table.
+        reduction_factor: bottleneck size ``m = hidden / reduction_factor``.
+        non_linearity: activation ``f`` (any key of ``transformers.activations.ACT2FN``).
+        init_weights: ``"bert"`` (N(0, 0.02) weights, zero biases: AdapterHub's default), ``"houlsby"``
+            (truncated N(0, 0.01²) clipped at ±0.02) or ``"zeros_up"`` (up-projection zero: exact identity at
+            init). PHM layers ignore it and use their own init (see :mod:`.phm`).
+        scaling: factor on the adapter branch.
+        phm: use PHM layers (``W = Σ_i S_i ⊗ W_i``) for the down and up projections.
+        phm_dim: ``n``; hidden size and bottleneck size must be divisible by it.
+        shared_phm_rule: one rule tensor ``S ∈ R^{n×n×n}`` per adapter name, shared by every PHM layer
+            (Compacter's "slow" weights); otherwise each PHM layer owns its rule.
+        phm_rank: rank of the factorised ``W_i = s_i t_iᵀ`` ("fast" weights; Compacter: 1); ``None`` for full W_i.
+        phm_init_range: std of the shared rule's normal init (rabeehk/compacter: 1e-4).
+        unfreeze_layer_norms: also train every LayerNorm/RMSNorm of the base model (the Compacter paper does,
+            and counts them in its parameter fractions); they are saved with the adapter.
+    """
+
+    target_parameters: ClassVar[None] = None  # read by peft's matching helper; this tuner adapts modules
+
+    placement: Literal["houlsby", "pfeiffer"] = field(default="pfeiffer", metadata={"help": "houlsby | pfeiffer"})
+    target_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Override placement."})
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full."})
+    reduction_factor: float = field(default=16.0, metadata={"help": "Bottleneck size = hidden / reduction_factor."})
+    non_linearity: str = field(default="relu", metadata={"help": "Activation between down and up projection."})
+    init_weights: str = field(default="bert", metadata={"help": "bert | houlsby | zeros_up"})
+    scaling: float = field(default=1.0, metadata={"help": "Factor on the adapter branch."})
+    phm: bool = field(default=False, metadata={"help": "Use PHM (Kronecker) down/up projections."})
+    phm_dim: int = field(default=4, metadata={"help": "n of the PHM layers."})
+    shared_phm_rule: bool = field(default=True, metadata={"help": "One rule tensor shared by all PHM layers."})
+    phm_rank: Optional[int] = field(default=1, metadata={"help": "Rank of each W_i (None: full)."})
+    phm_init_range: float = field(default=1e-4, metadata={"help": "Std of the shared rule's init."})
+    unfreeze_layer_norms: bool = field(default=False, metadata={"help": "Also train the base LayerNorms."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LeanTuneType.BOTTLENECK
+        name = type(self).__name__
+        if self.placement not in ("houlsby", "pfeiffer"):
+            raise ValueError(f"{name}.placement must be 'houlsby' or 'pfeiffer', got {self.placement!r}.")
+        if self.reduction_factor <= 0:
+            raise ValueError(f"{name}.reduction_factor must be positive, got {self.reduction_factor}.")
+        if self.non_linearity not in ACT2FN:
+            raise ValueError(f"{name}.non_linearity {self.non_linearity!r} is unknown; use one of {sorted(ACT2FN)}.")
+        if self.init_weights not in INIT_SCHEMES:
+            raise ValueError(f"{name}.init_weights must be one of {INIT_SCHEMES}, got {self.init_weights!r}.")
+        if self.phm and (not isinstance(self.phm_dim, int) or self.phm_dim < 1):
+            raise ValueError(f"{name}.phm_dim must be a positive integer, got {self.phm_dim!r}.")
+        if self.phm_rank is not None and self.phm_rank < 1:
+            raise ValueError(f"{name}.phm_rank must be None or positive, got {self.phm_rank}.")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`.")
+
+
+@dataclass
+class CompacterConfig(BottleneckConfig):
+    """Compacter (Karimi Mahabadi et al., NeurIPS 2021): PHM adapters after attention and FFN, n = 4, rf = 32,
+    one shared rule, rank-1 per-layer weights, GELU (``gelu_new`` as the official code), LayerNorms trained."""
+
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    reduction_factor: float = 32.0
+    non_linearity: str = "gelu_new"
+    phm: bool = True
+    unfreeze_layer_norms: bool = True
+
+
+@dataclass
+class CompacterPlusPlusConfig(CompacterConfig):
+    """Compacter++: Compacter with the adapter after the FFN only."""
+
+    placement: Literal["houlsby", "pfeiffer"] = "pfeiffer"

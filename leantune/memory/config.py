@@ -1,0 +1,66 @@
+"""``MemoryConfig``: which memory-saving techniques :func:`leantune.memory.apply` switches on."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class MemoryConfig:
+    """Switches for each technique (all exact except ``approx_activations`` and ``velora``).
+
+    Args:
+        ms_norms: MS-LayerNorm / MS-RMSNorm with the affine folded into the following frozen linears (exact up to
+            the rounding of the folded weights; the norm then saves only a per-row rstd).
+        approx_activations: ReGELU2 / ReSiLU2 — exact forward, 2-bit step-derivative backward (approximate gradient).
+        fused_gated_mlp: one autograd function per SwiGLU/GeGLU MLP saving (x, e, g) only (exact).
+        velora: compress the inputs saved by LoRA-A of ``velora_targets`` to one scalar per sub-token (approximate
+            weight gradient of the adapter).
+        velora_targets: roles to compress, from "attn_out" (o_proj / attention output dense) and "mlp_down".
+        velora_num_groups: sub-tokens per token G (VeLoRA default 32); reduced to a divisor of the width if needed.
+        velora_scale: multiplier on the adapter weight gradient (VeLoRA's ``velora_scale``).
+        fold_final_norm: also fold the final norm into ``lm_head`` (causal LMs).
+        untie_embeddings: if ``lm_head`` is tied to the input embeddings, untie it (copy) so the final norm can be
+            folded; if False the final norm is skipped and the report says so.
+        keep_original_weights: keep a CPU copy of every folded weight so ``undo()`` restores it bit-exactly
+            (otherwise it divides by γ again).
+        verbose: print the report of what was patched and what was skipped.
+    """
+
+    ms_norms: bool = True
+    approx_activations: bool = True
+    fused_gated_mlp: bool = True
+    velora: bool = False
+    velora_targets: tuple[str, ...] = ("attn_out", "mlp_down")
+    velora_num_groups: int = 32
+    velora_scale: float = 1.0
+    fold_final_norm: bool = True
+    untie_embeddings: bool = False
+    keep_original_weights: bool = True
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.velora_targets) - {"attn_out", "mlp_down"}
+        if unknown:
+            raise ValueError(f"MemoryConfig.velora_targets: unknown roles {sorted(unknown)}; "
+                             "use 'attn_out' and/or 'mlp_down'")
+        if self.velora_num_groups <= 0:
+            raise ValueError(f"MemoryConfig.velora_num_groups must be positive, got {self.velora_num_groups}")
+        self.velora_targets = tuple(self.velora_targets)
+
+    @classmethod
+    def all(cls, **overrides) -> "MemoryConfig":
+        """Every technique on (including the approximate ones)."""
+        return cls(**{"velora": True, **overrides})
+
+    @classmethod
+    def exact(cls, **overrides) -> "MemoryConfig":
+        """Only the exact techniques (MS norms + fused gated MLP)."""
+        return cls(**{"approx_activations": False, "velora": False, **overrides})
+
+    @classmethod
+    def none(cls) -> "MemoryConfig":
+        return cls(ms_norms=False, approx_activations=False, fused_gated_mlp=False, velora=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

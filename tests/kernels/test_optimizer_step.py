@@ -1,0 +1,138 @@
+"""Fused low-rank Adam step: Triton (interpreter) vs reference; reference vs galore-torch and torch.optim.AdamW."""
+
+import math
+
+import pytest
+import torch
+
+from leantune.kernels import optimizer_step as ops
+
+from .conftest import assert_close
+
+
+def _states(shape, eight_bit):
+    if eight_bit:
+        return ops.BlockwiseInt8State.zeros(shape, "cpu", False), ops.BlockwiseInt8State.zeros(shape, "cpu", True)
+    return torch.zeros(shape), torch.zeros(shape)
+
+
+def _value(state):
+    return state.dequantize() if isinstance(state, ops.BlockwiseInt8State) else state
+
+
+@pytest.mark.parametrize("eight_bit", [False, True], ids=["fp32", "8bit"])
+@pytest.mark.parametrize(
+    "side,shape,rank,variant",
+    [
+        ("right", (45, 23), 5, "galore"),
+        ("left", (23, 45), 5, "galore"),
+        ("left", (1, 37), 1, "galore"),  # single row
+        ("right", (70, 40), 40, "fira"),  # full rank, with a Fira residual
+        ("right", (33, 17), 6, "dct"),  # transposed (non-contiguous) projector view, torch eps, decay before
+    ],
+)
+def test_triton_step_matches_reference(side, shape, rank, variant, eight_bit):
+    m, n = shape
+    low = (m, rank) if side == "right" else (rank, n)
+    if variant == "dct":
+        proj = torch.linalg.qr(torch.randn(n, n))[0].contiguous()[:, torch.randperm(n)[:rank]].t()  # Q[:, idx]ᵀ
+        assert not proj.is_contiguous()
+    else:
+        proj = torch.randn(rank, n) if side == "right" else torch.randn(m, rank)
+    kw = dict(lr=3e-2, betas=(0.9, 0.99), weight_decay=0.1, scale=0.25 if variant != "dct" else 1.0, side=side)
+    if variant == "dct":
+        kw.update(eps_mode="torch", weight_decay_mode="before")
+    p0 = torch.randn(m, n)
+    runs = []
+    for step_fn in (ops.reference_galore_adam_step, ops.triton_galore_adam_step):
+        torch.manual_seed(1)
+        p, (ma, va) = p0.clone(), _states(low, eight_bit)
+        for t in range(1, 4):
+            res = torch.randn(m, n) * 0.1 if variant == "fira" else None
+            step_fn(p, torch.randn(m, n), proj, ma, va, step=t, residual=res, **kw)
+        runs.append((p, _value(ma), _value(va)))
+    (p_ref, m_ref, v_ref), (p_tri, m_tri, v_tri) = runs
+    assert not torch.equal(p_ref, p0)
+    assert_close(p_tri, p_ref, factor=5.0)
+    assert_close(m_tri, m_ref, factor=5.0)
+    assert_close(v_tri, v_ref, factor=5.0)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)], ids=["tall-right", "wide-left"])
+def test_reference_matches_galore_torch(shape):
+    from galore_torch import GaLoreAdamW
+
+    p = torch.nn.Parameter(torch.randn(shape))
+    p_ours = p.detach().clone()
+    grads = [torch.randn(shape) for _ in range(4)]
+    opt = GaLoreAdamW(
+        [{"params": [p], "rank": 6, "update_proj_gap": 1000, "scale": 0.25, "proj_type": "std"}],
+        lr=1e-2, weight_decay=0.05,
+    )  # fmt: skip
+    for g in grads:
+        p.grad = g.clone()
+        opt.step()
+    state = opt.state[p]
+    proj = state["projector"].ortho_matrix  # computed at step 0 and kept (T = 1000)
+    side = "right" if shape[0] >= shape[1] else "left"
+    m, v = torch.zeros_like(state["exp_avg"]), torch.zeros_like(state["exp_avg_sq"])
+    for t, g in enumerate(grads, start=1):
+        ops.reference_galore_adam_step(
+            p_ours, g, proj, m, v, step=t, lr=1e-2, eps=1e-6, weight_decay=0.05, scale=0.25, side=side
+        )
+    assert torch.allclose(m, state["exp_avg"], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(v, state["exp_avg_sq"], rtol=1e-6, atol=1e-9)
+    assert torch.allclose(p_ours, p.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_torch_eps_mode_full_basis_equals_adamw_in_rotated_coordinates():
+    """DCT-AdamW with r = d and an orthonormal basis Q is torch AdamW on W Q (spec optim §9 (e))."""
+    m_, n = 12, 8
+    q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
+    w0 = torch.randn(m_, n, dtype=torch.float64)
+    grads = [torch.randn(m_, n, dtype=torch.float64) for _ in range(3)]
+    rotated = torch.nn.Parameter(w0 @ q)
+    adamw = torch.optim.AdamW([rotated], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
+    for g in grads:
+        rotated.grad = g @ q
+        adamw.step()
+    w, ma, va = w0.clone(), torch.zeros(m_, n, dtype=torch.float64), torch.zeros(m_, n, dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        ops.reference_galore_adam_step(
+            w, g, q.t(), ma, va, step=t, lr=1e-2, eps=1e-8, weight_decay=0.1, side="right",
+            eps_mode="torch", weight_decay_mode="before",
+        )  # fmt: skip
+    assert torch.allclose(w, rotated.detach() @ q.t(), atol=1e-12)
+
+
+def test_blockwise_int8_state_roundtrip_error_bound():
+    t = torch.randn(1000) * torch.logspace(-3, 1, 1000)
+    m = ops.BlockwiseInt8State.from_float(t, second_moment=False)
+    assert m.codes.dtype == torch.int8 and m.absmax.numel() == math.ceil(1000 / ops.QBLOCK)
+    bound = m.absmax.repeat_interleave(ops.QBLOCK)[:1000] / 127 / 2
+    assert ((m.dequantize() - t).abs() <= bound * (1 + 1e-5)).all()
+    v = ops.BlockwiseInt8State.from_float(t.square(), second_moment=True)
+    sqrt_bound = v.absmax.repeat_interleave(ops.QBLOCK)[:1000] / 255 / 2
+    assert ((v.dequantize().sqrt() - t.abs()).abs() <= sqrt_bound * (1 + 1e-5)).all()
+
+
+def test_eight_bit_step_tracks_fp32_step():
+    shape, proj = (64, 48), torch.randn(8, 48) / 48**0.5
+    p32 = torch.randn(shape)
+    p8 = p32.clone()
+    s32, s8 = _states((64, 8), False), _states((64, 8), True)
+    for t in range(1, 6):
+        g = torch.randn(shape)
+        ops.reference_galore_adam_step(p32, g, proj, *s32, step=t, lr=1e-2)
+        ops.reference_galore_adam_step(p8, g, proj, *s8, step=t, lr=1e-2)
+    assert torch.allclose(p8, p32, atol=5e-3)
+
+
+def test_dispatch_and_errors():
+    p = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="1-based"):
+        ops.fused_galore_adam_step(p, p.clone(), torch.randn(2, 4), *_states((6, 2), False), step=0, lr=1.0)
+    with pytest.raises(ValueError, match="side"):
+        ops.fused_galore_adam_step(p, p.clone(), torch.randn(2, 4), *_states((6, 2), False), step=1, lr=1.0, side="up")
+    with pytest.raises(ValueError, match="2-D"):
+        ops.fused_galore_adam_step(p[0], p[0], torch.randn(2, 4), *_states((6, 2), False), step=1, lr=1.0)

@@ -1,0 +1,210 @@
+"""Resume equality, layer-wise hooks, accumulation, clipping, failure handling for every optimizer."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+
+from leantune.optim import (
+    FiraAdamW,
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    NaturalGaLoreAdamW,
+    make_param_groups,
+)
+from tests.optim.helpers import batches, loss_fn, make_net, params_equal, train
+
+TARGETS = ["up", "mid", "down"]
+
+# name -> (class, group options, optimizer kwargs)
+OPTIMIZERS = {
+    "galore_adamw": (GaLoreAdamW, {}, {"lr": 3e-3}),
+    "galore_adamw_reference": (GaLoreAdamW, {}, {"lr": 3e-3, "reference_adam": True, "weight_decay": 0.1}),
+    "galore_adamw8bit": (GaLoreAdamW8bit, {}, {"lr": 3e-3, "min_8bit_size": 64, "weight_decay": 0.1}),
+    "galore_adafactor": (GaLoreAdafactor, {}, {"lr": 3e-3, "beta1": 0.9}),
+    "fira_adamw": (FiraAdamW, {}, {"lr": 3e-3}),
+    "natural_galore_adamw": (NaturalGaLoreAdamW, {}, {"lr": 3e-3, "history_size": 3}),
+    "dct_adamw": (GaLoreAdamW, {"projector": "dct", "scale": 1.0}, {"lr": 3e-3}),
+    "rsvd_galore_rotate": (GaLoreAdamW, {"projector": "rsvd", "moment_policy": "rotate"}, {"lr": 3e-3}),
+    "galore_reset": (GaLoreAdamW, {"moment_policy": "reset"}, {"lr": 3e-3}),
+}
+
+
+def build(name: str, model, layerwise: bool = False, accumulation_steps: int = 1, **extra):
+    cls, group_opts, kwargs = OPTIMIZERS[name]
+    groups = make_param_groups(model, target_modules=TARGETS, rank=4, update_proj_gap=3, **{"scale": 0.25, **group_opts},
+                               **extra)
+    return cls(groups, layerwise=layerwise, accumulation_steps=accumulation_steps, **kwargs)
+
+
+def scheduler_for(opt):
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.1 * s))
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_resume_equals_uninterrupted(name, layerwise):
+    data = batches(10)
+    ref_model = make_net()
+    ref_opt = build(name, ref_model, layerwise)
+    train(ref_model, ref_opt, data, scheduler_for(ref_opt))
+
+    model = make_net()
+    opt = build(name, model, layerwise)
+    sched = scheduler_for(opt)
+    train(model, opt, data[:4], sched)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # only tensors and plain values, projectors included
+    assert any(k.startswith("proj_") for st in ckpt["opt"]["state"].values() for k in st)
+
+    resumed = make_net(seed=99)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = build(name, resumed, layerwise)
+    sched2 = scheduler_for(opt2)  # same order as Trainer: build both, then load both
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    train(resumed, opt2, data[4:], sched2)
+    assert params_equal(ref_model, resumed)
+    assert not params_equal(ref_model, make_net())
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "fira_adamw", "galore_adamw8bit", "natural_galore_adamw", "dct_adamw"])
+def test_layerwise_hook_equals_step(name):
+    data = batches(7)
+    a, b = make_net(), make_net()
+    oa, ob = build(name, a), build(name, b, layerwise=True)
+    train(a, oa, data, scheduler_for(oa))
+    train(b, ob, data, scheduler_for(ob))
+    assert params_equal(a, b)
+    assert all(p.grad is None for p in b.parameters())  # gradients freed inside backward
+    assert not params_equal(b, make_net())
+
+
+def test_layerwise_frees_gradients_during_backward():
+    model = make_net()
+    opt = build("galore_adamw", model, layerwise=True)
+    seen = []
+    model.up.weight.register_post_accumulate_grad_hook(
+        lambda p: seen.append(model.down.weight.grad is None))  # down's hook fired earlier in backward
+    loss_fn(model, batches(1)[0]).backward()
+    assert seen == [True]
+    assert opt.state[model.down.weight]["step"] == 1
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "fira_adamw"])
+def test_accumulation_steps_at_boundary_and_flushes_partial_window(name):
+    data = batches(5)  # 2 full windows of 2, then a partial window flushed by step()
+    a, b = make_net(), make_net()
+    oa, ob = build(name, a), build(name, b, layerwise=True, accumulation_steps=2)
+    train(a, oa, data, accumulation=2)
+    train(b, ob, data, accumulation=2)
+    assert ob.state[b.mid.weight]["step"] == 2
+    assert b.mid.weight.grad is not None  # the 5th micro-batch is pending, as in the step path
+    oa.step()
+    ob.step()
+    assert params_equal(a, b)
+    assert ob.state[b.mid.weight]["step"] == 3 and b.mid.weight.grad is None
+
+
+def test_per_parameter_clipping_same_in_both_paths_and_effective():
+    data = batches(4)
+    a, b, c = make_net(), make_net(), make_net()
+    oa = build("galore_adamw", a, max_grad_norm_per_param=1e-3)
+    ob = build("galore_adamw", b, layerwise=True, max_grad_norm_per_param=1e-3)
+    oc = build("galore_adamw", c)
+    for m, o in ((a, oa), (b, ob), (c, oc)):
+        train(m, o, data)
+    assert params_equal(a, b)
+    assert not params_equal(a, c)
+
+
+def test_layerwise_refuses_ddp(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match="DDP"):
+        build("galore_adamw", make_net(), layerwise=True)
+    build("galore_adamw", make_net(), layerwise=False)  # plain mode is fine under DDP
+
+
+def test_failed_svd_keeps_projector_and_nan_grad_never_reaches_weights(monkeypatch):
+    model = make_net()
+    opt = build("galore_adamw", model)
+    data = batches(4)
+    train(model, opt, data[:3])  # steps 0..2, refresh at 0
+    before = opt.state[model.mid.weight]["proj_ortho"].clone()
+
+    def broken_svd(*args, **kwargs):
+        raise RuntimeError("linalg.svd: failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "svd", broken_svd)
+    with pytest.warns(RuntimeWarning, match="keeping the previous projector"):
+        train(model, opt, data[3:])  # step 3 is a refresh step
+    assert torch.equal(opt.state[model.mid.weight]["proj_ortho"], before)
+    assert opt.state[model.mid.weight]["step"] == 4  # the update still happened with the old projector
+    monkeypatch.undo()
+
+    w = model.mid.weight.detach().clone()
+    for _ in range(2):  # steps 4, 5 (no refresh) then step 6 (refresh) with a NaN gradient
+        train(model, opt, batches(1, seed=5))
+    loss_fn(model, batches(1)[0]).backward()
+    model.mid.weight.grad.fill_(float("nan"))
+    w = model.mid.weight.detach().clone()
+    with pytest.warns(RuntimeWarning, match="non-finite gradient"):
+        opt.step()
+    assert torch.equal(model.mid.weight, w)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_rotate_policy_rotates_moments_into_new_basis():
+    model = make_net()
+    opt = build("rsvd_galore_rotate", model)
+    train(model, opt, batches(3))
+    st = opt.state[model.mid.weight]
+    P_old, m_old = st["proj_ortho"].clone(), st["exp_avg"].clone()
+    loss_fn(model, batches(1, seed=7)[0]).backward()
+    g = model.mid.weight.grad.clone()
+    opt.step()  # step 3 refreshes
+    P_new = st["proj_ortho"]
+    right = st["proj_right"]
+    T = P_old @ P_new.t() if right else P_new.t() @ P_old
+    rotated = m_old @ T if right else T @ m_old
+    R = g @ P_new.t() if right else P_new.t() @ g
+    torch.testing.assert_close(st["exp_avg"], 0.9 * rotated + 0.1 * R, rtol=1e-5, atol=1e-7)
+
+
+def test_eight_bit_states_are_uint8_and_track_fp32():
+    a, b = make_net(), make_net()
+    oa = build("galore_adamw8bit", a)
+    cls, group_opts, _ = OPTIMIZERS["galore_adamw"]
+    ob = GaLoreAdamW(make_param_groups(b, target_modules=TARGETS, rank=4, update_proj_gap=3, scale=0.25),
+                     lr=3e-3, weight_decay=0.1)
+    train(a, oa, batches(6))
+    train(b, ob, batches(6))
+    st = oa.state[a.mid.weight]
+    assert st["state1"].dtype == torch.uint8 and st["state1"].shape == (40, 4)
+    assert "exp_avg" not in st
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=2e-3)
+    assert not params_equal(a, make_net())
+
+
+def test_adafactor_matches_galore_torch():
+    galore_torch = pytest.importorskip("galore_torch")
+    a, b = make_net(), make_net()
+    low = [a.up.weight, a.mid.weight, a.down.weight]
+    rest = [p for p in a.parameters() if all(p is not q for q in low)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = galore_torch.GaLoreAdafactor(
+            [{"params": rest}, {"params": low, "rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}],
+            lr=3e-3, relative_step=False, scale_parameter=False, warmup_init=False, beta1=0.9)
+    ours = build("galore_adafactor", b)
+    train(a, ref, batches(8))
+    train(b, ours, batches(8))
+    assert params_equal(a, b)

@@ -1,0 +1,119 @@
+"""DCT basis / selection properties, randomized SVD subspace, Woodbury vs dense solve, param-group selection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from leantune.optim import (
+    DCTProjector,
+    GaLoreAdamW,
+    NaturalGaLoreAdamW,
+    RandomizedSVDProjector,
+    SVDProjector,
+    dct_matrix,
+    make_param_groups,
+    optimizer_state_bytes,
+    shared_dct_basis,
+    woodbury_inverse_fisher,
+)
+from tests.optim.helpers import batches, make_net, train
+
+
+@pytest.mark.parametrize("d", [7, 16, 33])
+def test_dct_basis_orthonormal_and_is_dct2(d):
+    Q = dct_matrix(d, dtype=torch.float64)
+    torch.testing.assert_close(Q.t() @ Q, torch.eye(d, dtype=torch.float64), atol=1e-12, rtol=0)
+    # column k is the k-th DCT-II basis vector, evaluated by hand
+    k, j = 3, 5
+    expected = math.sqrt(2 / d) * math.cos(math.pi * k * (2 * j + 1) / (2 * d))
+    assert abs(Q[j, k].item() - expected) < 1e-12
+    assert torch.allclose(Q[:, 0], torch.full((d,), 1 / math.sqrt(d), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("shape", [(30, 12), (12, 30)], ids=["tall-right", "wide-left"])
+@pytest.mark.parametrize("norm_ord", [1, 2])
+def test_dct_selects_top_r_columns_and_stores_only_int32(shape, norm_ord):
+    torch.manual_seed(0)
+    G = torch.randn(*shape, dtype=torch.float64)
+    state: dict = {}
+    proj = DCTProjector(state, rank=5, update_proj_gap=1, scale=1.0, norm_ord=norm_ord)
+    assert proj.refresh(G, 0)
+    d = min(shape)
+    Q = dct_matrix(d, dtype=torch.float64)
+    coeffs = G @ Q if shape[0] >= shape[1] else (Q.t() @ G).t()  # one column of coefficients per basis vector
+    score = torch.linalg.vector_norm(coeffs, ord=norm_ord, dim=0)
+    assert set(state["proj_indices"].tolist()) == set(torch.argsort(score, descending=True)[:5].tolist())
+    assert state["proj_indices"].dtype == torch.int32
+    assert [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.numel() > 0] == ["proj_indices"]
+    R = proj.project(G)
+    assert R.shape == ((shape[0], 5) if shape[0] >= shape[1] else (5, shape[1]))
+    # back(project(G)) is the orthogonal projection onto the selected columns
+    B = proj.project_back(R)
+    torch.testing.assert_close(proj.project(B), R)
+
+
+def test_dct_basis_shared_across_layers():
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16), nn.Linear(16, 16))
+    opt = GaLoreAdamW(make_param_groups(model, rank=4, projector="dct", scale=1.0), lr=1e-3)
+    model(torch.randn(3, 16)).sum().backward()
+    opt.step()
+    bases = opt.shared_state_tensors()
+    assert len(bases) == 3 and all(b is bases[0] for b in bases)  # one 16 x 16 basis for all three layers
+    assert bases[0] is shared_dct_basis(16, torch.float32, torch.device("cpu"))
+
+
+def test_rsvd_recovers_exact_subspace_of_low_rank_gradient():
+    torch.manual_seed(0)
+    G = torch.randn(60, 6) @ torch.randn(6, 25)  # exact rank 6
+    exact, rand = SVDProjector({}, 6, 10, 1.0), RandomizedSVDProjector({}, 6, 10, 1.0, seed=3)
+    exact.refresh(G, 0)
+    rand.refresh(G, 0)
+    Pe, Pr = exact.matrix().double(), rand.matrix().double()  # right side: 6 x 25
+    torch.testing.assert_close(Pe.t() @ Pe, Pr.t() @ Pr, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rand.project_back(rand.project(G)), G, atol=1e-3, rtol=1e-3)
+
+
+def test_svd_projector_stores_compact_copy_not_factor_view():
+    G = torch.randn(64, 48)
+    state: dict = {}
+    SVDProjector(state, 4, 10, 1.0).refresh(G, 0)
+    assert state["proj_ortho"].untyped_storage().nbytes() == 4 * 48 * 4
+
+
+@pytest.mark.parametrize("s", [1, 3, 5])
+def test_woodbury_equals_dense_solve(s):
+    torch.manual_seed(s)
+    d, lam = 20, 1e-2
+    H = torch.randn(s, d, dtype=torch.float64)
+    g = torch.randn(d, dtype=torch.float64)
+    dense = torch.linalg.solve(lam * torch.eye(d, dtype=torch.float64) + H.t() @ H, g)
+    torch.testing.assert_close(woodbury_inverse_fisher(g, H, lam), dense, rtol=1e-9, atol=1e-9)
+
+
+def test_natural_galore_history_is_bounded():
+    model = make_net()
+    opt = NaturalGaLoreAdamW(make_param_groups(model, target_modules=["mid"], rank=4, update_proj_gap=3),
+                             lr=1e-3, history_size=2)
+    train(model, opt, batches(5))
+    st = opt.state[model.mid.weight]
+    assert st["fisher_history"].shape == (2, 40 * 4) and st["fisher_count"] == 5
+    # history = s * r * max(m, n) floats, on top of GaLore's projector + 2 moments
+    assert optimizer_state_bytes(opt) > 0
+
+
+def test_target_modules_selection_and_errors():
+    model = make_net()
+    names = lambda groups: sorted(  # noqa: E731
+        n for n, p in model.named_parameters() for g in groups if "rank" in g for q in g["params"] if q is p)
+    assert names(make_param_groups(model, target_modules="all-linear")) == ["down.weight", "mid.weight", "up.weight"]
+    assert names(make_param_groups(model, target_modules=["mid"])) == ["mid.weight"]
+    assert names(make_param_groups(model, target_modules=r"(up|down)")) == ["down.weight", "up.weight"]
+    groups = make_param_groups(model, target_modules=["mid"], weight_decay=0.1)
+    no_decay = [g for g in groups if g["weight_decay"] == 0.0][0]["params"]
+    assert any(p is model.norm.weight for p in no_decay) and any(p is model.up.bias for p in no_decay)
+    with pytest.raises(ValueError, match="matched no trainable 2-D linear weight.*up"):
+        make_param_groups(model, target_modules=["q_proj"])
