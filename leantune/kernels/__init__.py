@@ -1,7 +1,7 @@
 """Fused Triton kernels, each beside its plain-torch reference (see ``dispatch`` for when each is used).
 
 One file per kernel family — ``activations`` (ReGELU2/ReSiLU2), ``norms`` (MS-RMSNorm/MS-LN), ``gated_mlp``
-(SwiGLU/GeGLU elementwise), ``lora_linear`` (fused adapter linear), ``optimizer_step`` (fused low-rank Adam) —
+(SwiGLU/GeGLU elementwise), ``fused_mlp`` (whole gated MLP for ``leantune.memory``), ``lora_linear`` (fused adapter linear), ``optimizer_step`` (fused low-rank Adam) —
 and ``patching`` to switch them on for a model: ``leantune.kernels.apply(model)`` / ``leantune.kernels.restore(model)``.
 """
 
@@ -15,6 +15,7 @@ from .dispatch import (
     set_enabled,
     triton_available,
 )
+from . import fused_mlp  # noqa: F401  (registers the whole-MLP "gated_mlp" kernel)
 from .gated_mlp import gated_activation, reference_gated_mlp, reference_gated_mlp_backward
 from .lora_linear import fused_lora_linear, reference_lora_linear
 from .norms import ms_layernorm, ms_rmsnorm, reference_ms_layernorm, reference_ms_rmsnorm

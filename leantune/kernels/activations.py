@@ -12,8 +12,12 @@ activation computed in fp32: GELU with ``approximate="none"`` (erf) or ``"tanh"`
 Registered kernels ``"regelu2"`` and ``"resilu2"`` (see :class:`ApproxActivationKernel`) follow this contract:
 
 * ``fn(x, approximate="none") -> y`` — differentiable (Triton forward + Triton backward);
-* ``fn.forward(x, approximate="none") -> (y, codes)`` — ``y`` like ``x``, ``codes`` uint8 ``[ceil(numel/4)]``;
-* ``fn.backward(grad_y, codes) -> grad_x`` — ``grad_x`` shaped and typed like ``grad_y``.
+* ``fn.forward(ctx, x, approximate="none") -> y`` — called inside the caller's autograd ``forward`` with its ``ctx``;
+  saves the packed codes (uint8 ``[ceil(numel/4)]``) with ``ctx.save_for_backward``;
+* ``fn.backward(ctx, grad_y) -> (grad_x, None)`` — from the caller's autograd ``backward``.
+
+The stateless launchers :func:`triton_approx_activation` (→ ``(y, codes)``) and :func:`triton_approx_backward`
+``(grad_y, codes, kind)`` are public too.
 """
 
 from __future__ import annotations
@@ -190,7 +194,12 @@ class ApproxActivationFunction(torch.autograd.Function):
 
 
 class ApproxActivationKernel:
-    """The callable registered as ``"regelu2"`` / ``"resilu2"`` (contract in the module docstring)."""
+    """The object registered as ``"regelu2"`` / ``"resilu2"`` (contract in the module docstring).
+
+    ``forward(ctx, x, approximate)`` / ``backward(ctx, grad_y)`` are meant to be called from inside another
+    ``torch.autograd.Function`` (``leantune.memory``) with that function's ``ctx``; calling the object itself is the
+    stand-alone differentiable op.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -198,11 +207,14 @@ class ApproxActivationKernel:
     def __call__(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
         return ApproxActivationFunction.apply(x, self.kind, approximate, True)
 
-    def forward(self, x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-        return triton_approx_activation(x, self.kind, approximate)
+    def forward(self, ctx, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+        y, codes = triton_approx_activation(x, self.kind, approximate)
+        ctx.save_for_backward(codes)
+        return y
 
-    def backward(self, grad_y: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        return triton_approx_backward(grad_y, codes, self.kind)
+    def backward(self, ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (codes,) = ctx.saved_tensors
+        return triton_approx_backward(grad_y, codes, self.kind), None
 
 
 def regelu2(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:

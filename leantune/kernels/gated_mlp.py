@@ -10,9 +10,10 @@ For a gated MLP ``down(act(e) ⊙ g)`` with ``e = gate(x)``, ``g = up(x)``:
               GELU (erf)   Φ(e) + e · φ(e),  φ(e) = exp(−e²/2)/√(2π)
               GELU (tanh)  ½(1 + t) + ½ e (1 − t²) k0 (1 + 3 k1 e²),  t = tanh(k0 (e + k1 e³)), k0 = √(2/π), k1 = 0.044715
 
-All math in fp32. The exact fused MLP autograd in ``leantune.memory`` saves (x, e, g) and calls these pieces.
+All math in fp32. The whole-MLP kernel registered as ``"gated_mlp"`` (:mod:`leantune.kernels.fused_mlp`, used by
+``leantune.memory``'s exact fused MLP, which saves only x, e, g) calls these pieces.
 
-Registered kernel ``"gated_mlp"`` (see :class:`GatedActivationKernel`) follows this contract, with
+Registered kernel ``"gated_activation"`` (see :class:`GatedActivationKernel`) follows this contract, with
 ``activation`` one of ``"silu"``, ``"gelu"`` (erf) or ``"gelu_tanh"``:
 
 * ``fn(e, g, activation="silu") -> h`` — differentiable, saves (e, g) and recomputes act(e) in backward;
@@ -170,7 +171,7 @@ class GatedActivationFunction(torch.autograd.Function):
 
 
 class GatedActivationKernel:
-    """The callable registered as ``"gated_mlp"`` (contract in the module docstring)."""
+    """The callable registered as ``"gated_activation"`` (contract in the module docstring)."""
 
     def __call__(self, e: torch.Tensor, g: torch.Tensor, activation: str = "silu") -> torch.Tensor:
         return GatedActivationFunction.apply(e, g, activation, True)
@@ -186,7 +187,7 @@ class GatedActivationKernel:
 
 def gated_activation(e: torch.Tensor, g: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """``act(e) ⊙ g`` with recompute-in-backward; Triton on CUDA, torch reference elsewhere."""
-    return GatedActivationFunction.apply(e, g, activation, kernel_for("gated_mlp", e, g) is not None)
+    return GatedActivationFunction.apply(e, g, activation, kernel_for("gated_activation", e, g) is not None)
 
 
-register_kernel("gated_mlp", GatedActivationKernel())
+register_kernel("gated_activation", GatedActivationKernel())

@@ -17,8 +17,11 @@ themselves (exact for Llama-style RMSNorm, whose γ multiplies the normalised ou
 Registered kernels ``"ms_rmsnorm"`` and ``"ms_layernorm"`` (see :class:`MSNormKernel`) follow this contract:
 
 * ``fn(x, eps) -> y`` — differentiable, normalises the last dimension;
-* ``fn.forward(x, eps) -> (y, rstd)`` — ``y`` like ``x``, ``rstd`` fp32 of shape ``x.shape[:-1]``;
-* ``fn.backward(grad_y, y, rstd) -> grad_x``.
+* ``fn.forward(ctx, x, eps) -> y`` — inside the caller's autograd ``forward``; saves ``(y, rstd)`` on ``ctx``
+  (``y`` the returned object, ``rstd`` fp32 of shape ``x.shape[:-1] + (1,)``);
+* ``fn.backward(ctx, grad_y) -> (grad_x, None)``.
+
+Stateless launchers: :func:`triton_ms_norm` ``(x, eps, kind) -> (y, rstd)`` and :func:`triton_ms_norm_backward`.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import compute_dtype, next_power_of_2, tl, triton
-from .dispatch import kernel_for, register_kernel
+from .dispatch import interpreter_active, kernel_for, register_kernel
 
 _MAX_WIDTH = 65536  # one row per program; wider rows would not fit a block
 
@@ -67,30 +70,39 @@ def reference_ms_layernorm(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Te
 
 
 @triton.jit
-def _ms_norm_fwd_kernel(X, Y, RSTD, H, eps, LAYERNORM: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _ms_norm_fwd_kernel(X, Y, RSTD, n_rows, H, eps, LAYERNORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < H
-    x = tl.load(X + row * H + cols, mask=mask, other=0.0).to(tl.float32)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < H)
+    offs = rows[:, None] * H + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # upcast first: interpreter-safe bf16
     if LAYERNORM:
-        x = tl.where(mask, x - tl.sum(x, axis=0) / H, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + tl.cast(eps, tl.float32))
-    tl.store(Y + row * H + cols, (x * rstd).to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + row, rstd)
+        x = tl.where(mask, x - (tl.sum(x, axis=1) / H)[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / H + tl.cast(eps, tl.float32))
+    tl.store(Y + offs, (x * rstd[:, None]).to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 
 
 @triton.jit
-def _ms_norm_bwd_kernel(DY, Y, RSTD, DX, H, LAYERNORM: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _ms_norm_bwd_kernel(DY, Y, RSTD, DX, n_rows, H, LAYERNORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < H
-    dy = tl.load(DY + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(Y + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(RSTD + row)
-    inner = dy - (tl.sum(dy * y, axis=0) / H) * y
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < H)
+    offs = rows[:, None] * H + cols[None, :]
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(RSTD + rows, mask=rows < n_rows, other=0.0)
+    inner = dy - (tl.sum(dy * y, axis=1) / H)[:, None] * y
     if LAYERNORM:
-        inner = inner - tl.sum(dy, axis=0) / H
-    tl.store(DX + row * H + cols, (rstd * inner).to(DX.dtype.element_ty), mask=mask)
+        inner = inner - (tl.sum(dy, axis=1) / H)[:, None]
+    tl.store(DX + offs, (rstd[:, None] * inner).to(DX.dtype.element_ty), mask=mask)
+
+
+def _launch_config(rows: int, width: int) -> tuple[tuple[int], int, int]:
+    """One row per program on a GPU; under the interpreter (~1 ms per program) pack rows into one program."""
+    block = next_power_of_2(width)
+    per_program = min(next_power_of_2(rows), max(1, 16384 // block)) if interpreter_active() else 1
+    return (triton.cdiv(rows, per_program),), per_program, block
 
 
 def _rows(t: torch.Tensor, what: str) -> tuple[torch.Tensor, int, int]:
@@ -107,8 +119,9 @@ def triton_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Tensor
     y = torch.empty_like(flat)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
     if rows:
-        _ms_norm_fwd_kernel[(rows,)](
-            flat, y, rstd, width, eps, LAYERNORM=kind == "layernorm", BLOCK=next_power_of_2(width)
+        grid, per_program, block = _launch_config(rows, width)
+        _ms_norm_fwd_kernel[grid](
+            flat, y, rstd, rows, width, eps, LAYERNORM=kind == "layernorm", ROWS=per_program, BLOCK=block
         )
     return y.view(x.shape), rstd.view(x.shape[:-1])
 
@@ -119,8 +132,9 @@ def triton_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.T
     yc = y.contiguous().view(-1, width)
     dx = torch.empty_like(dy)
     if rows:
-        _ms_norm_bwd_kernel[(rows,)](
-            dy, yc, rstd.contiguous(), dx, width, LAYERNORM=kind == "layernorm", BLOCK=next_power_of_2(width)
+        grid, per_program, block = _launch_config(rows, width)
+        _ms_norm_bwd_kernel[grid](
+            dy, yc, rstd.contiguous(), dx, rows, width, LAYERNORM=kind == "layernorm", ROWS=per_program, BLOCK=block
         )
     return dx.view(grad_y.shape)
 
@@ -146,7 +160,7 @@ class MSNormFunction(torch.autograd.Function):
 
 
 class MSNormKernel:
-    """The callable registered as ``"ms_rmsnorm"`` / ``"ms_layernorm"`` (contract in the module docstring)."""
+    """The object registered as ``"ms_rmsnorm"`` / ``"ms_layernorm"`` (contract in the module docstring)."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -154,11 +168,14 @@ class MSNormKernel:
     def __call__(self, x: torch.Tensor, eps: float) -> torch.Tensor:
         return MSNormFunction.apply(x, eps, self.kind, True)
 
-    def forward(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return triton_ms_norm(x, eps, self.kind)
+    def forward(self, ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        y, rstd = triton_ms_norm(x, eps, self.kind)
+        ctx.save_for_backward(y, rstd.unsqueeze(-1))  # the returned y itself: shared with the next layer
+        return y
 
-    def backward(self, grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-        return triton_ms_norm_backward(grad_y, y, rstd, self.kind)
+    def backward(self, ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
+        y, rstd = ctx.saved_tensors
+        return triton_ms_norm_backward(grad_y, y, rstd, self.kind), None
 
 
 def ms_rmsnorm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

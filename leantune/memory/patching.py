@@ -128,9 +128,10 @@ def _patch_norm(handle: MemoryHandle, site: NormSite) -> None:
         record = fold_into_linear(cname, consumer, gamma, beta, config.keep_original_weights)
         handle.fold_records.append((consumer, record))
         handle._undo.append(lambda c=consumer, r=record: unfold_linear(c, r))
+        _refold_lora_a(handle, cname, consumer, gamma, beta)
 
     eps, kind, post_norm, name = norm_eps(norm), site.kind, site.post_norm, site.name
-    last = {"public": None, "normalized": None}
+    last = {"public": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type) and torch.is_grad_enabled():
@@ -141,7 +142,9 @@ def _patch_norm(handle: MemoryHandle, site: NormSite) -> None:
         out = y
         if post_norm:  # BERT: the residual still needs γ ⊙ ŷ + β (frozen γ, β: nothing saved for it)
             out = y * self.weight if self.bias is None else torch.addcmul(self.bias, y, self.weight)
-        last["public"], last["normalized"] = weakref.ref(out), weakref.ref(y)
+        if post_norm:
+            out._leantune_normalized = y  # strong ref: ŷ lives as long as the tensor the consumers will receive
+        last["public"] = weakref.ref(out)
         return out
 
     _rebind_forward(handle, norm, forward)
@@ -157,7 +160,7 @@ def _patch_norm(handle: MemoryHandle, site: NormSite) -> None:
                 f"of {name} but received a tensor that did not come from that norm (reentrant gradient checkpointing "
                 "detaches layer inputs). Use model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
                 "{'use_reentrant': False}) or MemoryConfig(ms_norms=False).")
-        y = last["normalized"]() if post_norm else x
+        y = x._leantune_normalized if post_norm else x
         for adapter, lora_a in getattr(module, "lora_A", {}).items():
             if lora_a.weight.dtype != y.dtype and torch.is_grad_enabled():
                 handle.warn_once(name, "dtype", f"leantune.memory: adapter {adapter!r} after {name} is "
@@ -171,6 +174,35 @@ def _patch_norm(handle: MemoryHandle, site: NormSite) -> None:
         hook = consumer.register_forward_pre_hook(pre_hook)
         handle._undo.append(hook.remove)
     handle.counts["ms_norms"] += 1
+
+
+def _refold_lora_a(handle: MemoryHandle, name: str, consumer: nn.Module, gamma: torch.Tensor,
+                   beta: torch.Tensor | None) -> None:
+    """Keep existing LoRA branches unchanged in function: they now read ŷ instead of γ ⊙ ŷ + β, so A ← A diag(γ).
+
+    (The constant ``s B A β`` of an already-trained adapter on a LayerNorm with β ≠ 0 cannot be kept: warned.)
+    On undo, A ← A diag(1/γ) — bit-exactly the original A if it was not trained in between.
+    """
+    for adapter, lora_a in getattr(consumer, "lora_A", {}).items():
+        weight = lora_a.weight
+        original = weight.detach().clone()
+        g = gamma.to(device=weight.device)
+        with torch.no_grad():
+            weight.copy_((weight.detach().to(torch.float64) * g[None, :]).to(weight.dtype))
+        folded = weight.detach().clone()
+        lora_b = consumer.lora_B[adapter].weight
+        if beta is not None and bool(beta.any()) and bool(lora_b.detach().any()):
+            handle.warn_once(name, "beta", f"leantune.memory: adapter {adapter!r} on {name} is already trained and "
+                             "the norm before it has a bias β; its constant term s·B·A·β is dropped by folding")
+
+        def undo(weight=weight, original=original, folded=folded, g=g):
+            with torch.no_grad():
+                if torch.equal(weight.detach(), folded):
+                    weight.copy_(original)
+                else:
+                    weight.copy_((weight.detach().to(torch.float64) / g[None, :]).to(weight.dtype))
+
+        handle._undo.append(undo)
 
 
 def _patch_activation(handle: MemoryHandle, site: ActivationSite) -> None:

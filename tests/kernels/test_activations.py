@@ -65,9 +65,6 @@ def test_autograd_through_registered_kernel(kind, triton_on):
     x.grad = None
     y_ref, codes = act.reference_approx_activation(x.detach(), kind)
     assert_close(grad_triton, act.reference_approx_backward(torch.ones_like(x), codes, kind))
-    kernel = act.ApproxActivationKernel(kind)  # the object the memory package gets from kernel_for
-    y, packed = kernel.forward(x.detach())
-    assert torch.equal(packed, codes) and kernel.backward(torch.ones_like(x), packed).shape == x.shape
 
 
 def test_saves_only_packed_codes():

@@ -9,7 +9,8 @@ from leantune.kernels import dispatch
 
 def test_all_kernels_are_registered():
     assert set(K.registered_kernels()) >= {
-        "regelu2", "resilu2", "ms_rmsnorm", "ms_layernorm", "gated_mlp", "lora_linear", "galore_adam_step"
+        "regelu2", "resilu2", "ms_rmsnorm", "ms_layernorm", "gated_mlp", "gated_activation", "lora_linear",
+        "galore_adam_step",
     }  # fmt: skip
 
 

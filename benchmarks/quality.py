@@ -1,0 +1,324 @@
+"""Quality benchmark: fine-tune the real pretrained MiniLM on the shipped sentiment set with every method.
+
+Methods: head only, full fine-tuning, peft LoRA, and every leantune adapter (LoRA-XS, LoRA-SB, ALLoRA,
+DyLoRA, NOLA, Compacter, Compacter++). Same data, same number of steps and batch for all; a small
+learning-rate sweep per method picked on a validation split carved from train (mean over seeds), test
+accuracy reported for the chosen rate as mean ± std over the seeds. The classifier head trains in every
+method (peft ``task_type="SEQ_CLS"`` puts it in ``modules_to_save``; checked for every run).
+
+    python benchmarks/quality.py            # full run (~30-60 min on 2 CPU cores)
+    python benchmarks/quality.py --quick    # smoke run (a minute)
+
+Prints a markdown table and writes benchmarks/results/quality.{md,png,json}. Finished runs are cached in
+benchmarks/results/quality_runs.json, so an interrupted run resumes (``--fresh`` ignores the cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+RESULTS = REPO / "benchmarks" / "results"
+
+from recipes.common import load_minilm_classifier, load_sentiment  # noqa: E402
+
+LINEAR_TARGETS = ["query", "key", "value", "dense"]  # every Linear of the encoder (and the pooler)
+
+
+def _peft_configs() -> dict[str, Callable[[], Any]]:
+    from peft import LoraConfig
+
+    from leantune.adapters import ALLoRAConfig, DyLoRAConfig, LoraSBConfig, LoraXSConfig
+    from leantune.adapters.bottleneck import CompacterConfig, CompacterPlusPlusConfig
+    from leantune.adapters.nola import NolaConfig
+
+    t = dict(task_type="SEQ_CLS")
+    return {
+        "LoRA r=8 (peft)": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LINEAR_TARGETS, lora_dropout=0.0, **t),
+        "LoRA r=1 (peft)": lambda: LoraConfig(r=1, lora_alpha=2, target_modules=LINEAR_TARGETS, lora_dropout=0.0, **t),
+        "LoRA-XS r=16": lambda: LoraXSConfig(r=16, lora_alpha=16, target_modules=LINEAR_TARGETS, **t),
+        "LoRA-SB r=16": lambda: LoraSBConfig(r=16, target_modules=LINEAR_TARGETS, **t),
+        "ALLoRA r=8": lambda: ALLoRAConfig(r=8, target_modules=LINEAR_TARGETS, **t),
+        "DyLoRA r=8": lambda: DyLoRAConfig(r=8, lora_alpha=16, target_modules=LINEAR_TARGETS, **t),
+        "NOLA k=l=256 r=8": lambda: NolaConfig(
+            r=8, num_basis_A=256, num_basis_B=256, nola_alpha=8, target_modules=LINEAR_TARGETS, cache_bases=True, **t
+        ),
+        "Compacter": lambda: CompacterConfig(**t),
+        "Compacter++": lambda: CompacterPlusPlusConfig(**t),
+    }
+
+
+LR_GRID = {
+    "head only": [3e-3, 1e-2],
+    "full fine-tuning": [3e-5, 1e-4],
+    "LoRA r=8 (peft)": [5e-4, 2e-3],
+    "LoRA r=1 (peft)": [1e-3, 4e-3],
+    "LoRA-XS r=16": [2e-3, 1e-2],
+    "LoRA-SB r=16": [2e-3, 1e-2],
+    "ALLoRA r=8": [5e-4, 2e-3],
+    "DyLoRA r=8": [5e-4, 2e-3],
+    "NOLA k=l=256 r=8": [5e-3, 2e-2],
+    "Compacter": [1e-3, 3e-3],
+    "Compacter++": [1e-3, 3e-3],
+}
+
+
+def build(method: str, seed: int, batches: list[dict], lr: float, warmup: int) -> torch.nn.Module:
+    """The model for ``method`` with exactly the parameters that method trains set trainable."""
+    model, _ = load_minilm_classifier(num_labels=2, seed=seed)
+    if method == "head only":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("classifier."))
+        return model
+    if method == "full fine-tuning":
+        return model
+    config = _peft_configs()[method]()
+    torch.manual_seed(seed)
+    if method.startswith("LoRA-SB"):
+        from leantune.adapters import get_lora_sb_model
+
+        # the first optimizer step under linear warmup uses lr / warmup
+        return get_lora_sb_model(model, config, batches[:4], lr=lr / max(1, warmup), progress=False)
+    from peft import get_peft_model
+
+    return get_peft_model(model, config)
+
+
+def saved_activation_bytes(model: torch.nn.Module, batch: dict) -> int:
+    """Bytes autograd keeps for backward in one training step (deduplicated by storage)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.device.type != "meta":
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def adapter_file_bytes(method: str, model: torch.nn.Module) -> int:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if method == "head only":
+            path = Path(tmp) / "head.safetensors"
+            save_file({k: v.contiguous() for k, v in model.classifier.state_dict().items()}, str(path))
+            return path.stat().st_size
+        if method == "full fine-tuning":
+            path = Path(tmp) / "model.safetensors"
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+            return path.stat().st_size
+        model.save_pretrained(tmp)
+        return (Path(tmp) / "adapter_model.safetensors").stat().st_size
+
+
+def count(model: torch.nn.Module) -> dict[str, int]:
+    from leantune.adapters.bottleneck import count_trainable
+
+    return count_trainable(model)
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, data: Any, batch_size: int = 128) -> float:
+    model.eval()
+    correct = 0
+    for start in range(0, len(data), batch_size):
+        batch = data[start : start + batch_size]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+    model.train()
+    return correct / len(data)
+
+
+def run_one(method: str, lr: float, seed: int, data: dict, args: argparse.Namespace) -> dict:
+    from transformers import get_linear_schedule_with_warmup
+
+    train = data["train"]
+    order = torch.Generator().manual_seed(seed)
+    indices = torch.cat([torch.randperm(len(train), generator=order) for _ in range(math.ceil(args.steps * 32 / len(train)) + 1)])
+    batches = [train[indices[i * args.batch : (i + 1) * args.batch].tolist()] for i in range(args.steps)]
+    warmup = max(1, int(0.06 * args.steps))
+    model = build(method, seed, batches, lr, warmup)
+    model.train()
+    counts = count(model)
+    if method != "full fine-tuning" and counts["other"] == 0 and counts["total"] > 0:
+        raise RuntimeError(f"{method}: the classifier head is not trainable.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = get_linear_schedule_with_warmup(optimizer, warmup, args.steps)
+    activation_bytes = saved_activation_bytes(model, batches[0])
+    trainable_bytes = sum(p.numel() * p.element_size() for p in params)
+    param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    start = time.perf_counter()
+    losses = []
+    for batch in batches:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    wall = time.perf_counter() - start
+    return {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "val_acc": accuracy(model, data["val"]),
+        "test_acc": accuracy(model, data["test"]),
+        "final_loss": statistics.fmean(losses[-20:]),
+        "trainable": counts,
+        "file_bytes": adapter_file_bytes(method, model),
+        "wall_s": wall,
+        # params + grads + AdamW state (2×) of the trainable tensors + activations saved for backward
+        "train_mem_bytes": param_bytes + 3 * trainable_bytes + activation_bytes,
+    }
+
+
+def load_data(args: argparse.Namespace) -> dict:
+    _, tokenizer = load_minilm_classifier(num_labels=2, seed=0)
+    ds = load_sentiment(tokenizer, max_length=32).with_format("torch", columns=["input_ids", "attention_mask", "labels"])
+    split = ds["train"].train_test_split(test_size=args.val_size, seed=1234)
+    test = ds["test"] if args.test_size is None else ds["test"].select(range(args.test_size))
+    return {"train": split["train"], "val": split["test"], "test": test}
+
+
+def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
+    rows = []
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        by_lr: dict[float, list[dict]] = {}
+        for r in mine:
+            by_lr.setdefault(r["lr"], []).append(r)
+        best_lr = max(by_lr, key=lambda lr: statistics.fmean(r["val_acc"] for r in by_lr[lr]))
+        chosen = by_lr[best_lr]
+        tests = [100 * r["test_acc"] for r in chosen]
+        rows.append(
+            {
+                "method": method,
+                "lr": best_lr,
+                "seeds": len(chosen),
+                "test_mean": statistics.fmean(tests),
+                "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                "val_by_lr": {lr: statistics.fmean(100 * r["val_acc"] for r in rs) for lr, rs in sorted(by_lr.items())},
+                "trainable": chosen[0]["trainable"],
+                "file_bytes": chosen[0]["file_bytes"],
+                "wall_s": statistics.fmean(r["wall_s"] for r in chosen),
+                "train_mem_mb": chosen[0]["train_mem_bytes"] / 2**20,
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = [
+        "| method | test acc % (mean ± std) | chosen lr | val acc % per lr | adapter params | + LayerNorm | + head | "
+        "total trainable | saved file | train time (s) | train memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t = r["trainable"]
+        val = ", ".join(f"{lr:g}: {v:.1f}" for lr, v in r["val_by_lr"].items())
+        size = r["file_bytes"] / 1024
+        size_text = f"{size / 1024:.1f} MB" if size > 1024 else f"{size:.1f} KB"
+        lines.append(
+            f"| {r['method']} | {r['test_mean']:.1f} ± {r['test_std']:.1f} (n={r['seeds']}) | {r['lr']:g} | {val} | "
+            f"{t['adapter']:,} | {t['layer_norm']:,} | {t['other']:,} | {t['total']:,} | {size_text} | "
+            f"{r['wall_s']:.0f} | {r['train_mem_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for r in rows:
+        x = max(1, r["trainable"]["total"])
+        ax.errorbar(x, r["test_mean"], yerr=r["test_std"], fmt="o", capsize=3)
+        ax.annotate(r["method"], (x, r["test_mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (adapter + LayerNorm + classifier head), log scale")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("MiniLM-L6 on the shipped sentiment set")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
+    parser.add_argument("--val-size", type=int, default=300)
+    parser.add_argument("--test-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny smoke run: few steps, one seed, one lr")
+    parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
+    parser.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.steps, args.seeds, args.test_size, args.tag = 8, [0], 128, f"{args.tag}_quick"
+    from tqdm.auto import tqdm
+
+    methods = args.methods or list(LR_GRID)
+    unknown = [m for m in methods if m not in LR_GRID]
+    if unknown:
+        raise SystemExit(f"Unknown methods {unknown}; choose from {list(LR_GRID)}.")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cache_path = RESULTS / f"{args.tag}_runs.json"
+    setting = {"steps": args.steps, "batch": args.batch, "val_size": args.val_size, "test_size": args.test_size}
+    cache = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
+    if cache.get("setting") != setting:
+        cache = {"setting": setting, "runs": {}}
+    data = load_data(args)
+    jobs = [(m, lr, s) for m in methods for lr in (LR_GRID[m][:1] if args.quick else LR_GRID[m]) for s in args.seeds]
+    for method, lr, seed in tqdm(jobs, desc="runs"):
+        key = f"{method}|{lr}|{seed}"
+        if key not in cache["runs"]:
+            cache["runs"][key] = run_one(method, lr, seed, data, args)
+            cache_path.write_text(json.dumps(cache, indent=1))
+            r = cache["runs"][key]
+            tqdm.write(f"{key}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} loss {r['final_loss']:.3f} {r['wall_s']:.0f}s")
+    runs = [cache["runs"][f"{m}|{lr}|{s}"] for m, lr, s in jobs]
+    rows = summarize(runs, methods)
+    table = markdown(rows)
+    print(table)
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps(rows, indent=1))
+    plot(rows, RESULTS / f"{args.tag}.png")
+    (RESULTS / f"{args.tag}.md").write_text(
+        f"# Quality benchmark\n\nCommand: `{command.strip()}`\n\n"
+        f"MiniLM-L6 (all-MiniLM-L6-v2, pretrained) + new 2-way head, shipped sentiment data: "
+        f"{len(data['train'])} train / {len(data['val'])} validation (carved from train) / {len(data['test'])} test; "
+        f"{args.steps} AdamW steps, batch {args.batch}, sequence length 32, linear schedule with 6% warmup, "
+        f"seeds {args.seeds}. Learning rate chosen per method by mean validation accuracy; test accuracy of that lr.\n\n"
+        f"{table}\n\n![accuracy vs trainable parameters]({args.tag}.png)\n"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""peft tuner for the bottleneck-adapter family (Houlsby, Pfeiffer, PHM adapters, Compacter, Compacter++).
+
+The tuner owns the state shared across layers: for every adapter name with ``phm=True`` and
+``shared_phm_rule=True``, one rule tensor ``S ∈ R^{n×n×n}`` (Compacter's "slow" weights) in
+``bottleneck_phm_rule``, initialised N(0, phm_init_range). It is one ``nn.Parameter``: every PHM layer
+of that adapter reads it, it appears once in ``parameters()`` and once in the saved adapter. With
+``unfreeze_layer_norms`` the base model's LayerNorm/RMSNorm modules are added to ``modules_to_save``, so
+they train and are saved with (and disabled with) the adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ..registration import LeanTuneType, register_tuner
+from .config import BottleneckConfig
+from .layer import BottleneckLayer, SharedRules
+from .placement import placement_regex
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """LayerNorm-like: ``nn.LayerNorm`` or a class named ``*LayerNorm`` / ``*RMSNorm`` (T5, Llama, ...)."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+def norm_layer_names(model: nn.Module) -> list[str]:
+    """Full names of the base model's norm layers (skipping peft's wrapper copies)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and is_norm_layer(module) and ".modules_to_save." not in name and ".original_module" not in name
+    ]
+
+
+class BottleneckModel(BaseTuner):
+    """peft tuner wrapping sublayer-output projections with :class:`BottleneckLayer`."""
+
+    prefix = "bottleneck_"
+    tuner_layer_cls = BottleneckLayer
+    target_module_mapping: dict = {}  # placement comes from .placement, see _prepare_adapter_config
+    uses_shared_state = True
+
+    def _shared_rules(self) -> nn.ParameterDict:
+        if "bottleneck_phm_rule" not in self._modules:
+            self.bottleneck_phm_rule = nn.ParameterDict({})
+        return self.bottleneck_phm_rule
+
+    def _pre_injection_hook(self, model: nn.Module, config: BottleneckConfig, adapter_name: str) -> None:
+        rules = self._shared_rules()
+        if config.phm and config.shared_phm_rule:
+            n = config.phm_dim
+            device = next(model.parameters()).device
+            rules[adapter_name] = nn.Parameter(torch.randn(n, n, n, device=device) * config.phm_init_range)
+        if config.unfreeze_layer_norms:
+            names = list(config.modules_to_save or [])
+            config.modules_to_save = names + [n for n in norm_layer_names(model) if n not in names]
+
+    def _post_injection_hook(self, model: nn.Module, config: BottleneckConfig, adapter_name: str) -> None:
+        if adapter_name in self._shared_rules():
+            trainable = adapter_name in self.active_adapters and not config.inference_mode
+            self.bottleneck_phm_rule[adapter_name].requires_grad_(trainable)
+
+    def _prepare_adapter_config(self, peft_config: BottleneckConfig, model_config: dict) -> BottleneckConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = placement_regex(model_config.get("model_type"), peft_config.placement)
+        return peft_config
+
+    def _check_new_adapter_config(self, config: PeftConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if not isinstance(config, BottleneckConfig):
+            raise TypeError(f"BottleneckModel needs a BottleneckConfig, got {type(config).__name__}.")
+
+    def _create_and_replace(
+        self,
+        config: BottleneckConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, BottleneckLayer):
+            target.update_layer(adapter_name, config, current_key)
+            return
+        new_module = BottleneckLayer(target, adapter_name, config, current_key, SharedRules(self._shared_rules()))
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter is not trained
+        self._replace_module(parent, target_name, new_module, target)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        active = [adapter_name] if isinstance(adapter_name, str) else adapter_name
+        for name, rule in self._shared_rules().items():
+            rule.requires_grad_(name in active and not inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        rules = self._shared_rules()
+        if adapter_name in rules:
+            del rules[adapter_name]
+
+
+register_tuner(LeanTuneType.BOTTLENECK, BottleneckConfig, BottleneckModel)

@@ -1,0 +1,96 @@
+"""The ``leantune`` command line; each subcommand calls the function a notebook user would call.
+
+    leantune merge   --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR   -> leantune.merge_to_directory
+    leantune export  ADAPTER_DIR --to lora OUT_DIR [--base MODEL_DIR]     -> leantune.export_to_lora
+    leantune inspect ADAPTER_DIR [--json]                                  -> leantune.inspect_adapter
+    leantune profile ...                                                   -> leantune.memory.profile
+
+User errors (bad paths, wrong files, mismatched bases) print one line ``leantune: error: …`` and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # leantune never downloads; paths are local folders
+
+
+def _print_inspect(info: dict) -> None:
+    rows = [
+        ("method", info["method"]),
+        ("base model", info["base_model"] or "(not recorded)"),
+        ("task type", info["task_type"] or "-"),
+        ("target modules", info["target_modules"]),
+        ("adapted modules", info["adapted_modules"]),
+        ("rank", info["rank"] if info["rank"] is not None else "-"),
+        ("trainable adapter parameters", f"{info['trainable_adapter_parameters']:,}"),
+        ("frozen adapter parameters", f"{info['frozen_adapter_parameters']:,}"),
+        ("modules_to_save parameters", f"{info['modules_to_save_parameters']:,}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leantune", description="Merge, export and inspect leantune adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    merge = sub.add_parser("merge", help="write a full model folder with the adapter merged into the weights")
+    merge.add_argument("--base", required=True, help="base model folder (config.json + safetensors)")
+    merge.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + safetensors)")
+    merge.add_argument("--out", required=True, help="output folder (created; must be empty)")
+    merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    export = sub.add_parser("export", help="convert a low-rank leantune adapter into a plain peft LoRA adapter")
+    export.add_argument("adapter", help="adapter folder")
+    export.add_argument("--to", required=True, choices=["lora"], help="target format")
+    export.add_argument("out", help="output folder")
+    export.add_argument("--base", default=None, help="base model folder (default: the one recorded in the adapter)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    inspect = sub.add_parser("inspect", help="print method, targets, ranks and parameter counts of an adapter")
+    inspect.add_argument("adapter", help="adapter folder")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    try:
+        from leantune.memory.cli import add_profile_subcommand
+    except ImportError:  # the memory package is optional for the other subcommands
+        add_profile_subcommand = None
+    if add_profile_subcommand is not None:
+        add_profile_subcommand(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from leantune.integrations.interop import LeanTuneError, export_to_lora, inspect_adapter, merge_to_directory
+
+    try:
+        if args.command == "merge":
+            out = merge_to_directory(args.base, args.adapter, args.out, overwrite=args.overwrite)
+            print(f"merged model written to {out}")
+        elif args.command == "export":
+            out = export_to_lora(args.adapter, args.out, base_dir=args.base, overwrite=args.overwrite)
+            print(f"plain peft LoRA adapter written to {out}")
+        elif args.command == "inspect":
+            info = inspect_adapter(args.adapter)
+            if args.json:
+                print(json.dumps(info, indent=2, default=str))
+            else:
+                _print_inspect(info)
+        elif hasattr(args, "handler"):
+            return int(args.handler(args) or 0)
+    except LeanTuneError as err:
+        print(f"leantune: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
