@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import tl, triton
+from ._triton import jit, tl, triton
 from .dispatch import kernel_for, register_kernel
 
 QBLOCK = 256  # elements per 8-bit quantisation block (one Triton program each)
@@ -88,10 +88,12 @@ def _step_constants(step: int, lr: float, betas: tuple[float, float], eps: float
         raise ValueError(f"galore_adam_step: step must be the 1-based count after increment, got {step}")
     if eps_mode not in ("hf", "torch"):
         raise ValueError(f"galore_adam_step: eps_mode must be 'hf' (GaLore/Fira) or 'torch' (DCT), got {eps_mode!r}")
+    if not correct_bias:
+        return lr, eps
     bc1, bc2 = 1 - betas[0] ** step, 1 - betas[1] ** step
-    if eps_mode == "torch":
+    if eps_mode == "torch":  # m̂/(√v̂ + ε) = (√bc2/bc1) · m/(√v + ε√bc2)
         return lr * math.sqrt(bc2) / bc1, eps * math.sqrt(bc2)
-    return (lr * math.sqrt(bc2) / bc1 if correct_bias else lr), eps
+    return lr * math.sqrt(bc2) / bc1, eps
 
 
 def _project(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
@@ -141,7 +143,7 @@ def reference_galore_adam_step(
 # ----------------------------------------------------------------------------------------------- Triton kernels
 
 
-@triton.jit
+@jit
 def _lowrank_adam_kernel(R, M, V, N, n, beta1, beta2, eps, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -155,7 +157,7 @@ def _lowrank_adam_kernel(R, M, V, N, n, beta1, beta2, eps, BLOCK: tl.constexpr):
     tl.store(N + offs, m / (tl.sqrt(v) + eps), mask=mask)
 
 
-@triton.jit
+@jit
 def _lowrank_adam8bit_kernel(R, MC, MA, VC, VA, N, n, beta1, beta2, eps, QBLOCK: tl.constexpr):
     blk = tl.program_id(0)
     offs = blk * QBLOCK + tl.arange(0, QBLOCK)
@@ -178,7 +180,7 @@ def _lowrank_adam8bit_kernel(R, MC, MA, VC, VA, N, n, beta1, beta2, eps, QBLOCK:
     tl.store(VA + blk, v_absmax)
 
 
-@triton.jit
+@jit
 def _backproject_update_kernel(
     L, RM, P, RES, rows, cols, rank, lr_t, alpha, wd_before, wd_after,
     s_l0, s_l1, s_r0, s_r1,

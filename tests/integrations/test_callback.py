@@ -1,0 +1,110 @@
+"""LeanTuneCallback in a real (tiny) Trainer run: injection, what trains, checkpoints, resume."""
+
+from __future__ import annotations
+
+import os
+
+import datasets
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
+
+import leantune
+from leantune.adapters.lora_sb import LoraSBLayer
+
+
+def tiny_bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=32, num_labels=2, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg)
+
+
+def toy_dataset(n: int = 32) -> datasets.Dataset:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (n, 8), generator=g)
+    labels = (ids[:, 0] > 32).long()  # learnable from the first token
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+
+
+def make_trainer(tmp_path, callback, model=None, max_steps=4, **kw) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=1e-2,
+        save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
+        seed=0, data_seed=0, **kw,
+    )
+    return Trainer(model=model or tiny_bert(), args=args, train_dataset=toy_dataset(), callbacks=[callback])
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+        return control
+
+
+def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("config", [
+    leantune.LoraXSConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+], ids=["leantune-lora-xs", "peft-lora"])
+def test_callback_injects_before_the_optimizer_and_saves_only_the_adapter(tmp_path, config):
+    base = tiny_bert()
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters() if "classifier" not in n}
+    trainer = make_trainer(tmp_path, leantune.LeanTuneCallback(adapter=config, verbose=False), model=base)
+    assert isinstance(trainer.model, PeftModel)
+    before = adapter_state(trainer.model)
+    trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert optimized == trainable
+    after = adapter_state(trainer.model)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+    now = {n.replace(".base_layer", ""): p for n, p in trainer.model.get_base_model().named_parameters()}
+    for name, value in frozen.items():  # the base weights did not move
+        assert torch.equal(now[name], value), name
+    files = os.listdir(tmp_path / "checkpoint-4")
+    assert "adapter_model.safetensors" in files
+    assert "model.safetensors" not in files and "pytorch_model.bin" not in files
+
+
+def test_resume_from_checkpoint_continues_the_adapter_exactly(tmp_path):
+    config = lambda: leantune.LoraXSConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")  # noqa: E731
+    full = make_trainer(tmp_path / "full", leantune.LeanTuneCallback(adapter=config(), verbose=False))
+    full.train()
+    expected = adapter_state(full.model)
+
+    first = make_trainer(tmp_path / "part", leantune.LeanTuneCallback(adapter=config(), verbose=False))
+    first.add_callback(StopAt(2))  # same 4-step schedule, interrupted after step 2
+    first.train()
+    assert first.state.global_step == 2
+    resumed = make_trainer(tmp_path / "part", leantune.LeanTuneCallback(adapter=config(), verbose=False))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-2"))
+    got = adapter_state(resumed.model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5)
+
+
+def test_lora_sb_through_the_callback_uses_the_trainers_batches_and_lr(tmp_path):
+    config = leantune.LoraSBConfig(r=2, target_modules=["query"], task_type="SEQ_CLS", num_init_batches=2)
+    trainer = make_trainer(tmp_path, leantune.LeanTuneCallback(adapter=config, verbose=False), warmup_steps=2)
+    assert config.gradient_init_done
+    layers = [m for m in trainer.model.modules() if isinstance(m, LoraSBLayer)]
+    assert len(layers) == 2
+    # ΔW at init is a rank-2 approximation of −η₁·sign(G) with η₁ = 1e-2 / 2 warmup steps: entries ≈ ±5e-3
+    delta = layers[0].get_delta_weight("default")
+    assert 1e-3 < delta.abs().mean() < 6e-3
+    trainer.train()
+
+
+def test_callback_rejects_a_non_config():
+    with pytest.raises(TypeError, match="peft or leantune config"):
+        leantune.LeanTuneCallback(adapter={"r": 4})
