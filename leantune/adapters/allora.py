@@ -136,6 +136,9 @@ class ALLoRALayer(LowRankLayer):
         c_b = adaptive_coefficient(b.norm(dim=1), eta, squared).to(b.dtype)
         return None, c_a, c_b
 
+    def forward_factors(self, adapter: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return None if torch.is_grad_enabled() else self.lowrank_factors(adapter)  # training needs the custom backward
+
     def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         a, b = self.allora_A[adapter], self.allora_B[adapter]
         if not torch.is_grad_enabled():

@@ -101,10 +101,12 @@ class DyLoRALayer(LowRankLayer):
     def lowrank_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.truncated_factors(adapter, self.eval_rank[adapter], frozen=False)
 
-    def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        b = self.current_rank(adapter)
+    def forward_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         frozen = self.training and self.frozen[adapter] and self.sampled_rank[adapter] is not None
-        b_eff, a_eff = self.truncated_factors(adapter, b, frozen)
+        return self.truncated_factors(adapter, self.current_rank(adapter), frozen)
+
+    def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        b_eff, a_eff = self.forward_factors(adapter)
         return nn.functional.linear(nn.functional.linear(x, a_eff), b_eff)
 
 

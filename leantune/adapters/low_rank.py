@@ -103,6 +103,13 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         """``(B_eff (out×k), A_eff (k×in))`` with ``ΔW = B_eff @ A_eff`` (scale included)."""
         raise NotImplementedError
 
+    def forward_factors(self, adapter: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """The ``(B_eff, A_eff)`` this forward uses, or ``None`` if it is not a plain product (custom backward).
+
+        The fused adapter-linear kernel (``leantune.kernels``) computes ``x W0ᵀ + (x A_effᵀ) B_effᵀ`` from them.
+        """
+        return self.lowrank_factors(adapter)
+
     def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """The adapter's additive contribution ``x ΔWᵀ`` for input ``x`` (…, in)."""
         b_eff, a_eff = self.lowrank_factors(adapter)

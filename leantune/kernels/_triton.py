@@ -1,14 +1,15 @@
 """Import Triton if present; otherwise provide inert stand-ins so the torch references still import.
 
-Kernel modules write ``from ._triton import jit, triton, tl`` and decorate with ``@jit`` (a lazily built
-``triton.jit``, see :class:`LazyJit`). Without Triton
+Kernel modules write ``from ._triton import triton, tl`` and decorate with ``@triton.jit``. Without Triton
 (e.g. macOS, Windows) the decorated kernels raise on launch, and :func:`leantune.kernels.dispatch.kernel_for`
 never selects them because ``triton_available()`` is False.
+
+``TRITON_INTERPRET=1`` must be set before *triton itself* is imported (its own ``tl.sigmoid`` etc. are jitted at
+import), so test runs set it before anything imports ``leantune.kernels``.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -42,43 +43,6 @@ except ImportError:  # pragma: no cover - exercised only on machines without tri
     tl = _Missing()  # type: ignore[assignment]
 
 
-class LazyJit:
-    """``@jit``: a ``triton.jit`` built at first launch, not at import.
-
-    ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates, so a kernel module imported before a test sets
-    the variable would be stuck with the GPU compiler. Building on first use (and again if the flag changes)
-    makes import order irrelevant. Helper ``@jit`` functions that a kernel calls are materialised into the
-    module's globals first, where Triton looks them up by name.
-    """
-
-    def __init__(self, fn: Any) -> None:
-        self.fn = fn
-        self._built: tuple[bool, Any] | None = None
-        functools.update_wrapper(self, fn)
-
-    def build(self) -> Any:
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        if self._built is None or self._built[0] != interpret:
-            if interpret:  # triton.knobs caches the flag at import on recent versions
-                knobs = getattr(triton, "knobs", None)
-                if knobs is not None and hasattr(getattr(knobs, "runtime", None), "interpret"):
-                    knobs.runtime.interpret = True
-            globs = self.fn.__globals__
-            for name, value in list(globs.items()):
-                if isinstance(value, LazyJit) and value is not self:
-                    globs[name] = value.build()
-            self._built = (interpret, triton.jit(self.fn))
-        return self._built[1]
-
-    def __getitem__(self, grid: Any) -> Any:
-        return self.build()[grid]
-
-
-def jit(fn: Any) -> LazyJit:
-    """Decorator used by every leantune kernel instead of ``triton.jit`` (see :class:`LazyJit`)."""
-    return LazyJit(fn)
-
-
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (and >= 1)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
@@ -100,4 +64,4 @@ def dot_in_fp32(*tensors: torch.Tensor) -> bool:
     return any(t.dtype not in (torch.float16, torch.bfloat16) for t in tensors)
 
 
-__all__ = ["HAS_TRITON", "LazyJit", "compute_dtype", "jit", "dot_in_fp32", "next_power_of_2", "tl", "triton"]
+__all__ = ["HAS_TRITON", "compute_dtype", "dot_in_fp32", "next_power_of_2", "tl", "triton"]

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._triton import compute_dtype, jit, next_power_of_2, tl, triton
+from ._triton import compute_dtype, next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
 # (a1, a2, a3), (c1, c2, c3) fitted by the paper (k = 2 → 3 thresholds), see spec §1.1.
@@ -107,7 +107,7 @@ def reference_resilu2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------- Triton kernels
 
 
-@jit
+@triton.jit
 def _approx_act_fwd_kernel(X, Y, CODES, n, c1, c2, c3, ACT: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -130,7 +130,7 @@ def _approx_act_fwd_kernel(X, Y, CODES, n, c1, c2, c3, ACT: tl.constexpr, BLOCK:
     tl.store(CODES + byte_offs, packed.to(tl.uint8), mask=byte_offs < (n + 3) // 4)
 
 
-@jit
+@triton.jit
 def _step_bwd_kernel(DY, CODES, DX, n, s1, s2, s3, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import compute_dtype, jit, next_power_of_2, tl, triton
+from ._triton import compute_dtype, next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
 _ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -79,7 +79,7 @@ def reference_gated_mlp_backward(
 # ----------------------------------------------------------------------------------------------- Triton kernels
 
 
-@jit
+@triton.jit
 def _activation(e, ACT: tl.constexpr):
     if ACT == 0:
         sig = tl.sigmoid(e)
@@ -97,7 +97,7 @@ def _activation(e, ACT: tl.constexpr):
     return f, df
 
 
-@jit
+@triton.jit
 def _gated_fwd_kernel(E, G, H, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -107,7 +107,7 @@ def _gated_fwd_kernel(E, G, H, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
     tl.store(H + offs, (f * g).to(H.dtype.element_ty), mask=mask)
 
 
-@jit
+@triton.jit
 def _gated_bwd_kernel(DH, E, G, H, DE, DG, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n

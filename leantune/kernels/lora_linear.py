@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._triton import dot_in_fp32, jit, next_power_of_2, tl, triton
+from ._triton import dot_in_fp32, next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
 _BLOCK_M, _BLOCK_N, _BLOCK_K = 64, 64, 32  # one fixed config: no multi-config autotune (interpreter-safe)
@@ -38,7 +38,7 @@ def reference_lora_linear(
 # ----------------------------------------------------------------------------------------------- Triton kernels
 
 
-@jit
+@triton.jit
 def _lora_xw_sb_kernel(
     X, W, S, B, BIAS, Y, M, N, K, R, scale,
     HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -69,7 +69,7 @@ def _lora_xw_sb_kernel(
     tl.store(Y + rm[:, None] * N + rn[None, :], acc.to(Y.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@jit
+@triton.jit
 def _lora_dys_dyb_kernel(
     DY, S, B, DS, DB, M, N, R, scale,
     DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -97,7 +97,7 @@ def _lora_dys_dyb_kernel(
     tl.store(DS + rm[:, None] * R + rr[None, :], ds.to(DS.dtype.element_ty), mask=(rm[:, None] < M) & (rr[None, :] < R))
 
 
-@jit
+@triton.jit
 def _lora_dyw_dsa_kernel(
     DY, W, DS, A, DX, M, N, K, R,
     DOT_FP32: tl.constexpr,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import compute_dtype, jit, next_power_of_2, tl, triton
+from ._triton import compute_dtype, next_power_of_2, tl, triton
 from .dispatch import interpreter_active, kernel_for, register_kernel
 
 _MAX_WIDTH = 65536  # one row per program; wider rows would not fit a block
@@ -69,7 +69,7 @@ def reference_ms_layernorm(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Te
 # ----------------------------------------------------------------------------------------------- Triton kernels
 
 
-@jit
+@triton.jit
 def _ms_norm_fwd_kernel(X, Y, RSTD, n_rows, H, eps, LAYERNORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -83,7 +83,7 @@ def _ms_norm_fwd_kernel(X, Y, RSTD, n_rows, H, eps, LAYERNORM: tl.constexpr, ROW
     tl.store(RSTD + rows, rstd, mask=rows < n_rows)
 
 
-@jit
+@triton.jit
 def _ms_norm_bwd_kernel(DY, Y, RSTD, DX, n_rows, H, LAYERNORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
     cols = tl.arange(0, BLOCK)

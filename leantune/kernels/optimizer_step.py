@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._triton import jit, tl, triton
+from ._triton import tl, triton
 from .dispatch import kernel_for, register_kernel
 
 QBLOCK = 256  # elements per 8-bit quantisation block (one Triton program each)
@@ -143,7 +143,7 @@ def reference_galore_adam_step(
 # ----------------------------------------------------------------------------------------------- Triton kernels
 
 
-@jit
+@triton.jit
 def _lowrank_adam_kernel(R, M, V, N, n, beta1, beta2, eps, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -157,7 +157,7 @@ def _lowrank_adam_kernel(R, M, V, N, n, beta1, beta2, eps, BLOCK: tl.constexpr):
     tl.store(N + offs, m / (tl.sqrt(v) + eps), mask=mask)
 
 
-@jit
+@triton.jit
 def _lowrank_adam8bit_kernel(R, MC, MA, VC, VA, N, n, beta1, beta2, eps, QBLOCK: tl.constexpr):
     blk = tl.program_id(0)
     offs = blk * QBLOCK + tl.arange(0, QBLOCK)
@@ -180,7 +180,7 @@ def _lowrank_adam8bit_kernel(R, MC, MA, VC, VA, N, n, beta1, beta2, eps, QBLOCK:
     tl.store(VA + blk, v_absmax)
 
 
-@jit
+@triton.jit
 def _backproject_update_kernel(
     L, RM, P, RES, rows, cols, rank, lr_t, alpha, wd_before, wd_after,
     s_l0, s_l1, s_r0, s_r1,

@@ -6,6 +6,8 @@
   (Y = X Wᵀ + s (X Aᵀ) Bᵀ + b). Per call it falls back to peft's own forward whenever the fused math would differ:
   merged or disabled adapters, several active adapters, DoRA/other variants, LoRA dropout active in training,
   ``lora_bias``, ``fan_in_fan_out``, a non-``nn.Linear`` (e.g. 4-bit) base, mixed dtypes or extra forward kwargs.
+* ``"lowrank_linear"`` — leantune's low-rank tuners (LoRA-XS/SB, DyLoRA, NOLA; ALLoRA only outside training,
+  where no custom backward is needed) → the same fused linear with the layer's ``forward_factors`` (scale folded).
 * ``"ms_rmsnorm"`` — Llama-style ``*RMSNorm`` (γ ⊙ norm(x), not Gemma's (1+γ)) → γ ⊙ MS-RMSNorm(x).
 * ``"ms_layernorm"`` — ``nn.LayerNorm`` over the last dim → γ ⊙ MS-LN(x) + β.
 * ``"gated_mlp"`` — modules with ``gate_proj``/``up_proj``/``down_proj``/``act_fn`` (SiLU or GELU) →
@@ -33,7 +35,7 @@ from .gated_mlp import gated_activation
 from .lora_linear import fused_lora_linear
 from .norms import ms_layernorm, ms_rmsnorm
 
-EXACT_KERNELS = ("lora_linear", "ms_rmsnorm", "ms_layernorm", "gated_mlp")
+EXACT_KERNELS = ("lora_linear", "lowrank_linear", "ms_rmsnorm", "ms_layernorm", "gated_mlp")
 APPROXIMATE_KERNELS = ("regelu2", "resilu2")
 ALL_KERNELS = EXACT_KERNELS + APPROXIMATE_KERNELS
 _MARK = "_leantune_kernel"
@@ -67,6 +69,30 @@ def _lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     lora_a, lora_b, scaling = fused
     base = self.base_layer
     return fused_lora_linear(x, base.weight, base.bias, lora_a.weight, lora_b.weight, scaling)
+
+
+def _lowrank_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """leantune low-rank tuners: the same fused linear with the method's effective factors (scale folded)."""
+    factors = _fusable_lowrank_factors(self, x) if not args and not kwargs else None
+    if factors is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    b_eff, a_eff = factors
+    base = self.base_layer
+    return fused_lora_linear(x, base.weight, base.bias, a_eff, b_eff, 1.0)
+
+
+def _fusable_lowrank_factors(layer: nn.Module, x: torch.Tensor):
+    if layer.disable_adapters or layer.merged or type(layer.base_layer) is not nn.Linear:
+        return None
+    active = [name for name in layer.active_adapters if name in layer.r]
+    if len(active) != 1:
+        return None
+    factors = layer.forward_factors(active[0])
+    if factors is None:  # e.g. ALLoRA in training: its custom backward must run
+        return None
+    base = layer.base_layer
+    tensors = (base.weight, *factors) + ((base.bias,) if base.bias is not None else ())
+    return factors if all(t.dtype == x.dtype for t in tensors) else None
 
 
 def _fusable_lora_adapter(layer: nn.Module, x: torch.Tensor):
@@ -126,6 +152,12 @@ def _is_peft_lora_linear(module: nn.Module) -> bool:
     return isinstance(module, LoraLinear)
 
 
+def _is_leantune_lowrank(module: nn.Module) -> bool:
+    from leantune.adapters.low_rank import LowRankLayer
+
+    return isinstance(module, LowRankLayer)
+
+
 def _is_llama_rmsnorm(module: nn.Module) -> bool:
     name = type(module).__name__
     weight = getattr(module, "weight", None)
@@ -146,6 +178,7 @@ def _is_gated_mlp(module: nn.Module) -> bool:
 
 _RULES: dict[str, tuple[Callable[[nn.Module], bool], Callable]] = {
     "lora_linear": (_is_peft_lora_linear, _lora_forward),
+    "lowrank_linear": (_is_leantune_lowrank, _lowrank_forward),
     "ms_rmsnorm": (_is_llama_rmsnorm, _rmsnorm_forward),
     "ms_layernorm": (lambda m: type(m) is nn.LayerNorm and len(m.normalized_shape) == 1, _layernorm_forward),
     "gated_mlp": (_is_gated_mlp, _gated_mlp_forward),

@@ -19,9 +19,9 @@ def test_default_on_cpu_patches_nothing():
 def test_apply_counts_restore_and_disable():
     model = tiny_llama()
     counts = K.apply(model, enable=True)
-    assert counts == {"lora_linear": 14, "ms_rmsnorm": 5, "ms_layernorm": 0, "gated_mlp": 2}
+    assert counts == {"lora_linear": 14, "lowrank_linear": 0, "ms_rmsnorm": 5, "ms_layernorm": 0, "gated_mlp": 2}
     assert K.restore(model) == 21 and K.patched_modules(model) == {}
-    counts = K.apply(model, enable=True, disable=["lora_linear", "gated_mlp"])
+    counts = K.apply(model, enable=True, disable=["lora_linear", "lowrank_linear", "gated_mlp"])
     assert counts == {"ms_rmsnorm": 5, "ms_layernorm": 0}
     assert set(K.patched_modules(model).values()) == {"ms_rmsnorm"}
     K.apply(model, enable=False)
