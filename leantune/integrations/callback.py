@@ -12,7 +12,8 @@ for custom training code) and, in this order:
    adapter trains, checkpoints hold only the adapter, and ``resume_from_checkpoint`` reloads it;
    LoRA-SB first estimates its initialisation on the trainer's own first batches and learning rate;
 2. applies memory-saving backprop (``memory=``), then 3. fused kernels (``kernels=``);
-4. installs a leantune optimizer (``optimizer=``) in place of the trainer's default one.
+4. installs a leantune optimizer (``optimizer=``) in place of the trainer's default one;
+5. adds LISA layer sampling (``lisa=``) as a further callback of the same trainer.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class LeanTuneCallback(TrainerCallback):
         optimizer: a ``leantune.optim.OptimizerConfig`` or an optimizer name such as ``"galore_adamw"``.
         memory: a ``leantune.memory.MemoryConfig`` (or ``True`` for its defaults).
         kernels: ``True``/``False`` to force fused kernels on/off; ``None`` = on for CUDA models only.
+        lisa: a ``leantune.optim.LISACallback`` (or a dict of its arguments) to sample trainable layers.
         adapter_name: name of the injected adapter.
         verbose: print what was switched on.
     """
@@ -71,6 +73,7 @@ class LeanTuneCallback(TrainerCallback):
         optimizer: Union[str, Any, None] = None,
         memory: Union[bool, Any, None] = None,
         kernels: Optional[bool] = None,
+        lisa: Union[dict, Any, None] = None,
         adapter_name: str = "default",
         verbose: bool = True,
     ) -> None:
@@ -80,6 +83,7 @@ class LeanTuneCallback(TrainerCallback):
         self.optimizer = optimizer
         self.memory = memory
         self.kernels = kernels
+        self.lisa = lisa
         self.adapter_name = adapter_name
         self.verbose = verbose
         self.trainer: Optional[Trainer] = None
@@ -124,6 +128,12 @@ class LeanTuneCallback(TrainerCallback):
 
             lt_optim.install_in_trainer(trainer, self.optimizer)
             self._say(f"optimizer: {self.optimizer}")
+        if self.lisa is not None:
+            from leantune.optim import LISACallback
+
+            lisa = LISACallback(**self.lisa) if isinstance(self.lisa, dict) else self.lisa
+            trainer.add_callback(lisa)
+            self._say(f"LISA layer sampling: {lisa.n_layers} layers every {lisa.interval_steps} steps")
 
     def prepare(self, model: Any) -> PeftModel:
         """Wrap ``model`` with the adapter now (for quantized models, which ``Trainer`` refuses unwrapped)."""

@@ -35,11 +35,38 @@ def _matches(name: str, target: str | Sequence[str]) -> bool:
     return any(f".{t}." in dotted for t in target)
 
 
+def _adapter_matrices(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
+    """Trainable 2-D tensors that peft tuner layers keep in ParameterDicts (leantune's adapters: R, A, B …).
+
+    Keyed by parameter name, with the owning tuner-layer module name, so they can be targeted like linears.
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        return {}
+    found: dict[str, tuple[str, nn.Parameter]] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        for pname, p in module.named_parameters(recurse=True):
+            if p.requires_grad and p.ndim == 2 and not pname.startswith("base_layer.") and ".weight" not in pname:
+                found[f"{name}.{pname}"] = (name, p)
+    return found
+
+
 def find_target_weights(model: nn.Module, target_modules: str | Sequence[str] = "all-linear") -> dict[str, nn.Parameter]:
-    """Map ``module_name.weight`` -> weight for every trainable 2-D linear weight selected by ``target_modules``."""
+    """Map parameter name -> tensor for every trainable 2-D linear weight selected by ``target_modules``.
+
+    On a peft model this includes the adapter matrices of tuner layers that hold them as plain parameters
+    (leantune's adapters), matched by the adapted module's name.
+    """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     found: dict[str, nn.Parameter] = {}
     linear_names: list[str] = []
+    for pname, (module_name, p) in _adapter_matrices(model).items():
+        linear_names.append(module_name)
+        if target_modules == "all-linear" or _matches(module_name, target_modules):
+            found[pname] = p
     for name, module in model.named_modules():
         if not isinstance(module, _linear_types()):
             continue

@@ -108,3 +108,51 @@ def test_lora_sb_through_the_callback_uses_the_trainers_batches_and_lr(tmp_path)
 def test_callback_rejects_a_non_config():
     with pytest.raises(TypeError, match="peft or leantune config"):
         leantune.LeanTuneCallback(adapter={"r": 4})
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+
+
+def lm_dataset(n: int = 32) -> datasets.Dataset:
+    ids = torch.randint(1, 64, (n, 8), generator=torch.Generator().manual_seed(0))
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def test_one_callback_switches_on_adapter_optimizer_and_lisa(tmp_path):
+    from leantune.optim import GaLoreAdamW, LISACallback
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no", learning_rate=1e-3)
+    callback = leantune.LeanTuneCallback(
+        optimizer=leantune.optim.OptimizerConfig("galore_adamw", rank=4, update_proj_gap=2,
+                                                 target_modules=["q_proj", "v_proj"]),
+        lisa={"n_layers": 1, "interval_steps": 2}, verbose=False,
+    )
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[callback])
+    assert any(isinstance(cb, LISACallback) for cb in trainer.callback_handler.callbacks)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      GaLoreAdamW)
+    low_rank = [g for g in trainer.optimizer.param_groups if g.get("rank")]
+    assert low_rank and all(p.dim() == 2 for g in low_rank for p in g["params"])
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_adapter_and_low_rank_optimizer_together(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no", learning_rate=1e-2)
+    callback = leantune.LeanTuneCallback(
+        adapter=leantune.DyLoRAConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        optimizer=leantune.optim.OptimizerConfig("galore_adamw", rank=2, target_modules="all-linear"),
+        verbose=False,
+    )
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[callback])
+    trainer.train()
+    optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in trainer.model.parameters() if p.requires_grad}
