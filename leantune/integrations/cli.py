@@ -84,8 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(json.dumps(info, indent=2, default=str))
             else:
                 _print_inspect(info)
-        elif hasattr(args, "handler"):
-            return int(args.handler(args) or 0)
+        elif hasattr(args, "func"):  # subcommands registered by other packages (leantune profile)
+            return int(args.func(args) or 0)
     except LeanTuneError as err:
         print(f"leantune: error: {err}", file=sys.stderr)
         return 2
