@@ -13,9 +13,14 @@ from typing import Any
 
 from .adapters import (
     ALLoRAConfig,
+    BottleneckConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
     DyLoRAConfig,
     LoraSBConfig,
     LoraXSConfig,
+    NolaConfig,
+    count_trainable,
     estimate_first_step,
     get_lora_sb_model,
 )
@@ -26,7 +31,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALLoRAConfig",
+    "BottleneckConfig",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
     "DyLoRAConfig",
+    "NolaConfig",
+    "count_trainable",
     "LeanTuneCallback",
     "LeanTuneError",
     "LoraSBConfig",

@@ -7,19 +7,32 @@ LoRA-XS                 :class:`LoraXSConfig`                      r²
 LoRA-SB                 :class:`LoraSBConfig` + get_lora_sb_model  r²
 ALLoRA                  :class:`ALLoRAConfig`                      r·(in + out)
 DyLoRA                  :class:`DyLoRAConfig`                      r·(in + out)  (any rank ≤ r usable)
+NOLA                    :class:`NolaConfig`                        k + l coefficients
+Houlsby / Pfeiffer      :class:`BottleneckConfig`                  bottleneck MLP after sublayers
+Compacter / Compacter++ :class:`CompacterConfig` / ``…PlusPlus…``  shared PHM rule + rank-1 factors
 ======================  =========================================  =================================
 """
 
+from . import bottleneck
 from .allora import ALLoRAConfig, ALLoRAModel
+from .bottleneck import BottleneckConfig, CompacterConfig, CompacterPlusPlusConfig, count_trainable
 from .dylora import DyLoRAConfig, DyLoRAModel
 from .lora_sb import LoraSBConfig, LoraSBModel, estimate_first_step, get_lora_sb_model
 from .lora_xs import LoraXSConfig, LoraXSModel
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
+from .nola import NolaConfig, NolaModel
 from .registration import LeanTuneType
 
 __all__ = [
     "ALLoRAConfig",
     "ALLoRAModel",
+    "BottleneckConfig",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
+    "NolaConfig",
+    "NolaModel",
+    "bottleneck",
+    "count_trainable",
     "DyLoRAConfig",
     "DyLoRAModel",
     "LeanTuneType",

@@ -124,13 +124,13 @@ def project(grad: torch.Tensor, chunks: Iterator[tuple[int, torch.Tensor]], coun
 class NolaFunction(torch.autograd.Function):
     """``y = s · (x Aᵀ) Bᵀ`` with ``A = A0 + Σ α_i A_i``, ``B = Σ β_j B_j``; bases regenerated in backward.
 
-    Saved for backward: ``x``, ``α``, ``β`` and the small factors ``A`` (r×in), ``B`` (out×r); never the
-    k + l bases.
+    Saved for backward: ``x``, ``h = x Aᵀ`` and the small factors ``A`` (r×in), ``B`` (out×r); never the
+    k + l bases, which ``source`` regenerates (or takes from the per-device cache) chunk by chunk.
     """
 
     @staticmethod
     def forward(ctx, x, alpha, beta, a0, source: ChunkSource, scale: float):  # type: ignore[override]
-        # a0 is a constant (no gradient); `source` regenerates (or returns cached) bases on x's device
+        # a0 is a constant (no gradient); `source(kind)` yields the bases on the coefficients' device
         a = a0.to(alpha.dtype) + combine(alpha, source("A"))
         b = combine(beta, source("B"))
         h = nn.functional.linear(x, a)
@@ -158,7 +158,7 @@ class NolaLayer(LowRankLayer):
     """NOLA layer: trainable coefficients ``nola_alpha`` (k,), ``nola_beta`` (l,); see the module docstring."""
 
     adapter_layer_names = ("nola_alpha", "nola_beta")
-    other_param_names = ("nola_seed", "nola_fingerprint", "r", "scaling", "num_basis", "cache_bases")
+    other_param_names = ("nola_seed", "nola_fingerprint", "nola_shape", "r", "scaling", "num_basis", "cache_bases")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: NolaConfig, module_name: str) -> None:
         super().__init__(base_layer)
@@ -166,6 +166,7 @@ class NolaLayer(LowRankLayer):
         self.nola_beta = nn.ParameterDict({})
         self.nola_seed = BufferDict({}, persistent=True)
         self.nola_fingerprint = BufferDict({}, persistent=True)
+        self.nola_shape = BufferDict({}, persistent=True)  # (out, in): names a mismatched base on load
         self.scaling: dict[str, float] = {}
         self.num_basis: dict[str, tuple[int, int]] = {}
         self.cache_bases: dict[str, bool] = {}
@@ -183,6 +184,7 @@ class NolaLayer(LowRankLayer):
         seed = derive_seed(config.seed, module_name)
         self.nola_seed[adapter_name] = torch.tensor(seed, dtype=torch.int64)
         self.nola_fingerprint[adapter_name] = self._fingerprint(adapter_name)
+        self.nola_shape[adapter_name] = torch.tensor([self.out_features, self.in_features], dtype=torch.int64)
         self.nola_alpha[adapter_name] = nn.Parameter(torch.zeros(k))
         self.nola_beta[adapter_name] = nn.Parameter(torch.zeros(l))
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -246,6 +248,16 @@ class NolaLayer(LowRankLayer):
     # --- loading: refuse bases that differ from the ones the adapter was trained with ------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
         for adapter in list(self.nola_seed.keys()):
+            shape_key = f"{prefix}nola_shape.{adapter}"
+            if shape_key in state_dict:
+                saved_shape = tuple(int(v) for v in state_dict[shape_key].tolist())
+                if saved_shape != (self.out_features, self.in_features):
+                    layer = prefix.removeprefix("base_model.model.").rstrip(".")
+                    raise ValueError(
+                        f"This adapter was trained on a different base model: for {layer!r} the checkpoint has "
+                        f"shape {saved_shape} but this model needs {(self.out_features, self.in_features)}. "
+                        "Load it onto the base model it was trained with."
+                    )
             seed_key, print_key = f"{prefix}nola_seed.{adapter}", f"{prefix}nola_fingerprint.{adapter}"
             if seed_key in state_dict and print_key in state_dict:
                 seed = int(state_dict[seed_key].item())

@@ -60,6 +60,8 @@ def make_config(method: str, arch: str, **overrides):
         return la.ALLoRAConfig(r=4, target_modules=targets, **extra)
     if method == "dylora":
         return la.DyLoRAConfig(r=4, target_modules=targets, **extra)
+    if method == "nola":
+        return la.NolaConfig(r=4, num_basis_A=16, num_basis_B=16, target_modules=targets, **extra)
     raise ValueError(method)
 
 

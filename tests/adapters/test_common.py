@@ -15,7 +15,7 @@ from leantune.adapters import LowRankLayer
 
 from .models import ARCHS, adapt, batch_for, perturb_adapter, tiny_model
 
-METHODS = ("lora_xs", "lora_sb", "allora", "dylora")
+METHODS = ("lora_xs", "lora_sb", "allora", "dylora", "nola")
 CASES = [(m, a) for m in METHODS for a in ARCHS]
 
 

@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from leantune.integrations.cli import main
 from tests.adapters.models import adapt, batch_for, perturb_adapter, tiny_model
 
-METHODS = ("lora_xs", "lora_sb", "allora", "dylora")
+METHODS = ("lora_xs", "lora_sb", "allora", "dylora", "nola")
 
 
 def logits(model, ids):

@@ -25,6 +25,13 @@ from .config import BottleneckConfig
 from .phm import PHMLinear
 
 
+MERGE_REFUSAL = (
+    "Bottleneck/Compacter adapters compute y + U f(D y) with a nonlinearity f, which no weight matrix can "
+    "represent, so they cannot be merged into the base layer. Keep the adapter unmerged (it adds one small "
+    "MLP per sublayer), or use a linear method (LoRA, NOLA, LoRA-XS) if you need merging."
+)
+
+
 class SharedRules:
     """A reference to the tuner-level ``ParameterDict`` of shared PHM rules, deliberately *not* a submodule:
     the rule is registered (and saved) once, on the tuner, not once per layer."""
@@ -127,11 +134,7 @@ class BottleneckLayer(nn.Module, BaseTunerLayer):
 
     # --- merging is impossible for a nonlinear adapter --------------------------------------------------------------
     def _refuse_merge(self) -> None:
-        raise ValueError(
-            "Bottleneck/Compacter adapters compute y + U f(D y) with a nonlinearity f, which no weight matrix can "
-            "represent, so they cannot be merged into the base layer. Keep the adapter unmerged (it adds one small "
-            "MLP per sublayer), or use a linear method (LoRA, NOLA, LoRA-XS) if you need merging."
-        )
+        raise ValueError(MERGE_REFUSAL)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         self._refuse_merge()

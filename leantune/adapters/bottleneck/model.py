@@ -17,9 +17,10 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from ..low_rank import check_checkpoint_shapes
 from ..registration import LeanTuneType, register_tuner
 from .config import BottleneckConfig
-from .layer import BottleneckLayer, SharedRules
+from .layer import MERGE_REFUSAL, BottleneckLayer, SharedRules
 from .placement import placement_regex
 
 
@@ -50,20 +51,22 @@ class BottleneckModel(BaseTuner):
             self.bottleneck_phm_rule = nn.ParameterDict({})
         return self.bottleneck_phm_rule
 
-    def _pre_injection_hook(self, model: nn.Module, config: BottleneckConfig, adapter_name: str) -> None:
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        # peft calls this both from __init__ and from PeftModel.add_adapter (which skips the injection hooks),
+        # so the shared state of a new adapter is created here
+        config: BottleneckConfig = self.peft_config[adapter_name]
         rules = self._shared_rules()
-        if config.phm and config.shared_phm_rule:
+        if config.phm and config.shared_phm_rule and adapter_name not in rules:
             n = config.phm_dim
             device = next(model.parameters()).device
             rules[adapter_name] = nn.Parameter(torch.randn(n, n, n, device=device) * config.phm_init_range)
         if config.unfreeze_layer_norms:
             names = list(config.modules_to_save or [])
             config.modules_to_save = names + [n for n in norm_layer_names(model) if n not in names]
-
-    def _post_injection_hook(self, model: nn.Module, config: BottleneckConfig, adapter_name: str) -> None:
-        if adapter_name in self._shared_rules():
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if adapter_name in rules:
             trainable = adapter_name in self.active_adapters and not config.inference_mode
-            self.bottleneck_phm_rule[adapter_name].requires_grad_(trainable)
+            rules[adapter_name].requires_grad_(trainable)
 
     def _prepare_adapter_config(self, peft_config: BottleneckConfig, model_config: dict) -> BottleneckConfig:
         if peft_config.target_modules is None:
@@ -92,6 +95,17 @@ class BottleneckModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added, inactive adapter is not trained
         self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_checkpoint_shapes(model, remapped)  # name the first layer of a different base, not torch's list
+        return remapped
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(MERGE_REFUSAL)  # before merge_and_unload touches any module
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
