@@ -121,8 +121,8 @@ class LeanTuneCallback(TrainerCallback):
         if self.kernels or (self.kernels is None and _on_cuda(trainer)):
             from leantune import kernels as lt_kernels
 
-            lt_kernels.apply(trainer.model)
-            self._say("fused Triton kernels on")
+            counts = lt_kernels.apply(trainer.model, enable=True)
+            self._say(f"fused kernels on: {counts}")
         if self.optimizer is not None:
             from leantune import optim as lt_optim
 

@@ -156,3 +156,21 @@ def test_adapter_and_low_rank_optimizer_together(tmp_path):
     trainer.train()
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert optimized == {id(p) for p in trainer.model.parameters() if p.requires_grad}
+
+
+def test_memory_and_kernel_options_patch_the_trained_model(tmp_path):
+    from leantune.kernels import patched_modules
+    from leantune.memory import MemoryConfig
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=[],
+                             use_cpu=True, disable_tqdm=True, save_strategy="no", learning_rate=1e-3)
+    callback = leantune.LeanTuneCallback(
+        adapter=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
+        memory=MemoryConfig.exact(), kernels=True, verbose=False,
+    )
+    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[callback])
+    assert patched_modules(trainer.model)  # kernels=True on CPU: the torch-reference paths
+    norms = [m for m in trainer.model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert norms and all(torch.all(m.weight == 1) for m in norms[:-1])  # folded into the next linears
+    trainer.train()
+    assert trainer.state.global_step == 2
