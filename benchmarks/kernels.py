@@ -109,11 +109,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             out = fn(*inputs)
             dy = torch.randn_like(out)
 
-            def fwd():
+            def fwd(fn=fn, inputs=inputs):
                 with torch.no_grad():
                     fn(*inputs)
 
-            def fwd_bwd():
+            def fwd_bwd(fn=fn, inputs=inputs, dy=dy):
                 torch.autograd.backward(fn(*inputs), dy)
 
             rows.append(dict(kernel=name, impl=impl, fwd=_time_ms(fwd, args.repeats),

@@ -21,10 +21,12 @@ from typing import Any, ClassVar, Optional, Union
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from .tuner_base import LeanTuneTuner, normalize_module_selection
 
 
 @dataclass
@@ -55,12 +57,7 @@ class LowRankConfig(PeftConfig):
         super().__post_init__()
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"{type(self).__name__}: `r` must be a positive integer, got {self.r!r}.")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`.")
+        normalize_module_selection(self)
 
 
 def base_weight_out_in(layer: BaseTunerLayer) -> torch.Tensor:
@@ -179,56 +176,10 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
         return f"{self.__class__.__name__.lower()}.{super().__repr__()}"
 
 
-def check_checkpoint_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Raise a ``ValueError`` naming the first adapter tensor whose shape differs from the model's.
-
-    This is what loading an adapter onto a different base model looks like; torch's own error would list
-    every mismatch of every layer at once.
-    """
-    prefix = "base_model.model."
-    own = model.state_dict()
-    if not any(k.startswith(prefix) for k in own):
-        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
-    for key, target in own.items():  # model order, so "first" means the earliest layer
-        tensor = state_dict.get(key)
-        if tensor is not None and target.shape != tensor.shape:
-            raise ValueError(
-                f"This adapter was trained on a different base model: for {key.removeprefix(prefix)!r} the "
-                f"checkpoint has shape {tuple(tensor.shape)} but this model needs {tuple(target.shape)}. "
-                "Load it onto the base model it was trained with."
-            )
-
-
-class LowRankModel(BaseTuner):
+class LowRankModel(LeanTuneTuner):
     """peft tuner for a :class:`LowRankLayer` subclass (set ``prefix`` and ``tuner_layer_cls``)."""
 
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-
-    def _create_and_replace(
-        self,
-        config: LowRankConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if isinstance(target, self.tuner_layer_cls):
-            target.update_layer(adapter_name, config, current_key)
-            return
-        new_module = self.tuner_layer_cls(target, adapter_name, config, current_key)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added, inactive adapter is not trained
-        self._replace_module(parent, target_name, new_module, target)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_checkpoint_shapes(model, remapped)
-        return remapped
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         super()._check_new_adapter_config(config)

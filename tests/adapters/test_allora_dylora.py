@@ -8,7 +8,6 @@ from peft import get_peft_model
 
 import leantune.adapters as la
 from leantune.adapters.allora import ALLoRALayer, adaptive_coefficient
-from leantune.adapters.dylora import DyLoRALayer
 
 from .models import batch_for, tiny_model
 

@@ -23,6 +23,7 @@ from peft.config import PeftConfig
 from transformers.activations import ACT2FN
 
 from ..registration import LeanTuneType
+from ..tuner_base import normalize_module_selection
 
 INIT_SCHEMES = ("bert", "houlsby", "zeros_up")
 
@@ -88,12 +89,7 @@ class BottleneckConfig(PeftConfig):
             raise ValueError(f"{name}.phm_dim must be a positive integer, got {self.phm_dim!r}.")
         if self.phm_rank is not None and self.phm_rank < 1:
             raise ValueError(f"{name}.phm_rank must be None or positive, got {self.phm_rank}.")
-        if isinstance(self.target_modules, list):
-            self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
-            self.exclude_modules = set(self.exclude_modules)
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`.")
+        normalize_module_selection(self)
 
 
 @dataclass

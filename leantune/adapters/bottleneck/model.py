@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..low_rank import check_checkpoint_shapes
 from ..registration import LeanTuneType, register_tuner
+from ..tuner_base import LeanTuneTuner
 from .config import BottleneckConfig
 from .layer import MERGE_REFUSAL, BottleneckLayer, SharedRules
 from .placement import placement_regex
@@ -38,7 +37,7 @@ def norm_layer_names(model: nn.Module) -> list[str]:
     ]
 
 
-class BottleneckModel(BaseTuner):
+class BottleneckModel(LeanTuneTuner):
     """peft tuner wrapping sublayer-output projections with :class:`BottleneckLayer`."""
 
     prefix = "bottleneck_"
@@ -78,31 +77,8 @@ class BottleneckModel(BaseTuner):
         if not isinstance(config, BottleneckConfig):
             raise TypeError(f"BottleneckModel needs a BottleneckConfig, got {type(config).__name__}.")
 
-    def _create_and_replace(
-        self,
-        config: BottleneckConfig,
-        adapter_name: str,
-        target: nn.Module,
-        target_name: str,
-        parent: nn.Module,
-        current_key: str,
-        **optional_kwargs: Any,
-    ) -> None:
-        if isinstance(target, BottleneckLayer):
-            target.update_layer(adapter_name, config, current_key)
-            return
-        new_module = BottleneckLayer(target, adapter_name, config, current_key, SharedRules(self._shared_rules()))
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)  # an added, inactive adapter is not trained
-        self._replace_module(parent, target_name, new_module, target)
-
-    @classmethod
-    def _remap_adapter_state_dict_for_load(
-        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_checkpoint_shapes(model, remapped)  # name the first layer of a different base, not torch's list
-        return remapped
+    def new_layer(self, target: nn.Module, adapter_name: str, config: BottleneckConfig, module_name: str) -> nn.Module:
+        return BottleneckLayer(target, adapter_name, config, module_name, SharedRules(self._shared_rules()))
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(MERGE_REFUSAL)  # before merge_and_unload touches any module

@@ -1,0 +1,77 @@
+"""What every leantune tuner shares, whatever its layers: module selection checks, wrapping, safe loading."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+
+def normalize_module_selection(config: PeftConfig) -> None:
+    """peft's conventions for ``target_modules`` / ``exclude_modules`` / ``layers_pattern`` (in ``__post_init__``)."""
+    if isinstance(config.target_modules, list):
+        config.target_modules = set(config.target_modules)
+    if isinstance(config.exclude_modules, list):
+        config.exclude_modules = set(config.exclude_modules)
+    if config.layers_pattern and config.layers_to_transform is None:
+        raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`.")
+
+
+def check_checkpoint_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise a ``ValueError`` naming the first adapter tensor whose shape differs from the model's.
+
+    This is what loading an adapter onto a different base model looks like; torch's own error would list
+    every mismatch of every layer at once.
+    """
+    prefix = "base_model.model."
+    own = model.state_dict()
+    if not any(k.startswith(prefix) for k in own):
+        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    for key, target in own.items():  # model order, so "first" means the earliest layer
+        tensor = state_dict.get(key)
+        if tensor is not None and target.shape != tensor.shape:
+            raise ValueError(
+                f"This adapter was trained on a different base model: for {key.removeprefix(prefix)!r} the "
+                f"checkpoint has shape {tuple(tensor.shape)} but this model needs {tuple(target.shape)}. "
+                "Load it onto the base model it was trained with."
+            )
+
+
+class LeanTuneTuner(BaseTuner):
+    """A peft ``BaseTuner`` that wraps each target with ``tuner_layer_cls`` and checks shapes on load.
+
+    Subclasses set ``prefix`` and ``tuner_layer_cls``; override :meth:`new_layer` to pass extra state.
+    """
+
+    def new_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, module_name: str) -> nn.Module:
+        """The tuner layer wrapping ``target`` (called once per target module)."""
+        return self.tuner_layer_cls(target, adapter_name, config, module_name)
+
+    def _create_and_replace(
+        self,
+        config: PeftConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if isinstance(target, self.tuner_layer_cls):
+            target.update_layer(adapter_name, config, current_key)
+            return
+        new_module = self.new_layer(target, adapter_name, config, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added, inactive adapter is not trained
+        self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_checkpoint_shapes(model, remapped)
+        return remapped
