@@ -21,7 +21,7 @@ import time
 
 VARIANTS = ["eager", "grad_ckpt", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "all"]
 MODELS = ["llama", "gpt2", "minilm"]
-DECODER_LAYERS = 8  # a realistic depth: with 2 layers the logits (which no technique touches) dominate
+DECODER_LAYERS = 12  # a realistic depth: with 2 layers the logits (which no technique touches) dominate
 
 
 def build(name: str, dtype):

@@ -51,6 +51,7 @@ def _peft_configs() -> dict[str, Callable[[], Any]]:
         "LoRA-SB r=16": lambda: LoraSBConfig(r=16, target_modules=LINEAR_TARGETS, **t),
         "ALLoRA r=8": lambda: ALLoRAConfig(r=8, target_modules=LINEAR_TARGETS, **t),
         "DyLoRA r=8": lambda: DyLoRAConfig(r=8, lora_alpha=16, target_modules=LINEAR_TARGETS, **t),
+        "DyLoRA r=8 unfrozen": lambda: DyLoRAConfig(r=8, lora_alpha=16, frozen=False, target_modules=LINEAR_TARGETS, **t),
         "NOLA k=l=256 r=8": lambda: NolaConfig(
             r=8, num_basis_A=256, num_basis_B=256, nola_alpha=8, target_modules=LINEAR_TARGETS, cache_bases=True, **t
         ),
@@ -68,6 +69,7 @@ LR_GRID = {  # first entry: the rate used with --one-lr (our best guess for shor
     "LoRA-SB r=16": [2e-3, 1e-2],
     "ALLoRA r=8": [2e-3, 5e-4],
     "DyLoRA r=8": [2e-3, 1e-2],
+    "DyLoRA r=8 unfrozen": [2e-3, 1e-2],
     "NOLA k=l=256 r=8": [2e-2, 5e-3],
     "Compacter": [1e-2, 3e-3],
     "Compacter++": [1e-2, 3e-3],
