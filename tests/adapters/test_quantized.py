@@ -42,6 +42,7 @@ CONFIGS = {
     "lora_xs": lambda: la.LoraXSConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "allora": lambda: la.ALLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
     "dylora": lambda: la.DyLoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "nola": lambda: la.NolaConfig(r=4, num_basis_A=16, num_basis_B=16, target_modules=["q_proj", "v_proj", "down_proj"]),
 }
 
 
