@@ -73,7 +73,6 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
 
