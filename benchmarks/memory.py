@@ -5,7 +5,7 @@ checkpointing (non-reentrant), each technique alone, all combined. peft LoRA (r=
 the model dtype. Prints one markdown table per model/dtype and writes benchmarks/results/memory_breakdown.png.
 
     python benchmarks/memory.py                      # full run (several minutes on 2 CPU cores)
-    python benchmarks/memory.py --models llama --dtypes fp32 --steps 2
+    python benchmarks/memory.py --models llama --dtypes fp32 --steps 2 --time-rounds 5
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import time
 
 VARIANTS = ["eager", "grad_ckpt", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "all"]
 MODELS = ["llama", "gpt2", "minilm"]
-DECODER_LAYERS = 12  # a realistic depth: with 2 layers the logits (which no technique touches) dominate
+# a realistic depth: with 2 layers the logits (which no technique touches) dominate; --decoder-layers overrides it
+DECODER_LAYERS = int(os.environ.get("LEANTUNE_BENCH_DECODER_LAYERS", 12))
 
 
 def build(name: str, dtype):
@@ -112,7 +113,7 @@ def _rss_now() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_all(models, dtypes, steps) -> dict:
+def run_all(models, dtypes, steps, time_rounds) -> dict:
     results = {}
     for name in models:
         for dtype in dtypes:
@@ -126,7 +127,7 @@ def run_all(models, dtypes, steps) -> dict:
                 results[(name, dtype, variant)] = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"done {name} {dtype} {variant}", file=sys.stderr)
             variants = [v for v in VARIANTS if (name, dtype, v) in results]
-            for variant, seconds in interleaved_times(name, dtype, variants, steps).items():
+            for variant, seconds in interleaved_times(name, dtype, variants, time_rounds).items():
                 results[(name, dtype, variant)]["time"] = seconds
     return results
 
@@ -188,14 +189,20 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--decoder-layers", type=int, help="layers of the Llama/GPT-2 models (default 12)")
+    parser.add_argument("--time-rounds", type=int, default=9, help="timed round-robin rounds (median reported)")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "DTYPE", "VARIANT"))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
+    if args.decoder_layers:
+        global DECODER_LAYERS
+        DECODER_LAYERS = args.decoder_layers
+        os.environ["LEANTUNE_BENCH_DECODER_LAYERS"] = str(args.decoder_layers)  # for the worker processes
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps)))
         return
     os.makedirs(args.out, exist_ok=True)
-    results = run_all(args.models, args.dtypes, args.steps)
+    results = run_all(args.models, args.dtypes, args.steps, args.time_rounds)
     text = tables(results, args.models, args.dtypes)
     print(text)
     plot(results, args.models, args.dtypes[0], os.path.join(args.out, "memory_breakdown.png"))

@@ -23,6 +23,7 @@ The stateless launchers :func:`triton_approx_activation` (→ ``(y, codes)``) an
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +61,29 @@ def _check(kind: str, approximate: str) -> None:
 # ----------------------------------------------------------------------------------------------- torch reference
 
 
+_TABLES: dict[tuple, torch.Tensor] = {}  # lookup tables of the CPU reference, built once per (constants, dtype, device)
+_CHUNK = 1 << 18  # elements per step of the CPU reference loops (a multiple of 4; 1 MiB of fp32), tuned on CPU
+
+
 def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
     """Pack a flat tensor of 2-bit codes (values 0..3) 4 per byte, element i at bits 2·(i mod 4)."""
     flat = codes.reshape(-1).to(torch.uint8)
     pad = (-flat.numel()) % 4
     if pad:
         flat = torch.cat([flat, flat.new_zeros(pad)])
+    return _pack_words(flat)
+
+
+def _pack_words(flat: torch.Tensor) -> torch.Tensor:
+    """Pack uint8 codes (length a multiple of 4) into bytes."""
+    if sys.byteorder == "little" and flat.numel():
+        if flat.storage_offset() % 4:  # an int32 view needs an aligned start
+            flat = flat.clone()
+        # one int32 per 4 codes (byte j = code j); two shift-ors gather the 2-bit fields into the low byte
+        word = flat.view(torch.int32)
+        word = word | (word >> 6)
+        word = word | (word >> 12)
+        return (word & 0xFF).to(torch.uint8)
     q = flat.view(-1, 4)
     return q[:, 0] | (q[:, 1] << 2) | (q[:, 2] << 4) | (q[:, 3] << 6)
 
@@ -76,22 +94,104 @@ def unpack_2bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return ((packed[:, None] >> shifts) & 3).reshape(-1)[:numel]
 
 
+def _flag_table(thresholds: tuple[float, float, float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """uint8 flag of every 16-bit pattern of ``dtype`` (index = the bits read as unsigned), compared in fp32."""
+    key = ("flags", thresholds, dtype, device)
+    table = _TABLES.get(key)
+    if table is None:
+        values = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype).float()
+        table = sum((values > c).to(torch.uint8) for c in thresholds).to(device)
+        _TABLES[key] = table
+    return table
+
+
+def packed_step_flags(x: torch.Tensor, thresholds: tuple[float, float, float]) -> torch.Tensor:
+    """``pack_2bit([x > c1] + [x > c2] + [x > c3])``, compared in fp32 (fp64 for fp64 ``x``).
+
+    16-bit inputs look their flag up in a 65,536-entry table of all their bit patterns (one gather instead of a
+    cast and three comparisons); wider inputs compare into float buffers (on CPU several times faster than bool
+    outputs). Either way the work goes in cache-sized chunks with reused buffers, so the scratch is a few MiB
+    rather than full-size fp32 copies of the activation.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    packed = torch.empty(math.ceil(n / 4), dtype=torch.uint8, device=x.device)
+    if n == 0:
+        return packed
+    size = min(_CHUNK, 4 * math.ceil(n / 4))
+    codes = torch.empty(size, dtype=torch.uint8, device=x.device)
+    sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)
+    if sixteen_bit:
+        table, bits, index = _flag_table(thresholds, x.dtype, x.device), flat.view(torch.int16), torch.empty(
+            size, dtype=torch.int32, device=x.device)
+    else:
+        flags, scratch = (torch.empty(size, dtype=x.dtype, device=x.device) for _ in range(2))
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        if sixteen_bit:
+            index[:m].copy_(bits[start:start + m]).bitwise_and_(0xFFFF)
+            torch.index_select(table, 0, index[:m], out=codes[:m])
+        else:
+            part = flat[start:start + m]
+            torch.gt(part, thresholds[0], out=flags[:m])
+            flags[:m] += torch.gt(part, thresholds[1], out=scratch[:m])
+            flags[:m] += torch.gt(part, thresholds[2], out=scratch[:m])
+            codes[:m].copy_(flags[:m])
+        width = math.ceil(m / 4)
+        codes[m:4 * width] = 0  # last chunk: the final byte's unused 2-bit fields hold zeros
+        packed[start // 4:start // 4 + width].copy_(_pack_words(codes[:4 * width]))
+    return packed
+
+
+def _byte_slope_table(slopes: tuple[float, float, float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[256, 4] table: row ``b`` holds the slopes of the four flags packed in byte ``b``."""
+    key = ("slopes", slopes, dtype, device)
+    table = _TABLES.get(key)
+    if table is None:
+        per_flag = torch.tensor((0.0, *slopes), dtype=torch.float64)
+        byte = torch.arange(256)
+        table = torch.stack([per_flag[(byte >> shift) & 3] for shift in (0, 2, 4, 6)], 1).to(device=device, dtype=dtype)
+        _TABLES[key] = table
+    return table
+
+
+def packed_step_backward(grad_y: torch.Tensor, packed: torch.Tensor, slopes: tuple[float, float, float]) -> torch.Tensor:
+    """``grad_y · s_flag`` with ``s = (0, *slopes)``, product in fp32 (fp64) and one rounding to ``grad_y.dtype``.
+
+    One row gather per byte (4 slopes at once) instead of unpacking and indexing every element; chunked like
+    :func:`packed_step_flags` so 16-bit gradients need no full-size fp32 temporaries.
+    """
+    n = grad_y.numel()
+    if packed.numel() != math.ceil(n / 4):
+        raise ValueError(f"step backward: {packed.numel()} code bytes do not match a gradient of {n} elements")
+    flat = grad_y.reshape(-1)
+    out = torch.empty(n, dtype=grad_y.dtype, device=grad_y.device)
+    dtype = torch.promote_types(grad_y.dtype, torch.float32)
+    table = _byte_slope_table(slopes, dtype, grad_y.device)
+    buffer = None if dtype == grad_y.dtype else torch.empty(min(n, _CHUNK), dtype=dtype, device=grad_y.device)
+    for start in range(0, n, _CHUNK):
+        m = min(_CHUNK, n - start)
+        slope = table.index_select(0, packed[start // 4:start // 4 + math.ceil(m / 4)].int()).view(-1)[:m]
+        if buffer is None:
+            torch.mul(flat[start:start + m], slope, out=out[start:start + m])
+        else:
+            work = buffer[:m]
+            work.copy_(flat[start:start + m]).mul_(slope)
+            out[start:start + m].copy_(work)
+    return out.view(grad_y.shape)
+
+
 def reference_approx_activation(x: torch.Tensor, kind: str, approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
     """Torch reference forward: exact activation in fp32 (cast back) and packed 2-bit flags."""
     _check(kind, approximate)
     xf = compute_dtype(x)
     y = F.silu(xf) if kind == "resilu2" else F.gelu(xf, approximate=approximate)
-    _, (c1, c2, c3) = _CONSTANTS[kind]
-    flags = (xf > c1).to(torch.uint8) + (xf > c2).to(torch.uint8) + (xf > c3).to(torch.uint8)
-    return y.to(x.dtype), pack_2bit(flags)
+    return y.to(x.dtype), packed_step_flags(xf, _CONSTANTS[kind][1])
 
 
 def reference_approx_backward(grad_y: torch.Tensor, codes: torch.Tensor, kind: str) -> torch.Tensor:
     """Torch reference backward: ``grad_y · s_flag`` computed in fp32."""
-    gf = compute_dtype(grad_y)
-    table = torch.tensor((0.0, *step_slopes(kind)), dtype=gf.dtype, device=grad_y.device)
-    slope = table[unpack_2bit(codes, grad_y.numel()).long()].view(grad_y.shape)
-    return (gf * slope).to(grad_y.dtype)
+    return packed_step_backward(grad_y, codes, step_slopes(kind))
 
 
 def reference_regelu2(x: torch.Tensor, approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:

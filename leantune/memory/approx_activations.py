@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leantune.kernels.activations import pack_2bit, packed_step_backward, packed_step_flags, unpack_2bit
 from leantune.kernels.dispatch import kernel_for
+
+__all__ = ["ReGELU2Function", "ReSiLU2Function", "ApproxActivation", "regelu2", "resilu2", "step_codes",
+           "pack_2bit", "unpack_2bit"]
 
 # (a_1, a_2, a_3), (c_1, c_2, c_3) fitted by the authors (LowMemoryBP, k = 2).
 REGELU2_SLOPES = (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286)
@@ -30,46 +34,23 @@ REGELU2_THRESHOLDS = (-3.1858810036855245, -0.001178821281161997, 3.190832613414
 RESILU2_SLOPES = (-0.04060357190528599, 1.080925428529668, -0.040321856624382146)
 RESILU2_THRESHOLDS = (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708)
 
-_SHIFTS = torch.tensor([0, 2, 4, 6], dtype=torch.uint8)
-
-
-def pack_2bit(codes: torch.Tensor) -> torch.Tensor:
-    """Pack a flat tensor of codes in {0,1,2,3} into ``ceil(n/4)`` bytes (element i -> bits 2·(i mod 4) of byte i//4)."""
-    flat = codes.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 4
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    shifts = _SHIFTS.to(flat.device)
-    return (flat.view(-1, 4) << shifts).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_2bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_2bit`: the first ``numel`` codes as a flat ``uint8`` tensor."""
-    shifts = _SHIFTS.to(packed.device)
-    return ((packed.unsqueeze(1) >> shifts) & 3).reshape(-1)[:numel]
+def _cumulative(slopes: tuple[float, float, float]) -> tuple[float, float, float]:
+    """Derivative of h̃ on segments 1..3: ``(a1, a1+a2, a1+a2+a3)`` (segment 0 has slope 0)."""
+    a1, a2, a3 = slopes
+    return a1, a1 + a2, a1 + a2 + a3
 
 
 def step_codes(x: torch.Tensor, thresholds: tuple[float, float, float]) -> torch.Tensor:
-    """Segment index ``Σ_i [x > c_i]`` as ``uint8`` (comparison in fp32 or better, thresholds are fp64 constants)."""
+    """Segment index ``Σ_i [x > c_i]`` as ``uint8`` (comparison in fp32 or better, thresholds are fp64 constants).
+
+    The readable definition; the autograd functions compute the packed form directly
+    (:func:`leantune.kernels.activations.packed_step_flags`, same comparisons).
+    """
     xf = x if x.dtype == torch.float64 else x.float()
     code = (xf > thresholds[0]).to(torch.uint8)
     code += xf > thresholds[1]
     code += xf > thresholds[2]
     return code
-
-
-def step_derivative_table(slopes: tuple[float, float, float], dtype: torch.dtype, device) -> torch.Tensor:
-    """Derivative of h̃ on each segment: ``[0, a1, a1+a2, a1+a2+a3]``."""
-    a1, a2, a3 = slopes
-    return torch.tensor([0.0, a1, a1 + a2, a1 + a2 + a3], dtype=torch.float64, device=device).to(dtype)
-
-
-def _step_backward(grad_y: torch.Tensor, packed: torch.Tensor, slopes, shape) -> torch.Tensor:
-    compute_dtype = torch.promote_types(grad_y.dtype, torch.float32)
-    table = step_derivative_table(slopes, compute_dtype, grad_y.device)
-    codes = unpack_2bit(packed, grad_y.numel()).long()
-    grad_x = grad_y.reshape(-1).to(compute_dtype) * table[codes]
-    return grad_x.view(shape).to(grad_y.dtype)
 
 
 class ReGELU2Function(torch.autograd.Function):
@@ -87,8 +68,7 @@ class ReGELU2Function(torch.autograd.Function):
         if kernel is not None:
             return kernel.forward(ctx, x, approximate)
         y = forward_fn(x) if forward_fn is not None else F.gelu(x, approximate=approximate)
-        ctx.save_for_backward(pack_2bit(step_codes(x, REGELU2_THRESHOLDS)))
-        ctx.shape = x.shape
+        ctx.save_for_backward(packed_step_flags(x, REGELU2_THRESHOLDS))
         return y
 
     @staticmethod
@@ -96,7 +76,7 @@ class ReGELU2Function(torch.autograd.Function):
         if ctx.kernel is not None:
             return (*ctx.kernel.backward(ctx, grad_y), None)[:3]
         (packed,) = ctx.saved_tensors
-        return _step_backward(grad_y.contiguous(), packed, REGELU2_SLOPES, ctx.shape), None, None
+        return packed_step_backward(grad_y, packed, _cumulative(REGELU2_SLOPES)), None, None
 
 
 class ReSiLU2Function(torch.autograd.Function):
@@ -112,8 +92,7 @@ class ReSiLU2Function(torch.autograd.Function):
         if kernel is not None:
             return kernel.forward(ctx, x, "none")
         y = forward_fn(x) if forward_fn is not None else F.silu(x)
-        ctx.save_for_backward(pack_2bit(step_codes(x, RESILU2_THRESHOLDS)))
-        ctx.shape = x.shape
+        ctx.save_for_backward(packed_step_flags(x, RESILU2_THRESHOLDS))
         return y
 
     @staticmethod
@@ -121,7 +100,7 @@ class ReSiLU2Function(torch.autograd.Function):
         if ctx.kernel is not None:
             return ctx.kernel.backward(ctx, grad_y)[0], None
         (packed,) = ctx.saved_tensors
-        return _step_backward(grad_y.contiguous(), packed, RESILU2_SLOPES, ctx.shape), None
+        return packed_step_backward(grad_y, packed, _cumulative(RESILU2_SLOPES)), None
 
 
 def regelu2(x: torch.Tensor, approximate: str = "none", forward_fn: Callable | None = None) -> torch.Tensor:

@@ -53,7 +53,7 @@ class MSRMSNormFunction(torch.autograd.Function):
         y, rstd = ctx.saved_tensors
         dtype = _compute_dtype(y.dtype)
         dy, yf = grad_y.to(dtype), y.to(dtype)
-        dx = rstd * (dy - (dy * yf).mean(-1, keepdim=True) * yf)
+        dx = torch.addcmul(dy, (dy * yf).mean(-1, keepdim=True), yf, value=-1).mul_(rstd)
         return dx.to(grad_y.dtype), None
 
 
@@ -79,8 +79,12 @@ class MSLayerNormFunction(torch.autograd.Function):
         y, rstd = ctx.saved_tensors
         dtype = _compute_dtype(y.dtype)
         dy, yf = grad_y.to(dtype), y.to(dtype)
-        dx = rstd * (dy - dy.mean(-1, keepdim=True) - (dy * yf).mean(-1, keepdim=True) * yf)
-        return dx.to(grad_y.dtype), None
+        # ATen's LayerNorm backward with mean 0 and rstd 1 treats its input as x̂ = y and returns
+        # dy − mean(dy) − mean(dy ⊙ y)·y in one fused pass; the per-row rstd is applied after.
+        unit = torch.zeros(rstd.shape, dtype=dtype, device=y.device)
+        core = torch.ops.aten.native_layer_norm_backward(dy, yf, (y.shape[-1],), unit, unit + 1, None, None,
+                                                         [True, False, False])[0]
+        return core.mul_(rstd).to(grad_y.dtype), None
 
 
 def ms_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ the first batch's sub-tokens, then frozen) the forward saves only
 and the backward reconstructs ``x̂_sub = z vᵀ`` for the weight gradient:
 
     dA = scale · daᵀ x̂      (approximate: x projected onto span(v) per sub-token)
+       = scale · (daᵀ z) ⊗ v  (computed this way: x̂ is never built)
     dx = da A               (exact; A is a parameter, stored anyway)
 
 The forward output is exact. ``scale`` is VeLoRA's ``velora_scale`` (1.0 by default; their LLaMA script uses 0.1).
@@ -39,9 +40,11 @@ class VeLoRAFunction(torch.autograd.Function):
         grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
         grad_w = None
         if ctx.needs_input_grad[1]:
-            x_hat = (z.unsqueeze(-1) * v.to(z.dtype)).reshape(-1, ctx.x_shape[-1])
+            # daᵀ x̂ with x̂[t, g·s:(g+1)·s] = z[t, g]·v  equals  (daᵀ z)[:, g] ⊗ v: an [r, G] product replaces the
+            # [r, D] one and x̂ is never materialised.
             g2 = grad_out.reshape(-1, grad_out.shape[-1])
-            grad_w = (g2.t() @ x_hat.to(g2.dtype)).to(weight.dtype) * ctx.scale
+            coeff = g2.t() @ z.reshape(-1, ctx.num_groups).to(g2.dtype)  # [r, G]
+            grad_w = (coeff.unsqueeze(-1) * v.to(coeff.dtype)).reshape(weight.shape).to(weight.dtype) * ctx.scale
         return grad_x, grad_w, None, None, None
 
 

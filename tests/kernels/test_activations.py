@@ -28,6 +28,35 @@ def test_pack_layout_and_roundtrip():
     assert packed.tolist() == [1 | 2 << 2 | 3 << 4, 3]  # element i at bits 2·(i mod 4), little-endian in a byte
     rand = torch.randint(0, 4, (1001,), dtype=torch.uint8)
     assert torch.equal(act.unpack_2bit(act.pack_2bit(rand), 1001), rand)
+    for start in range(4):  # views starting at any byte offset (the fast path reads 4 codes as one int32)
+        view = rand[start:start + 997]
+        assert torch.equal(act.unpack_2bit(act.pack_2bit(view), 997), view)
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_flags_and_backward_equal_their_definitions(dtype, chunk, monkeypatch):
+    """The packed flags equal Σ[x > c_i] (compared in fp32) element by element, and the gathered-slope backward
+    equals ``grad · table[flag]`` with one rounding, at and next to the thresholds too (chunk=8: many chunks)."""
+    if chunk:
+        monkeypatch.setattr(act, "_CHUNK", chunk)
+    _, thresholds = act._CONSTANTS["regelu2"]
+    near = torch.tensor([c + d for c in thresholds for d in (-1e-3, 0.0, 1e-3)])
+    x = torch.cat([near, torch.randn(1000) * 4]).to(dtype)
+    xf = x.float()
+    flags = sum((xf > c).to(torch.uint8) for c in thresholds)
+    packed = act.packed_step_flags(x, thresholds)
+    assert torch.equal(act.unpack_2bit(packed, x.numel()), flags)
+    grad = torch.randn(x.shape).to(dtype)
+    table = torch.tensor((0.0, *act.step_slopes("regelu2")))
+    expected = (grad.float() * table[flags.long()]).to(dtype)
+    assert torch.equal(act.packed_step_backward(grad, packed, act.step_slopes("regelu2")), expected)
+    if dtype != torch.float32:  # the 16-bit lookup table, checked on every bit pattern (NaN and inf included)
+        every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+        expected_flags = sum((every.float() > c).to(torch.uint8) for c in thresholds)
+        assert torch.equal(act.unpack_2bit(act.packed_step_flags(every, thresholds), 1 << 16), expected_flags)
+    with pytest.raises(ValueError, match="code bytes"):
+        act.packed_step_backward(grad[:-8], packed, act.step_slopes("regelu2"))
 
 
 @pytest.mark.parametrize("kind,approximate", CASES)
