@@ -10,7 +10,8 @@ GaLoreAdamW for W ∈ R^{m×n}, gradient G, projector P, step t (counted after i
     W  ← W − η·wd·W                                       (weight_decay_mode "after", GaLore)     update in epilogue
 
 Variants through arguments: **Fira** passes its norm-scaled, limited residual ``residual = S`` (computed from G, R
-and N by the caller) so that W ← W − η_t (α back(N) + S); **DCT-AdamW** passes ``proj = Q[:, idx]ᵀ`` (right side) or
+and N by the caller, which also passes ``projected = R`` so R is not computed twice) so that
+W ← W − η_t (α back(N) + S); **DCT-AdamW** passes ``proj = Q[:, idx]ᵀ`` (right side) or
 ``Q[:, idx]`` (left), ``scale=1``, ``eps_mode="torch"`` (N = m / (√v + ε√(1−β2^t)), the torch.optim.AdamW form)
 and ``weight_decay_mode="before"`` (W ← W − η·wd·W first).
 
@@ -119,11 +120,14 @@ def reference_galore_adam_step(
     param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: Moment, exp_avg_sq: Moment, *,
     step: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
     scale: float = 1.0, side: str = "right", correct_bias: bool = True, eps_mode: str = "hf",
-    weight_decay_mode: str = "after", residual: torch.Tensor | None = None,
+    weight_decay_mode: str = "after", residual: torch.Tensor | None = None, projected: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
-    """Plain-torch reference of the fused step (formulas in the module docstring); updates param and states in place."""
+    """Plain-torch reference of the fused step (formulas in the module docstring); updates param and states in place.
+
+    ``projected``: R when the caller already computed it (Fira needs R for its residual); else R is computed here.
+    """
     lr_t, eps_eff = _step_constants(step, lr, betas, eps, correct_bias, eps_mode)
-    r = _project(grad, proj, side).float()
+    r = (_project(grad, proj, side) if projected is None else projected).float()
     m = betas[0] * _moment_value(exp_avg) + (1 - betas[0]) * r
     v = betas[1] * _moment_value(exp_avg_sq) + (1 - betas[1]) * r * r
     n = m / (v.sqrt() + eps_eff)
@@ -210,7 +214,7 @@ def triton_galore_adam_step(
     param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: Moment, exp_avg_sq: Moment, *,
     step: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
     scale: float = 1.0, side: str = "right", correct_bias: bool = True, eps_mode: str = "hf",
-    weight_decay_mode: str = "after", residual: torch.Tensor | None = None,
+    weight_decay_mode: str = "after", residual: torch.Tensor | None = None, projected: torch.Tensor | None = None,
 ) -> None:  # fmt: skip
     """Hybrid fused step: library GEMM down-projection, Triton moments, Triton back-projection + update."""
     lr_t, eps_eff = _step_constants(step, lr, betas, eps, correct_bias, eps_mode)
@@ -218,7 +222,7 @@ def triton_galore_adam_step(
         raise ValueError(f"galore_adam_step: weight_decay_mode must be 'before' or 'after', got {weight_decay_mode!r}")
     if not param.is_contiguous():
         raise ValueError("galore_adam_step: the Triton step updates param in place and needs a contiguous tensor")
-    r = _project(grad, proj, side).contiguous()
+    r = (_project(grad, proj, side) if projected is None else projected).contiguous()
     n_buf = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     numel = r.numel()
     if isinstance(exp_avg, BlockwiseInt8State) and isinstance(exp_avg_sq, BlockwiseInt8State):

@@ -14,11 +14,12 @@ The only extra state is the previous residual norm (one scalar per matrix).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
 
-from leantune.optim.galore_adamw import GaLoreAdamW
+from leantune.optim.galore_adamw import GaLoreAdamW, adam_direction
 
 
 class FiraAdamW(GaLoreAdamW):
@@ -33,6 +34,21 @@ class FiraAdamW(GaLoreAdamW):
         super().__init__(params, *args, gamma=gamma, orthogonal_residual=orthogonal_residual, **kwargs)
 
     def _postprocess(self, p, grad, R, N, update, state, group, projector) -> torch.Tensor:
+        return update + self._residual(grad, R, N, state, group, projector)
+
+    def _fused_residual(self, p, grad, R, state, group, projector) -> torch.Tensor:
+        # The kernel updates the moments itself; preview N = m/(√v + ε) from copies to build the residual, and
+        # rescale it from the eager step size to the kernel's η_t (they differ by √bc2 in torch-style arithmetic).
+        preview = {"exp_avg": state["exp_avg"].clone(), "exp_avg_sq": state["exp_avg_sq"].clone(), "step": state["step"]}
+        N, step_size = adam_direction(R, preview, group)
+        residual = self._residual(grad, R, N, state, group, projector)
+        beta2 = group["betas"][1]
+        kernel_step = step_size if group["reference_adam"] or not group["correct_bias"] else (
+            step_size * math.sqrt(1.0 - beta2 ** state["step"]))
+        return residual * (step_size / kernel_step) if kernel_step else residual
+
+    def _residual(self, grad, R, N, state, group, projector) -> torch.Tensor:
+        """S = (G − α back(R)) · φ, with the growth limiter (module docstring); updates ``fira_prev_norm``."""
         removed = projector.project_back(R)
         if group["orthogonal_residual"] and projector.scale != 0:
             removed = removed / projector.scale
@@ -49,4 +65,4 @@ class FiraAdamW(GaLoreAdamW):
             state["fira_prev_norm"] = norm / limiter
         else:
             state["fira_prev_norm"] = torch.norm(residual)
-        return update + residual
+        return residual

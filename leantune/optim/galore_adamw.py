@@ -14,6 +14,9 @@ Two arithmetic modes:
   bias correction folded into the step size eta_t = eta sqrt(bc2)/bc1, decay W <- W - eta wd W applied *after*
   the update, eps default 1e-6.  With this flag and fp32 the results match galore-torch bitwise.
 
+On CUDA the low-rank step runs as one fused Triton kernel (``leantune.kernels.optimizer_step``; same arithmetic,
+switch off with ``leantune.kernels.set_enabled(None, disable=["galore_adam_step"])``).
+
 Moments are kept when P is refreshed (as in every reference code base) unless ``moment_policy`` says otherwise.
 Parameters of groups without ``rank`` get the same Adam without projection.
 """
@@ -25,6 +28,7 @@ from typing import Any, Iterable
 
 import torch
 
+from leantune.kernels.dispatch import kernel_for
 from leantune.optim.base import LowRankOptimizer
 from leantune.optim.projectors import Projector
 
@@ -130,9 +134,26 @@ class GaLoreAdamW(LowRankOptimizer):
         """Hook on the back-projected update (Fira adds its residual here)."""
         return update
 
+    def _fused_residual(self, p, grad, R, state, group, projector) -> torch.Tensor | None:
+        """Hook for the fused step: a full-rank term S added as W ← W − η_t (α back(N) + S) (Fira's residual)."""
+        return None
+
+    def _fused_kernel(self, p: torch.Tensor, grad: torch.Tensor, projector: Projector | None):
+        """The Triton step for this parameter, or None (CPU tensors, kernel switched off, Natural GaLore's
+        preconditioned R, a non-contiguous weight): then the torch path below runs."""
+        if projector is None or type(self)._transform_low_rank_grad is not GaLoreAdamW._transform_low_rank_grad:
+            return None
+        if not p.is_contiguous():
+            return None
+        return kernel_for("galore_adam_step", p, grad)
+
     def _update(
         self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], projector: Projector | None
     ) -> None:
+        kernel = self._fused_kernel(p, grad, projector)
+        if kernel is not None:
+            self._fused_update(kernel, p, grad, state, group, projector)
+            return
         R = projector.project(grad) if projector is not None else grad
         if projector is not None:
             R = self._transform_low_rank_grad(R, state, group)
@@ -146,3 +167,21 @@ class GaLoreAdamW(LowRankOptimizer):
             return
         update = self._postprocess(p, grad, R, N, projector.project_back(N), state, group, projector)
         apply_update(p, update, step_size, group)
+
+    def _fused_update(self, kernel, p, grad, state, group, projector: Projector) -> None:
+        """Same step as :meth:`_update` through ``leantune.kernels.fused_galore_adam_step``'s Triton kernel: moments,
+        back-projection and weight update in one pass over W (the down-projection stays a library GEMM)."""
+        R = projector.project(grad)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(R)
+            state["exp_avg_sq"] = torch.zeros_like(R)
+        state["step"] += 1
+        reference = group["reference_adam"]
+        kernel(
+            p, grad, projector.matrix(), state["exp_avg"], state["exp_avg_sq"],
+            step=state["step"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+            weight_decay=group["weight_decay"], scale=projector.scale,
+            side="right" if state["proj_right"] else "left", correct_bias=group["correct_bias"],
+            eps_mode="hf" if reference else "torch", weight_decay_mode="after" if reference else "before",
+            residual=self._fused_residual(p, grad, R, state, group, projector), projected=R,
+        )  # fmt: skip

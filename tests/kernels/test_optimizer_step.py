@@ -136,3 +136,68 @@ def test_dispatch_and_errors():
         ops.fused_galore_adam_step(p, p.clone(), torch.randn(2, 4), *_states((6, 2), False), step=1, lr=1.0, side="up")
     with pytest.raises(ValueError, match="2-D"):
         ops.fused_galore_adam_step(p[0], p[0], torch.randn(2, 4), *_states((6, 2), False), step=1, lr=1.0)
+
+
+# ---- the optimizers call the fused step (Triton in the interpreter here, as on CUDA) and match their torch path
+
+
+def _run_optimizer(cls, fused: bool, steps: int = 4, **kwargs):
+    from leantune.kernels import dispatch, force_triton
+
+    torch.manual_seed(0)
+    tall = torch.nn.Parameter(torch.randn(40, 24))  # m >= n: right projection
+    wide = torch.nn.Parameter(torch.randn(20, 36))  # m < n: left projection
+    bias = torch.nn.Parameter(torch.randn(24))
+    groups = [{"params": [tall, wide], "rank": 4, "update_proj_gap": 2, "scale": 0.5}, {"params": [bias]}]
+    opt = cls(groups, lr=1e-2, weight_decay=0.1, **kwargs)
+    calls = []
+    original = dispatch._KERNELS["galore_adam_step"]
+
+    def counting(*args, **kw):
+        calls.append(kw["side"])
+        return original(*args, **kw)
+
+    dispatch._KERNELS["galore_adam_step"] = counting
+    try:
+        for step in range(steps):
+            g = torch.Generator().manual_seed(step)
+            for p in (tall, wide, bias):
+                p.grad = torch.randn(p.shape, generator=g)
+            if fused:
+                with force_triton():
+                    opt.step()
+            else:
+                opt.step()
+    finally:
+        dispatch._KERNELS["galore_adam_step"] = original
+    return [t.detach().clone() for t in (tall, wide, bias)], calls
+
+
+@pytest.mark.parametrize(
+    "cls_name,kwargs",
+    [
+        ("GaLoreAdamW", {"reference_adam": True}),
+        ("GaLoreAdamW", {"reference_adam": False}),
+        ("GaLoreAdamW", {"projector": "dct"}),
+        ("FiraAdamW", {"reference_adam": True}),
+        ("FiraAdamW", {"reference_adam": False}),
+    ],
+)
+def test_low_rank_optimizers_route_through_fused_step(cls_name, kwargs):
+    import leantune.optim as lo
+
+    cls = getattr(lo, cls_name)
+    eager, eager_calls = _run_optimizer(cls, fused=False, **kwargs)
+    fused, fused_calls = _run_optimizer(cls, fused=True, **kwargs)
+    assert eager_calls == []  # CPU tensors: the torch path, no kernel
+    assert sorted(set(fused_calls)) == ["left", "right"] and len(fused_calls) == 2 * 4  # both matrices, every step
+    for a, b in zip(fused, eager):
+        assert_close(a, b, torch.float32, factor=5)
+
+
+def test_natural_galore_keeps_its_torch_path():
+    """Natural GaLore preconditions R before Adam; the fused kernel cannot, so it must not be used."""
+    import leantune.optim as lo
+
+    _, calls = _run_optimizer(lo.NaturalGaLoreAdamW, fused=True, steps=2)
+    assert calls == []
