@@ -73,7 +73,8 @@ def prepare(name: str, dtype_name: str, variant: str):
 
 
 def worker(name: str, dtype_name: str, variant: str, steps: int) -> dict:
-    """Own process: saved bytes (profiler) and peak RSS growth over one profiled + ``steps`` plain steps."""
+    """Own process: saved bytes (profiler) and the peak RSS above the post-load RSS over one profiled + ``steps``
+    plain steps (the kernel's high-water mark is reset after loading, so import/load spikes do not count)."""
     import torch
 
     import leantune.memory as lm
@@ -81,31 +82,54 @@ def worker(name: str, dtype_name: str, variant: str, steps: int) -> dict:
     torch.set_num_threads(2)
     model, batch = prepare(name, dtype_name, variant)
     rss_before = _rss_now()
+    _reset_peak_rss()
     result = lm.profile(model, batch)
     model.zero_grad(set_to_none=True)
     for _ in range(steps):
         model(**batch).loss.backward()
         model.zero_grad(set_to_none=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+    peak = _peak_rss() - rss_before
     return {"saved": result.total_saved_bytes, "by_category": result.saved_bytes, "peak": peak, "loss": result.loss}
 
 
-def interleaved_times(name: str, dtype_name: str, variants: list[str], rounds: int) -> dict[str, float]:
-    """Median step time per variant, all models in one process and stepped round-robin, so that load from other
-    processes on a shared machine hits every variant alike."""
+def interleaved_times(name: str, dtype_name: str, variants: list[str], rounds: int) -> dict[str, dict[str, float]]:
+    """Step time per variant, all models in one process and stepped in a shuffled order each round, so that load
+    from other processes on a shared machine hits every variant alike. Returns the median time and the median of
+    the per-round ratios to eager (paired within a round, which cancels slow drifts of the machine's speed)."""
+    import random
+
     import torch
 
     torch.set_num_threads(2)
     prepared = {v: prepare(name, dtype_name, v) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
+    order = list(prepared)
+    shuffle = random.Random(0)
     for i in range(rounds + 1):
-        for v, (model, batch) in prepared.items():
+        shuffle.shuffle(order)
+        for v in order:
+            model, batch = prepared[v]
             start = time.perf_counter()
             model(**batch).loss.backward()
             if i:  # round 0 is warm-up
                 times[v].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
-    return {v: statistics.median(t) for v, t in times.items()}
+    return {v: {"time": statistics.median(t), "ratio": statistics.median(a / b for a, b in zip(t, times["eager"]))}
+            for v, t in times.items()}
+
+
+def _reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM) of this process (Linux ``clear_refs`` 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _rss_now() -> int:
@@ -127,16 +151,18 @@ def run_all(models, dtypes, steps, time_rounds) -> dict:
                 results[(name, dtype, variant)] = json.loads(out.stdout.strip().splitlines()[-1])
                 print(f"done {name} {dtype} {variant}", file=sys.stderr)
             variants = [v for v in VARIANTS if (name, dtype, v) in results]
-            for variant, seconds in interleaved_times(name, dtype, variants, time_rounds).items():
-                results[(name, dtype, variant)]["time"] = seconds
+            for variant, timing in interleaved_times(name, dtype, variants, time_rounds).items():
+                results[(name, dtype, variant)].update(timing)
     return results
 
 
 def tables(results, models, dtypes) -> str:
     lines = ["Saved activations: bytes autograd keeps for backward (profiler, deduplicated by storage, parameters "
              "excluded); 'excl. loss' leaves out the 'other' group (embeddings, logits and the cross-entropy "
-             "loss, which no technique here touches). Peak step memory: growth of the process peak RSS over "
-             "the training steps. Step time: median, all variants stepped round-robin in one process."]
+             "loss, which no technique here touches). Peak step memory: process peak RSS during the steps "
+             "minus the RSS after loading (high-water mark reset after loading). Step time: median over rounds; all "
+             "variants stepped in one process in a shuffled order each round; 'vs eager' is the median of the "
+             "per-round ratios."]
     for name in models:
         for dtype in dtypes:
             base = results.get((name, dtype, "eager"))
@@ -155,7 +181,7 @@ def tables(results, models, dtypes) -> str:
                 lines.append(f"| {variant} | {r['saved'] / 2**20:.1f} | {r['saved'] / base['saved']:.2f} "
                              f"| {body / base_body:.2f} "
                              f"| {r['peak'] / 2**20:.0f} | {r['peak'] / max(base['peak'], 1):.2f} "
-                             f"| {r['time']:.3f} | {r['time'] / base['time']:.2f} |")
+                             f"| {r['time']:.3f} | {r['ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -190,7 +216,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--decoder-layers", type=int, help="layers of the Llama/GPT-2 models (default 12)")
-    parser.add_argument("--time-rounds", type=int, default=9, help="timed round-robin rounds (median reported)")
+    parser.add_argument("--time-rounds", type=int, default=15, help="timed round-robin rounds (median reported)")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "DTYPE", "VARIANT"))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
