@@ -51,6 +51,11 @@ def step_slopes(kind: str) -> tuple[float, float, float]:
     return a1, a1 + a2, a1 + a2 + a3
 
 
+def _check_code_bytes(codes: torch.Tensor, numel: int, name: str) -> None:
+    if codes.numel() != math.ceil(numel / 4):
+        raise ValueError(f"{name} backward: {codes.numel()} code bytes do not match a gradient of {numel} elements")
+
+
 def _check(kind: str, approximate: str) -> None:
     if (kind, approximate) not in _ACT_ID:
         raise ValueError(
@@ -162,8 +167,7 @@ def packed_step_backward(grad_y: torch.Tensor, packed: torch.Tensor, slopes: tup
     :func:`packed_step_flags` so 16-bit gradients need no full-size fp32 temporaries.
     """
     n = grad_y.numel()
-    if packed.numel() != math.ceil(n / 4):
-        raise ValueError(f"step backward: {packed.numel()} code bytes do not match a gradient of {n} elements")
+    _check_code_bytes(packed, n, "step")
     flat = grad_y.reshape(-1)
     out = torch.empty(n, dtype=grad_y.dtype, device=grad_y.device)
     dtype = torch.promote_types(grad_y.dtype, torch.float32)
@@ -186,7 +190,7 @@ def reference_approx_activation(x: torch.Tensor, kind: str, approximate: str = "
     _check(kind, approximate)
     xf = compute_dtype(x)
     y = F.silu(xf) if kind == "resilu2" else F.gelu(xf, approximate=approximate)
-    return y.to(x.dtype), packed_step_flags(xf, _CONSTANTS[kind][1])
+    return y.to(x.dtype), packed_step_flags(x, _CONSTANTS[kind][1])  # x itself: 16-bit inputs use the table
 
 
 def reference_approx_backward(grad_y: torch.Tensor, codes: torch.Tensor, kind: str) -> torch.Tensor:
@@ -262,8 +266,7 @@ def triton_approx_backward(grad_y: torch.Tensor, codes: torch.Tensor, kind: str)
     """Triton backward ``grad_y · s_flag``; same math as :func:`reference_approx_backward`."""
     g = grad_y.contiguous()
     n = g.numel()
-    if codes.numel() != math.ceil(n / 4):
-        raise ValueError(f"{kind} backward: {codes.numel()} code bytes do not match a gradient of {n} elements")
+    _check_code_bytes(codes, n, kind)
     dx = torch.empty_like(g)
     if n:
         s1, s2, s3 = step_slopes(kind)

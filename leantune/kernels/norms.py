@@ -47,13 +47,22 @@ def reference_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Ten
 
 
 def reference_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, kind: str) -> torch.Tensor:
-    """Torch reference backward from the saved output (formulas in the module docstring), fp32 math."""
+    """Torch reference backward from the saved output (formulas in the module docstring), fp32 (fp64) math.
+
+    ``rstd`` is one value per row, shaped ``[rows]`` or ``x.shape[:-1] + (1,)``. Also the CPU path of
+    :mod:`leantune.memory.ms_norms`, so it avoids needless passes over the activation.
+    """
     dy, yf = compute_dtype(grad_y), compute_dtype(y)
-    r = rstd.unsqueeze(-1).to(dy.dtype)
-    inner = dy - (dy * yf).mean(-1, keepdim=True) * yf
+    r = rstd.reshape(*y.shape[:-1], 1).to(dy.dtype)
     if kind == "layernorm":
-        inner = inner - dy.mean(-1, keepdim=True)
-    return (r * inner).to(grad_y.dtype)
+        # ATen's LayerNorm backward with mean 0 and rstd 1 treats its input as x̂ = y and returns
+        # dy − mean(dy) − mean(dy ⊙ y)·y in one fused pass; the per-row rstd is applied after.
+        unit = torch.zeros_like(r)
+        inner = torch.ops.aten.native_layer_norm_backward(dy, yf, (y.shape[-1],), unit, unit + 1, None, None,
+                                                          [True, False, False])[0]
+    else:
+        inner = torch.addcmul(dy, (dy * yf).mean(-1, keepdim=True), yf, value=-1)
+    return inner.mul_(r).to(grad_y.dtype)
 
 
 def reference_ms_rmsnorm(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:

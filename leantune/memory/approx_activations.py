@@ -22,22 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leantune.kernels.activations import pack_2bit, packed_step_backward, packed_step_flags, unpack_2bit
+from leantune.kernels.activations import (
+    REGELU2_CONSTANTS,
+    RESILU2_CONSTANTS,
+    pack_2bit,
+    packed_step_backward,
+    packed_step_flags,
+    step_slopes,
+    unpack_2bit,
+)
 from leantune.kernels.dispatch import kernel_for
 
 __all__ = ["ReGELU2Function", "ReSiLU2Function", "ApproxActivation", "regelu2", "resilu2", "step_codes",
            "pack_2bit", "unpack_2bit"]
 
-# (a_1, a_2, a_3), (c_1, c_2, c_3) fitted by the authors (LowMemoryBP, k = 2).
-REGELU2_SLOPES = (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286)
-REGELU2_THRESHOLDS = (-3.1858810036855245, -0.001178821281161997, 3.190832613414926)
-RESILU2_SLOPES = (-0.04060357190528599, 1.080925428529668, -0.040321856624382146)
-RESILU2_THRESHOLDS = (-6.3050461001646445, -0.0008684942046214787, 6.325815242089708)
-
-def _cumulative(slopes: tuple[float, float, float]) -> tuple[float, float, float]:
-    """Derivative of h̃ on segments 1..3: ``(a1, a1+a2, a1+a2+a3)`` (segment 0 has slope 0)."""
-    a1, a2, a3 = slopes
-    return a1, a1 + a2, a1 + a2 + a3
+# (a_1, a_2, a_3), (c_1, c_2, c_3) fitted by the authors (LowMemoryBP, k = 2); one copy, in leantune.kernels.
+REGELU2_SLOPES, REGELU2_THRESHOLDS = REGELU2_CONSTANTS
+RESILU2_SLOPES, RESILU2_THRESHOLDS = RESILU2_CONSTANTS
 
 
 def step_codes(x: torch.Tensor, thresholds: tuple[float, float, float]) -> torch.Tensor:
@@ -76,7 +77,7 @@ class ReGELU2Function(torch.autograd.Function):
         if ctx.kernel is not None:
             return (*ctx.kernel.backward(ctx, grad_y), None)[:3]
         (packed,) = ctx.saved_tensors
-        return packed_step_backward(grad_y, packed, _cumulative(REGELU2_SLOPES)), None, None
+        return packed_step_backward(grad_y, packed, step_slopes("regelu2")), None, None
 
 
 class ReSiLU2Function(torch.autograd.Function):
@@ -100,7 +101,7 @@ class ReSiLU2Function(torch.autograd.Function):
         if ctx.kernel is not None:
             return ctx.kernel.backward(ctx, grad_y)[0], None
         (packed,) = ctx.saved_tensors
-        return packed_step_backward(grad_y, packed, _cumulative(RESILU2_SLOPES)), None
+        return packed_step_backward(grad_y, packed, step_slopes("resilu2")), None
 
 
 def regelu2(x: torch.Tensor, approximate: str = "none", forward_fn: Callable | None = None) -> torch.Tensor:

@@ -10,6 +10,8 @@ Backward, written in terms of the saved *output* ``y`` and ``rstd`` (d = last-di
     MS-RMSNorm:  dx = rstd · (dy − mean(dy ⊙ y) · y)
     MS-LN:       dx = rstd · (dy − mean(dy) − mean(dy ⊙ y) · y)
 
+(The CPU backward is :func:`leantune.kernels.norms.reference_ms_norm_backward`, the Triton kernels' reference.)
+
 ``ctx.save_for_backward(y, rstd)``: ``y`` is the very tensor object returned, so when the next linear (or a LoRA-A)
 saves its input, autograd keeps one storage for both; the norm itself then costs only ``rstd`` (4 bytes per row).
 The affine ``γ, β`` is folded into the following frozen linears (see :mod:`leantune.memory.folding`).
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from leantune.kernels.dispatch import kernel_for
+from leantune.kernels.norms import reference_ms_norm_backward
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -51,10 +54,7 @@ class MSRMSNormFunction(torch.autograd.Function):
         if ctx.kernel is not None:
             return ctx.kernel.backward(ctx, grad_y)[0], None
         y, rstd = ctx.saved_tensors
-        dtype = _compute_dtype(y.dtype)
-        dy, yf = grad_y.to(dtype), y.to(dtype)
-        dx = torch.addcmul(dy, (dy * yf).mean(-1, keepdim=True), yf, value=-1).mul_(rstd)
-        return dx.to(grad_y.dtype), None
+        return reference_ms_norm_backward(grad_y, y, rstd, "rmsnorm"), None
 
 
 class MSLayerNormFunction(torch.autograd.Function):
@@ -77,14 +77,7 @@ class MSLayerNormFunction(torch.autograd.Function):
         if ctx.kernel is not None:
             return ctx.kernel.backward(ctx, grad_y)[0], None
         y, rstd = ctx.saved_tensors
-        dtype = _compute_dtype(y.dtype)
-        dy, yf = grad_y.to(dtype), y.to(dtype)
-        # ATen's LayerNorm backward with mean 0 and rstd 1 treats its input as x̂ = y and returns
-        # dy − mean(dy) − mean(dy ⊙ y)·y in one fused pass; the per-row rstd is applied after.
-        unit = torch.zeros(rstd.shape, dtype=dtype, device=y.device)
-        core = torch.ops.aten.native_layer_norm_backward(dy, yf, (y.shape[-1],), unit, unit + 1, None, None,
-                                                         [True, False, False])[0]
-        return core.mul_(rstd).to(grad_y.dtype), None
+        return reference_ms_norm_backward(grad_y, y, rstd, "layernorm"), None
 
 
 def ms_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
