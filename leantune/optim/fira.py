@@ -40,12 +40,11 @@ class FiraAdamW(GaLoreAdamW):
         # The kernel updates the moments itself; preview N = m/(√v + ε) from copies to build the residual, and
         # rescale it from the eager step size to the kernel's η_t (they differ by √bc2 in torch-style arithmetic).
         preview = {"exp_avg": state["exp_avg"].clone(), "exp_avg_sq": state["exp_avg_sq"].clone(), "step": state["step"]}
-        N, step_size = adam_direction(R, preview, group)
+        N, _ = adam_direction(R, preview, group)
         residual = self._residual(grad, R, N, state, group, projector)
-        beta2 = group["betas"][1]
-        kernel_step = step_size if group["reference_adam"] or not group["correct_bias"] else (
-            step_size * math.sqrt(1.0 - beta2 ** state["step"]))
-        return residual * (step_size / kernel_step) if kernel_step else residual
+        if group["reference_adam"] or not group["correct_bias"]:
+            return residual  # the kernel's η_t is the eager step size
+        return residual / math.sqrt(1.0 - group["betas"][1] ** state["step"])  # η_t = step size · √bc2
 
     def _residual(self, grad, R, N, state, group, projector) -> torch.Tensor:
         """S = (G − α back(R)) · φ, with the growth limiter (module docstring); updates ``fira_prev_norm``."""

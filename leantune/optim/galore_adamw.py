@@ -150,10 +150,6 @@ class GaLoreAdamW(LowRankOptimizer):
     def _update(
         self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], projector: Projector | None
     ) -> None:
-        kernel = self._fused_kernel(p, grad, projector)
-        if kernel is not None:
-            self._fused_update(kernel, p, grad, state, group, projector)
-            return
         R = projector.project(grad) if projector is not None else grad
         if projector is not None:
             R = self._transform_low_rank_grad(R, state, group)
@@ -161,6 +157,10 @@ class GaLoreAdamW(LowRankOptimizer):
             state["exp_avg"] = torch.zeros_like(R)
             state["exp_avg_sq"] = torch.zeros_like(R)
         state["step"] += 1
+        kernel = self._fused_kernel(p, grad, projector)
+        if kernel is not None:
+            self._fused_update(kernel, p, grad, R, state, group, projector)
+            return
         N, step_size = adam_direction(R, state, group)
         if projector is None:
             apply_update(p, N, step_size, group)
@@ -168,14 +168,9 @@ class GaLoreAdamW(LowRankOptimizer):
         update = self._postprocess(p, grad, R, N, projector.project_back(N), state, group, projector)
         apply_update(p, update, step_size, group)
 
-    def _fused_update(self, kernel, p, grad, state, group, projector: Projector) -> None:
-        """Same step as :meth:`_update` through ``leantune.kernels.fused_galore_adam_step``'s Triton kernel: moments,
-        back-projection and weight update in one pass over W (the down-projection stays a library GEMM)."""
-        R = projector.project(grad)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(R)
-            state["exp_avg_sq"] = torch.zeros_like(R)
-        state["step"] += 1
+    def _fused_update(self, kernel, p, grad, R, state, group, projector: Projector) -> None:
+        """The rest of :meth:`_update` through ``leantune.kernels.fused_galore_adam_step``'s Triton kernel: moments,
+        back-projection and weight update in one pass over W (R, the down-projection, is a library GEMM)."""
         reference = group["reference_adam"]
         kernel(
             p, grad, projector.matrix(), state["exp_avg"], state["exp_avg_sq"],
