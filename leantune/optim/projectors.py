@@ -125,14 +125,8 @@ def _grad_as_fp32(grad: torch.Tensor) -> torch.Tensor:
     return grad if grad.dtype == torch.float32 else grad.float()
 
 
-class SVDProjector(Projector):
-    """Exact truncated SVD: G = U S V^T, P = V^T[:r] (right) or U[:, :r] (left).
-
-    The slice is stored as a ``.contiguous()`` copy in the gradient's dtype so the full U / V^T factors are freed
-    (a view would keep the whole factor alive: min(m,n)^2 floats instead of r*min(m,n)).
-    """
-
-    kind = "svd"
+class StoredBasisProjector(Projector):
+    """Projectors that keep P itself in ``state["proj_ortho"]`` (written by :meth:`Projector._accept`)."""
 
     @property
     def initialized(self) -> bool:
@@ -140,6 +134,16 @@ class SVDProjector(Projector):
 
     def matrix(self) -> torch.Tensor:
         return self.state["proj_ortho"]
+
+
+class SVDProjector(StoredBasisProjector):
+    """Exact truncated SVD: G = U S V^T, P = V^T[:r] (right) or U[:, :r] (left).
+
+    The slice is stored as a ``.contiguous()`` copy in the gradient's dtype so the full U / V^T factors are freed
+    (a view would keep the whole factor alive: min(m,n)^2 floats instead of r*min(m,n)).
+    """
+
+    kind = "svd"
 
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
         self.state["proj_right"] = self.is_right(grad.shape)
@@ -153,7 +157,7 @@ class SVDProjector(Projector):
         return self._accept(grad, new.to(dtype=grad.dtype).contiguous(), "non-finite singular vectors")
 
 
-class RandomizedSVDProjector(Projector):
+class RandomizedSVDProjector(StoredBasisProjector):
     """Randomized range finder (Halko, Martinsson & Tropp 2011), GaLore-2 style.
 
     With k = r + oversample and a Gaussian test matrix Omega: Y = (A A^T)^q A Omega, Q = qr(Y), B = Q^T A,
@@ -169,13 +173,6 @@ class RandomizedSVDProjector(Projector):
         self.oversample = oversample
         self.power_iters = power_iters
         self.seed = seed
-
-    @property
-    def initialized(self) -> bool:
-        return "proj_ortho" in self.state
-
-    def matrix(self) -> torch.Tensor:
-        return self.state["proj_ortho"]
 
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
         right = self.is_right(grad.shape)
