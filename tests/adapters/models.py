@@ -74,10 +74,11 @@ def adapt(model, method: str, arch: str, adapter_name: str = "default", **overri
     return get_peft_model(model, config, adapter_name=adapter_name)
 
 
-def perturb_adapter(peft_model, scale: float = 0.1, seed: int = 3) -> None:
-    """Give every trainable adapter tensor random values so the adapter is not a no-op."""
+def perturb_adapter(peft_model, scale: float = 0.1, seed: int = 3, add: bool = False) -> None:
+    """Give every trainable adapter tensor random values (``add``: add noise to its init) so it is not a no-op."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in peft_model.parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
+                noise = torch.randn(p.shape, generator=g) * scale
+                p.add_(noise) if add else p.copy_(noise)

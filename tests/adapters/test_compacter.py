@@ -26,6 +26,8 @@ from leantune.adapters.bottleneck import (
     count_trainable,
 )
 
+from .models import perturb_adapter
+
 
 def tiny(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
@@ -58,20 +60,12 @@ def logits(model, arch: str) -> torch.Tensor:
         return model(**inputs(arch)).logits
 
 
-def perturb(model, seed: int = 3, scale: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
 # --- PHM layer -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("rank", [1, 3, None])
 def test_phm_weight_is_the_sum_of_kronecker_products(rank):
     torch.manual_seed(0)
     layer = PHMLinear(8, 12, n=4, rank=rank, own_rule=True)
-    perturb(layer)
+    perturb_adapter(layer, scale=0.2, add=True)
     w = layer.W if rank is None else torch.stack([layer.W_left[i] @ layer.W_right[i] for i in range(4)])
     expected = sum(torch.kron(layer.rule[i], w[i]) for i in range(4))
     torch.testing.assert_close(layer.kron_weight(), expected)
@@ -199,7 +193,7 @@ CONFIGS = {
 def test_save_load_disable_and_merge_refusal(tmp_path, name, arch):
     base_out = logits(tiny(arch), arch)
     model = get_peft_model(tiny(arch), CONFIGS[name]())
-    perturb(model)
+    perturb_adapter(model, scale=0.2, add=True)
     out = logits(model, arch)
     assert not torch.allclose(out, base_out, atol=1e-4)
     with model.disable_adapter():
@@ -219,7 +213,7 @@ def test_multiple_adapters_switch_and_delete():
     base_out = logits(tiny(arch), arch)
     model = get_peft_model(tiny(arch), CompacterConfig(reduction_factor=8), adapter_name="a")
     model.add_adapter("b", CompacterPlusPlusConfig(reduction_factor=8))
-    perturb(model, seed=4)
+    perturb_adapter(model, scale=0.2, seed=4, add=True)
     rules = model.base_model.bottleneck_phm_rule
     assert set(rules) == {"a", "b"} and rules["a"] is not rules["b"]
     assert rules["a"].requires_grad and not rules["b"].requires_grad
