@@ -28,6 +28,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from . import cpu_native
 from ._triton import compute_dtype, next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
@@ -110,14 +111,21 @@ def _flag_table(thresholds: tuple[float, float, float], dtype: torch.dtype, devi
     return table
 
 
-def packed_step_flags(x: torch.Tensor, thresholds: tuple[float, float, float]) -> torch.Tensor:
+def packed_step_flags(x: torch.Tensor, thresholds: tuple[float, float, float], native: bool = True) -> torch.Tensor:
     """``pack_2bit([x > c1] + [x > c2] + [x > c3])``, compared in fp32 (fp64 for fp64 ``x``).
 
     16-bit inputs look their flag up in a 65,536-entry table of all their bit patterns (one gather instead of a
-    cast and three comparisons); wider inputs compare into float buffers (on CPU several times faster than bool
-    outputs). Either way the work goes in cache-sized chunks with reused buffers, so the scratch is a few MiB
-    rather than full-size fp32 copies of the activation.
+    cast and three comparisons, and exact: the table is built with the fp32 comparisons). On CPU this runs as one
+    C loop (:mod:`leantune.kernels.cpu_native`) when available and ``native``; otherwise as torch ops: wider inputs
+    compare into float buffers (on CPU several times faster than bool outputs), in cache-sized chunks with reused
+    buffers, so the scratch is a few MiB rather than full-size fp32 copies of the activation.
     """
+    sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)
+    if native and x.device.type == "cpu":
+        table = _flag_table(thresholds, x.dtype, x.device) if x.dtype == torch.float16 else None
+        packed = cpu_native.step_flags(x, thresholds, table)
+        if packed is not None:
+            return packed
     flat = x.reshape(-1)
     n = flat.numel()
     packed = torch.empty(math.ceil(n / 4), dtype=torch.uint8, device=x.device)
@@ -125,7 +133,6 @@ def packed_step_flags(x: torch.Tensor, thresholds: tuple[float, float, float]) -
         return packed
     size = min(_CHUNK, 4 * math.ceil(n / 4))
     codes = torch.empty(size, dtype=torch.uint8, device=x.device)
-    sixteen_bit = x.dtype in (torch.bfloat16, torch.float16)
     if sixteen_bit:
         table, bits, index = _flag_table(thresholds, x.dtype, x.device), flat.view(torch.int16), torch.empty(
             size, dtype=torch.int32, device=x.device)
@@ -160,14 +167,20 @@ def _byte_slope_table(slopes: tuple[float, float, float], dtype: torch.dtype, de
     return table
 
 
-def packed_step_backward(grad_y: torch.Tensor, packed: torch.Tensor, slopes: tuple[float, float, float]) -> torch.Tensor:
+def packed_step_backward(grad_y: torch.Tensor, packed: torch.Tensor, slopes: tuple[float, float, float],
+                         native: bool = True) -> torch.Tensor:
     """``grad_y · s_flag`` with ``s = (0, *slopes)``, product in fp32 (fp64) and one rounding to ``grad_y.dtype``.
 
-    One row gather per byte (4 slopes at once) instead of unpacking and indexing every element; chunked like
+    One C loop on CPU when available and ``native`` (fp32, bf16, fp64 gradients). The torch path gathers one row
+    per byte (4 slopes at once) instead of unpacking and indexing every element, chunked like
     :func:`packed_step_flags` so 16-bit gradients need no full-size fp32 temporaries.
     """
     n = grad_y.numel()
     _check_code_bytes(packed, n, "step")
+    if native and grad_y.device.type == "cpu":
+        out = cpu_native.step_backward(grad_y, packed, slopes)
+        if out is not None:
+            return out.view(grad_y.shape)
     flat = grad_y.reshape(-1)
     out = torch.empty(n, dtype=grad_y.dtype, device=grad_y.device)
     dtype = torch.promote_types(grad_y.dtype, torch.float32)

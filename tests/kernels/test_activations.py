@@ -33,11 +33,13 @@ def test_pack_layout_and_roundtrip():
         assert torch.equal(act.unpack_2bit(act.pack_2bit(view), 997), view)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c-kernels", "torch-ops"])
 @pytest.mark.parametrize("chunk", [None, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_fast_flags_and_backward_equal_their_definitions(dtype, chunk, monkeypatch):
-    """The packed flags equal Σ[x > c_i] (compared in fp32) element by element, and the gathered-slope backward
-    equals ``grad · table[flag]`` with one rounding, at and next to the thresholds too (chunk=8: many chunks)."""
+def test_fast_flags_and_backward_equal_their_definitions(dtype, chunk, native, monkeypatch):
+    """The packed flags equal Σ[x > c_i] (compared in fp32) element by element, and the backward equals
+    ``grad · table[flag]`` with one rounding, at and next to the thresholds too (chunk=8: many chunks), on both CPU
+    paths (the C kernels of ``cpu_native`` and the torch ops)."""
     if chunk:
         monkeypatch.setattr(act, "_CHUNK", chunk)
     _, thresholds = act._CONSTANTS["regelu2"]
@@ -45,18 +47,19 @@ def test_fast_flags_and_backward_equal_their_definitions(dtype, chunk, monkeypat
     x = torch.cat([near, torch.randn(1000) * 4]).to(dtype)
     xf = x.float()
     flags = sum((xf > c).to(torch.uint8) for c in thresholds)
-    packed = act.packed_step_flags(x, thresholds)
+    packed = act.packed_step_flags(x, thresholds, native=native)
     assert torch.equal(act.unpack_2bit(packed, x.numel()), flags)
     grad = torch.randn(x.shape).to(dtype)
     table = torch.tensor((0.0, *act.step_slopes("regelu2")))
     expected = (grad.float() * table[flags.long()]).to(dtype)
-    assert torch.equal(act.packed_step_backward(grad, packed, act.step_slopes("regelu2")), expected)
+    assert torch.equal(act.packed_step_backward(grad, packed, act.step_slopes("regelu2"), native=native), expected)
     if dtype != torch.float32:  # the 16-bit lookup table, checked on every bit pattern (NaN and inf included)
         every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
         expected_flags = sum((every.float() > c).to(torch.uint8) for c in thresholds)
-        assert torch.equal(act.unpack_2bit(act.packed_step_flags(every, thresholds), 1 << 16), expected_flags)
+        assert torch.equal(act.unpack_2bit(act.packed_step_flags(every, thresholds, native=native), 1 << 16),
+                           expected_flags)
     with pytest.raises(ValueError, match="code bytes"):
-        act.packed_step_backward(grad[:-8], packed, act.step_slopes("regelu2"))
+        act.packed_step_backward(grad[:-8], packed, act.step_slopes("regelu2"), native=native)
 
 
 @pytest.mark.parametrize("kind,approximate", CASES)
