@@ -81,6 +81,7 @@ def worker(name: str, dtype_name: str, variant: str, steps: int) -> dict:
 
     torch.set_num_threads(2)
     model, batch = prepare(name, dtype_name, variant)
+    _trim_heap()  # free heap left by loading/initialisation would otherwise absorb (hide) the step's peak
     rss_before = _rss_now()
     _reset_peak_rss()
     result = lm.profile(model, batch)
@@ -116,6 +117,18 @@ def interleaved_times(name: str, dtype_name: str, variants: list[str], rounds: i
             model.zero_grad(set_to_none=True)
     return {v: {"time": statistics.median(t), "ratio": statistics.median(a / b for a, b in zip(t, times["eager"]))}
             for v, t in times.items()}
+
+
+def _trim_heap() -> None:
+    """Return free malloc heap to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_peak_rss() -> None:
@@ -231,9 +244,17 @@ def main() -> None:
     results = run_all(args.models, args.dtypes, args.steps, args.time_rounds)
     text = tables(results, args.models, args.dtypes)
     print(text)
-    plot(results, args.models, args.dtypes[0], os.path.join(args.out, "memory_breakdown.png"))
-    with open(os.path.join(args.out, "memory_raw.json"), "w") as f:
-        json.dump({"/".join(k): v for k, v in results.items()}, f, indent=1)
+    # merge with earlier runs (e.g. GPT-2 run separately with another depth) so the raw file and the plot cover all
+    raw_path = os.path.join(args.out, "memory_raw.json")
+    merged = {}
+    if os.path.exists(raw_path):
+        with open(raw_path) as f:
+            merged = {tuple(k.split("/")): v for k, v in json.load(f).items()}
+    merged.update(results)
+    with open(raw_path, "w") as f:
+        json.dump({"/".join(k): v for k, v in sorted(merged.items())}, f, indent=1)
+    plotted = [m for m in MODELS if any(k[0] == m and k[1] == args.dtypes[0] for k in merged)]
+    plot(merged, plotted, args.dtypes[0], os.path.join(args.out, "memory_breakdown.png"))
 
 
 if __name__ == "__main__":

@@ -33,25 +33,29 @@ from typing import Callable
 
 import torch
 
-__all__ = ["library", "step_flags", "step_backward", "cache_dir", "ENV_SWITCH"]
+__all__ = ["library", "step_flags", "step_backward", "ms_norm_backward", "cache_dir", "ENV_SWITCH"]
 
 ENV_SWITCH = "LEANTUNE_CPU_KERNELS"  # "0" turns the C kernels off (torch reference everywhere)
-_SOURCE = Path(__file__).with_name("csrc") / "step_activation.c"
+_CSRC = Path(__file__).with_name("csrc")
 _MIN_PER_THREAD = 1 << 20  # elements per thread; below this a hand-off costs about what it saves
-_P, _N, _F, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double
-_SIGNATURES = {
-    "step_flags_f32": [_P, _P, _N, _F, _F, _F],
-    "step_flags_f64": [_P, _P, _N, _D, _D, _D],
-    "step_flags_bf16": [_P, _P, _N, _F, _F, _F],
-    "step_flags_table16": [_P, _P, _P, _N],
-    "step_backward_f32": [_P, _P, _P, _N, _F, _F, _F],
-    "step_backward_f64": [_P, _P, _P, _N, _D, _D, _D],
-    "step_backward_bf16": [_P, _P, _P, _N, _F, _F, _F],
+_P, _N, _F, _D, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_double, ctypes.c_int
+_SIGNATURES = {  # per C source in csrc/: its functions and their argument types
+    "step_activation": {
+        "step_flags_f32": [_P, _P, _N, _F, _F, _F],
+        "step_flags_f64": [_P, _P, _N, _D, _D, _D],
+        "step_flags_bf16": [_P, _P, _N, _F, _F, _F],
+        "step_flags_table16": [_P, _P, _P, _N],
+        "step_backward_f32": [_P, _P, _P, _N, _F, _F, _F],
+        "step_backward_f64": [_P, _P, _P, _N, _D, _D, _D],
+        "step_backward_bf16": [_P, _P, _P, _N, _F, _F, _F],
+    },
+    "ms_norm": {f"ms_norm_backward_{t}": [_P, _P, _P, _P, _P, _P, _N, _N, _I] for t in ("f32", "f64", "bf16")},
 }
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_pool_pid = 0  # a forked child inherits the pool object but not its threads: it makes its own
 
 
 def cache_dir() -> Path:
@@ -117,49 +121,53 @@ def _build(source: Path, compiler: str) -> Path:
     raise RuntimeError("; ".join(errors))
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel library, built on first call; ``None`` when switched off or unavailable."""
+def library(name: str = "step_activation") -> ctypes.CDLL | None:
+    """The loaded kernel library ``csrc/<name>.c``, built on first call; ``None`` when switched off or
+    unavailable (a failed build is warned about once and not retried in this process)."""
     if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "off", "no"):
         return None
-    if "lib" in _loaded:
-        return _loaded["lib"]
+    if name in _loaded:
+        return _loaded[name]
     with _lock:
-        if "lib" not in _loaded:
-            _loaded["lib"] = _load()
-    return _loaded["lib"]
+        if name not in _loaded:
+            _loaded[name] = _load(name)
+    return _loaded[name]
 
 
-def _load() -> ctypes.CDLL | None:
+def _load(name: str) -> ctypes.CDLL | None:
     compiler = _compiler()
     if compiler is None:
         return None  # no toolchain: the torch reference is the CPU path (documented, nothing to warn about)
     try:
-        lib = ctypes.CDLL(str(_build(_SOURCE, compiler)))
-        for name, argtypes in _SIGNATURES.items():
-            fn = getattr(lib, name)
+        lib = ctypes.CDLL(str(_build(_CSRC / f"{name}.c", compiler)))
+        for function, argtypes in _SIGNATURES[name].items():
+            fn = getattr(lib, function)
             fn.argtypes, fn.restype = argtypes, None
     except (OSError, RuntimeError, AttributeError) as error:
-        warnings.warn(f"leantune: could not build the CPU kernels ({error}); using the torch reference path "
+        warnings.warn(f"leantune: could not build the CPU kernels {name}.c ({error}); using the torch reference path "
                       f"(same results, slower). Set {ENV_SWITCH}=0 to skip the attempt.", RuntimeWarning,
                       stacklevel=3)
         return None
     return lib
 
 
-def _parallel(fn: Callable, n: int, args: Callable[[int, int], tuple]) -> None:
-    """Run ``fn(*args(start, stop))`` over ``[0, n)`` in pieces of a multiple of 16 elements."""
-    global _pool, _pool_size
-    threads = min(torch.get_num_threads(), n // _MIN_PER_THREAD)
+def _parallel(fn: Callable, n: int, args: Callable[[int, int], tuple], align: int = 16, item_size: int = 1) -> None:
+    """Run ``fn(*args(start, stop))`` over ``[0, n)`` in pieces of a multiple of ``align`` items (of
+    ``item_size`` elements each, e.g. rows)."""
+    global _pool, _pool_size, _pool_pid
+    threads = min(torch.get_num_threads(), n * item_size // _MIN_PER_THREAD)
     if threads <= 1:
         fn(*args(0, n))
         return
     with _lock:
+        if _pool_pid != os.getpid():
+            _pool, _pool_size, _pool_pid = None, 0, os.getpid()
         if _pool_size < threads - 1:  # the calling thread runs one piece itself
             if _pool is not None:
                 _pool.shutdown(wait=False)
             _pool, _pool_size = ThreadPoolExecutor(threads - 1, thread_name_prefix="leantune-cpu"), threads - 1
         pool = _pool
-    step = 16 * math.ceil(n / threads / 16)
+    step = align * math.ceil(n / threads / align)
     pieces = [(start, min(n, start + step)) for start in range(0, n, step)]
     futures = [pool.submit(fn, *args(start, stop)) for start, stop in pieces[1:]]
     fn(*args(*pieces[0]))
@@ -210,4 +218,43 @@ def step_backward(grad: torch.Tensor, packed: torch.Tensor, slopes: tuple[float,
         src, codes, dst, size = grad.data_ptr(), packed.data_ptr(), out.data_ptr(), grad.element_size()
         _parallel(getattr(lib, names[grad.dtype]), n,
                   lambda a, b: (src + a * size, codes + a // 4, dst + a * size, b - a, *slopes))
+    return out
+
+
+def ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, kind: str,
+                     grad_out: torch.Tensor | None = None, weight: torch.Tensor | None = None) -> torch.Tensor | None:
+    """MS-norm ``dx`` from the saved output ``y`` and per-row ``rstd`` (formulas in ``csrc/ms_norm.c``);
+    ``grad_out``/``weight`` add the gradient of ``weight ⊙ y + β`` (post-norm residual). CPU fp32/bf16/fp64 with
+    fp32 ``rstd`` (fp64 for fp64); ``None`` if unavailable or unsupported."""
+    names = {torch.float32: "ms_norm_backward_f32", torch.float64: "ms_norm_backward_f64",
+             torch.bfloat16: "ms_norm_backward_bf16"}
+    tensors = [grad_y, y] + ([grad_out, weight] if grad_out is not None else [])
+    if (y.dtype not in names or any(t.device.type != "cpu" or t.dtype != y.dtype for t in tensors)
+            or rstd.dtype != (torch.float64 if y.dtype == torch.float64 else torch.float32)
+            or grad_y.shape != y.shape or y.dim() == 0 or (grad_out is not None and grad_out.shape != y.shape)):
+        return None
+    lib = library("ms_norm")
+    if lib is None:
+        return None
+    h = y.shape[-1]
+    rows = y.numel() // h if h else 0
+    if rstd.numel() != rows:
+        return None
+    grad_y, y, rstd = grad_y.contiguous(), y.contiguous(), rstd.contiguous()
+    out = torch.empty_like(y)
+    if rows and h:
+        size = y.element_size()
+        if grad_out is not None:
+            grad_out, weight = grad_out.contiguous(), weight.contiguous()
+        dout = grad_out.data_ptr() if grad_out is not None else None
+        w = weight.data_ptr() if grad_out is not None else None
+        layernorm = int(kind == "layernorm")
+        ptrs = (grad_y.data_ptr(), y.data_ptr(), rstd.data_ptr(), out.data_ptr())
+
+        def args(a: int, b: int) -> tuple:
+            off = a * h * size
+            return (ptrs[0] + off, dout + off if dout else None, w, ptrs[1] + off, ptrs[2] + a * rstd.element_size(),
+                    ptrs[3] + off, b - a, h, layernorm)
+
+        _parallel(getattr(lib, names[y.dtype]), rows, args, align=1, item_size=h)
     return out

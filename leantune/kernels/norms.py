@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_native
 from ._triton import compute_dtype, next_power_of_2, tl, triton
 from .dispatch import interpreter_active, kernel_for, register_kernel
 
@@ -46,12 +47,18 @@ def reference_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Ten
     return (xf * rstd).to(x.dtype), rstd.squeeze(-1)
 
 
-def reference_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, kind: str) -> torch.Tensor:
+def reference_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, kind: str,
+                               native: bool = True) -> torch.Tensor:
     """Torch reference backward from the saved output (formulas in the module docstring), fp32 (fp64) math.
 
     ``rstd`` is one value per row, shaped ``[rows]`` or ``x.shape[:-1] + (1,)``. Also the CPU path of
-    :mod:`leantune.memory.ms_norms`, so it avoids needless passes over the activation.
+    :mod:`leantune.memory.ms_norms`: there (``native``) it runs as one C pass per row when the CPU kernels are
+    available (:mod:`leantune.kernels.cpu_native`, fp32/bf16/fp64), else as the torch ops below.
     """
+    if native and y.device.type == "cpu":
+        dx = cpu_native.ms_norm_backward(grad_y, y, rstd.reshape(-1), kind)
+        if dx is not None:
+            return dx
     dy, yf = compute_dtype(grad_y), compute_dtype(y)
     r = rstd.reshape(*y.shape[:-1], 1).to(dy.dtype)
     if kind == "layernorm":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from leantune.kernels import cpu_native
 from leantune.kernels.dispatch import kernel_for
 from leantune.kernels.norms import reference_ms_norm_backward
 
@@ -78,6 +79,43 @@ class MSLayerNormFunction(torch.autograd.Function):
             return ctx.kernel.backward(ctx, grad_y)[0], None
         y, rstd = ctx.saved_tensors
         return reference_ms_norm_backward(grad_y, y, rstd, "layernorm"), None
+
+
+class MSNormAffineFunction(torch.autograd.Function):
+    """``MSNormAffineFunction.apply(x, eps, kind, weight, bias) -> (y, weight ⊙ y + bias)`` for post-norm blocks
+    (BERT/RoBERTa): ``y`` (the normalised output, saved and shared with the folded linears) and the affine output
+    the residual path needs, with a frozen ``weight``/``bias`` (the norm's own, which folding requires frozen).
+    Forward = :class:`MSLayerNormFunction` / :class:`MSRMSNormFunction` then ``addcmul``, so bit-identical to them;
+    the backward folds both incoming gradients, ``g = dy + d(out) ⊙ weight``, into the norm backward (one C pass
+    per row on CPU instead of a multiply, an add and the norm backward). Saves what the plain MS norm saves.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float, kind: str, weight: torch.Tensor, bias: torch.Tensor | None):
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            raise ValueError("MSNormAffineFunction: the norm's weight and bias must be frozen (they are folded)")
+        function = MSLayerNormFunction if kind == "layernorm" else MSRMSNormFunction
+        y = function.forward(ctx, x, eps)
+        ctx.kind, ctx.weight = kind, weight
+        return y, (y * weight if bias is None else torch.addcmul(bias, y, weight))
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor, grad_out: torch.Tensor):
+        if ctx.kernel is not None:  # the kernel unpacks its saved tensors itself (once: checkpointing allows no more)
+            return ctx.kernel.backward(ctx, torch.addcmul(grad_y, grad_out, ctx.weight))[0], None, None, None, None
+        y, rstd = ctx.saved_tensors
+        grad_x = None
+        if y.device.type == "cpu":
+            grad_x = cpu_native.ms_norm_backward(grad_y, y, rstd.reshape(-1), ctx.kind, grad_out, ctx.weight)
+        if grad_x is None:
+            grad_x = reference_ms_norm_backward(torch.addcmul(grad_y, grad_out, ctx.weight), y, rstd, ctx.kind)
+        return grad_x, None, None, None, None
+
+
+def ms_norm_affine(x: torch.Tensor, kind: str, eps: float, weight: torch.Tensor,
+                   bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, weight ⊙ y + bias)`` of an MS norm for post-norm blocks; see :class:`MSNormAffineFunction`."""
+    return MSNormAffineFunction.apply(x, eps, kind, weight, bias)
 
 
 def ms_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .architectures import SUPPORTED_MODEL_TYPES, ActivationSite, GatedMLPSite, 
 from .config import MemoryConfig
 from .folding import GAMMA_TOLERANCE, FoldRecord, base_layer, fold_into_linear, is_conv1d, norm_affine, norm_eps, unfold_linear
 from .gated_mlp import fused_gated_mlp, unsupported_reason
-from .ms_norms import normalize
+from .ms_norms import ms_norm_affine, normalize
 from .velora import VeLoRAProjection
 
 _KERNEL_ACTIVATION = {("silu", "none"): "silu", ("gelu", "none"): "gelu", ("gelu", "tanh"): "gelu_tanh"}
@@ -138,12 +138,11 @@ def _patch_norm(handle: MemoryHandle, site: NormSite) -> None:
             handle.warn_once(name, "autocast", f"leantune.memory: autocast is on around {name}: the next linear "
                              "saves its cast copy, so the norm output is not shared (consider running the model "
                              "in the autocast dtype instead)")
-        y = normalize(x, kind, eps)
-        out = y
         if post_norm:  # BERT: the residual still needs γ ⊙ ŷ + β (frozen γ, β: nothing saved for it)
-            out = y * self.weight if self.bias is None else torch.addcmul(self.bias, y, self.weight)
-        if post_norm:
+            y, out = ms_norm_affine(x, kind, eps, self.weight, self.bias)
             out._leantune_normalized = y  # strong ref: ŷ lives as long as the tensor the consumers will receive
+        else:
+            y = out = normalize(x, kind, eps)
         last["public"] = weakref.ref(out)
         return out
 

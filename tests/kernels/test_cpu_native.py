@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from leantune.kernels import activations as act
-from leantune.kernels import cpu_native
+from leantune.kernels import cpu_native, norms
 
 HAS_COMPILER = cpu_native._compiler() is not None
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C compiler on this machine")
 KINDS = ["regelu2", "resilu2"]
+SOURCE = cpu_native._CSRC / "step_activation.c"
 
 
 def _inputs(n: int, dtype: torch.dtype, kind: str) -> torch.Tensor:
@@ -34,9 +35,10 @@ def _inputs(n: int, dtype: torch.dtype, kind: str) -> torch.Tensor:
 
 @needs_compiler
 def test_library_builds_where_a_compiler_exists():
-    lib = cpu_native.library()
-    assert lib is not None, "a C compiler is on PATH, so the CPU kernels should build"
-    assert all(hasattr(lib, name) for name in cpu_native._SIGNATURES)
+    for name, functions in cpu_native._SIGNATURES.items():
+        lib = cpu_native.library(name)
+        assert lib is not None, f"a C compiler is on PATH, so {name}.c should build"
+        assert all(hasattr(lib, function) for function in functions)
 
 
 @needs_compiler
@@ -130,13 +132,72 @@ def test_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
 def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
     monkeypatch.setenv("LEANTUNE_CACHE_DIR", str(tmp_path))
     compiler = cpu_native._compiler()
-    path = cpu_native._build(cpu_native._SOURCE, compiler)
+    path = cpu_native._build(SOURCE, compiler)
     assert path.parent == tmp_path / "cpu_kernels" and path.exists()
     calls = []
     monkeypatch.setattr(cpu_native.subprocess, "run", lambda *a, **k: calls.append(a))
-    assert cpu_native._build(cpu_native._SOURCE, compiler) == path and not calls  # loaded, not rebuilt
+    assert cpu_native._build(SOURCE, compiler) == path and not calls  # loaded, not rebuilt
     changed = tmp_path / "step_activation.c"
-    changed.write_text(cpu_native._SOURCE.read_text() + "\n/* edited */\n")
+    changed.write_text(SOURCE.read_text() + "\n/* edited */\n")
     monkeypatch.undo()
     monkeypatch.setenv("LEANTUNE_CACHE_DIR", str(tmp_path))
     assert cpu_native._build(changed, compiler) != path  # another source, another library
+
+
+def _ms_norm_case(rows: int, width: int, dtype: torch.dtype, kind: str):
+    x = torch.randn(rows, width, dtype=torch.float64)
+    if kind == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    return (torch.randn(rows, width).to(dtype), (x * rstd).to(dtype), rstd.to(stat), torch.randn(rows, width).to(dtype),
+            torch.randn(width).to(dtype))
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("width", [1, 7, 16, 37, 4099])
+@pytest.mark.parametrize("with_affine", [False, True])
+def test_ms_norm_backward_matches_the_formula(kind, dtype, width, with_affine):
+    """C pass vs the formula in fp64 on the same (rounded) inputs: only the final rounding and fp32 sums differ."""
+    dy, y, rstd, dout, weight = _ms_norm_case(6, width, dtype, kind)
+    extra = (dout, weight) if with_affine else ()
+    dx = cpu_native.ms_norm_backward(dy, y, rstd, kind, *extra)
+    assert dx is not None and dx.dtype == dtype and dx.shape == y.shape
+    g = dy.double() + (dout.double() * weight.double() if with_affine else 0)
+    yd = y.double()
+    centred = g - g.mean(-1, keepdim=True) if kind == "layernorm" else g
+    expected = rstd.double() * (centred - (g * yd).mean(-1, keepdim=True) * yd)
+    # error relative to the size of the terms (width 1 or 2 cancels them almost exactly)
+    scale = (rstd.double() * (g.abs() + g.abs().mean(-1, keepdim=True) + (g * yd).abs().mean(-1, keepdim=True)
+                              * yd.abs())).max()
+    tol = {torch.float32: 1e-6, torch.float64: 1e-14, torch.bfloat16: 8e-3}[dtype]
+    assert ((dx.double() - expected).abs().max() / scale).item() < tol
+    if not with_affine:  # the public reference uses it, and its torch-ops path agrees
+        torch.testing.assert_close(norms.reference_ms_norm_backward(dy, y, rstd, kind),
+                                   norms.reference_ms_norm_backward(dy, y, rstd, kind, native=False),
+                                   **({"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}))
+
+
+@needs_compiler
+def test_ms_norm_backward_rows_split_between_threads(monkeypatch):
+    monkeypatch.setattr(cpu_native, "_MIN_PER_THREAD", 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        dy, y, rstd, dout, weight = _ms_norm_case(101, 48, torch.float32, "layernorm")
+        split = cpu_native.ms_norm_backward(dy, y, rstd, "layernorm", dout, weight)
+        monkeypatch.setattr(cpu_native, "_MIN_PER_THREAD", 1 << 30)
+        assert torch.equal(split, cpu_native.ms_norm_backward(dy, y, rstd, "layernorm", dout, weight))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_compiler
+def test_ms_norm_backward_declines_what_it_does_not_handle():
+    dy, y, rstd, dout, weight = _ms_norm_case(4, 8, torch.float32, "rmsnorm")
+    assert cpu_native.ms_norm_backward(dy.half(), y.half(), rstd, "rmsnorm") is None  # fp16: torch path
+    assert cpu_native.ms_norm_backward(dy, y, rstd.double(), "rmsnorm") is None  # rstd in the wrong precision
+    assert cpu_native.ms_norm_backward(dy, y, rstd[:3], "rmsnorm") is None  # one rstd per row
+    assert cpu_native.ms_norm_backward(dy, y, rstd, "rmsnorm", dout.double(), weight.double()) is None

@@ -29,6 +29,8 @@ def _run(fn, *inputs):
         ("resilu2", lambda x: memory_acts.ReSiLU2Function.apply(x)),
         ("ms_rmsnorm", lambda x: memory_norms.MSRMSNormFunction.apply(x, 1e-6)),
         ("ms_layernorm", lambda x: memory_norms.MSLayerNormFunction.apply(x, 1e-5)),
+        ("ms_layernorm", lambda x: torch.stack(memory_norms.ms_norm_affine(  # post-norm: (y, γ ⊙ y + β)
+            x, "layernorm", 1e-5, torch.linspace(0.5, 1.5, 37).to(x.dtype), torch.linspace(-1, 1, 37).to(x.dtype)))),
     ],
 )
 def test_memory_functions_with_kernels_equal_their_torch_path(name, fn, dtype):

@@ -82,6 +82,31 @@ def test_ms_norm_gradcheck_and_saves_output(fn):
     assert [tuple(t.shape) for t in others] == [(3, 5, 1)]  # only rstd besides the shared output
 
 
+@pytest.mark.parametrize("kind", ["layernorm", "rmsnorm"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_ms_norm_affine_gradcheck_forward_and_saves_output(kind, bias):
+    """Post-norm variant: (y, w ⊙ y + b) with y = the MS norm; gradcheck (fp64, the C pass on CPU), forward equal to
+    the plain MS norm then addcmul, and only y + rstd saved."""
+    from leantune.memory.ms_norms import ms_norm_affine
+
+    x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(12, dtype=torch.float64)
+    b = torch.randn(12, dtype=torch.float64) if bias else None
+
+    def both(t):
+        y, out = ms_norm_affine(t, kind, 1e-6, w, b)
+        return y, out
+
+    assert torch.autograd.gradcheck(both, (x,))
+    plain = lm.ms_layer_norm(x, 1e-6) if kind == "layernorm" else lm.ms_rms_norm(x, 1e-6)
+    (y, out), saved = _saved(lambda: both(x))
+    assert torch.equal(y, plain) and torch.equal(out, plain * w if b is None else torch.addcmul(b, plain, w))
+    assert y.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in saved}
+    assert sorted(t.numel() for t in saved) == [15, 180]  # rstd and the shared output only
+    with pytest.raises(ValueError, match="frozen"):
+        ms_norm_affine(x, kind, 1e-6, w.clone().requires_grad_(), b)
+
+
 def _projection_tensors(d_in, d_out, rank, bias, dtype=torch.float64):
     w = torch.randn(d_out, d_in, dtype=dtype, requires_grad=True)
     tensors = [w]
