@@ -115,8 +115,13 @@ def interleaved_times(name: str, dtype_name: str, variants: list[str], rounds: i
             if i:  # round 0 is warm-up
                 times[v].append(time.perf_counter() - start)
             model.zero_grad(set_to_none=True)
-    return {v: {"time": statistics.median(t), "ratio": statistics.median(a / b for a, b in zip(t, times["eager"]))}
-            for v, t in times.items()}
+    result = {}
+    for v, t in times.items():
+        ratios = [a / b for a, b in zip(t, times["eager"])]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        result[v] = {"time": statistics.median(t), "ratio": statistics.median(ratios), "ratio_q1": low,
+                     "ratio_q3": high}
+    return result
 
 
 def _trim_heap() -> None:
@@ -175,7 +180,7 @@ def tables(results, models, dtypes) -> str:
              "loss, which no technique here touches). Peak step memory: process peak RSS during the steps "
              "minus the RSS after loading (high-water mark reset after loading). Step time: median over rounds; all "
              "variants stepped in one process in a shuffled order each round; 'vs eager' is the median of the "
-             "per-round ratios."]
+             "per-round ratios, with their interquartile range in parentheses (the machine's noise)."]
     for name in models:
         for dtype in dtypes:
             base = results.get((name, dtype, "eager"))
@@ -194,7 +199,7 @@ def tables(results, models, dtypes) -> str:
                 lines.append(f"| {variant} | {r['saved'] / 2**20:.1f} | {r['saved'] / base['saved']:.2f} "
                              f"| {body / base_body:.2f} "
                              f"| {r['peak'] / 2**20:.0f} | {r['peak'] / max(base['peak'], 1):.2f} "
-                             f"| {r['time']:.3f} | {r['ratio']:.2f} |")
+                             f"| {r['time']:.3f} | {r['ratio']:.2f} ({r['ratio_q1']:.2f}-{r['ratio_q3']:.2f}) |")
     return "\n".join(lines)
 
 
@@ -229,7 +234,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--decoder-layers", type=int, help="layers of the Llama/GPT-2 models (default 12)")
-    parser.add_argument("--time-rounds", type=int, default=15, help="timed round-robin rounds (median reported)")
+    parser.add_argument("--time-rounds", type=int, default=30, help="timed round-robin rounds (median reported)")
     parser.add_argument("--worker", nargs=3, metavar=("MODEL", "DTYPE", "VARIANT"))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
