@@ -1,18 +1,22 @@
-"""C kernels for the CPU path of the 2-bit step activations, compiled on first use and called through ctypes.
+"""C kernels for two CPU reference paths of ``leantune.memory``, compiled on first use and called through ctypes.
 
-On CPU the torch reference of ReGELU2/ReSiLU2 needs a chain of ops (three comparisons, a sum, a narrowing copy,
-a pack; a gather and a multiply in backward), each a full pass over the activation: about 5x the time of the eager
-GELU it replaces, which is several percent of a training step. One C loop does each direction in a single pass.
+On CPU, the torch reference of ReGELU2/ReSiLU2 is a chain of ops (three comparisons, a sum, a narrowing copy and a
+pack forward; a gather and a multiply backward), each a full pass over the activation: 3-4x the time of the eager
+GELU it replaces, several percent of a training step. The MS-norm backward likewise takes four passes (more in
+bf16, through fp32 copies). ``csrc/step_activation.c`` does each activation direction in one pass and
+``csrc/ms_norm.c`` the norm backward in one pass per row (same contracts as the torch references in
+``activations.py`` / ``norms.py``).
 
-The source (``csrc/step_activation.c``, same contract as the torch reference) is compiled the first time it is
-needed with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) into a per-user cache
-(``$LEANTUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/leantune`` or ``~/.cache/leantune``), keyed by a hash of the
-source, compiler and flags; later processes load the cached library. This is the CPU counterpart of Triton's
-just-in-time compilation on GPU. With no compiler, a failed build (warned once), or ``LEANTUNE_CPU_KERNELS=0``,
-:func:`library` returns ``None`` and callers use their torch reference, which gives the same bits (tested).
+A source is compiled the first time it is needed with the system C compiler (``$CC``, else ``cc``/``gcc``/
+``clang``) into a per-user cache (``$LEANTUNE_CACHE_DIR``, else ``$XDG_CACHE_HOME/leantune`` or
+``~/.cache/leantune``), keyed by a hash of the source, compiler and flags; later processes load the cached
+library. This is the CPU counterpart of Triton's just-in-time compilation on GPU. With no compiler, a failed build
+(warned once), or ``LEANTUNE_CPU_KERNELS=0``, :func:`library` returns ``None`` and callers use their torch ops,
+which give the same bits for the activation and agree to rounding for the norm (tested).
 
-Large tensors are split between ``torch.get_num_threads()`` threads on multiples of 4 elements (ctypes releases
-the GIL during the call, and no two pieces share an output byte).
+Tensors of more than ``_MIN_PER_THREAD`` elements per thread are split between ``torch.get_num_threads()``
+threads (ctypes releases the GIL during the call) on multiples of 16 elements or on whole rows, so no two pieces
+write the same byte.
 """
 
 from __future__ import annotations
