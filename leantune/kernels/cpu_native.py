@@ -185,7 +185,9 @@ def step_flags(x: torch.Tensor, thresholds: tuple[float, float, float],
     patterns); ``None`` if the C kernels are unavailable or the input is not supported."""
     names = {torch.float32: "step_flags_f32", torch.float64: "step_flags_f64", torch.bfloat16: "step_flags_bf16",
              torch.float16: "step_flags_table16"}
-    if x.device.type != "cpu" or x.dtype not in names or (x.dtype == torch.float16 and table16 is None):
+    if x.device.type != "cpu" or x.dtype not in names:
+        return None
+    if x.dtype == torch.float16 and (table16 is None or table16.numel() != 1 << 16):  # C indexes it by the bits
         return None
     lib = library()
     if lib is None:
@@ -232,6 +234,8 @@ def ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, 
     fp32 ``rstd`` (fp64 for fp64); ``None`` if unavailable or unsupported."""
     names = {torch.float32: "ms_norm_backward_f32", torch.float64: "ms_norm_backward_f64",
              torch.bfloat16: "ms_norm_backward_bf16"}
+    if (grad_out is None) != (weight is None):
+        raise ValueError("ms_norm_backward: grad_out and weight go together (the gradient of weight ⊙ y + β)")
     tensors = [grad_y, y] + ([grad_out, weight] if grad_out is not None else [])
     if (y.dtype not in names or any(t.device.type != "cpu" or t.dtype != y.dtype for t in tensors)
             or rstd.dtype != (torch.float64 if y.dtype == torch.float64 else torch.float32)
@@ -242,7 +246,7 @@ def ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, 
         return None
     h = y.shape[-1]
     rows = y.numel() // h if h else 0
-    if rstd.numel() != rows:
+    if rstd.numel() != rows or (weight is not None and weight.numel() != h):  # the C loops index both blindly
         return None
     grad_y, y, rstd = grad_y.contiguous(), y.contiguous(), rstd.contiguous()
     out = torch.empty_like(y)

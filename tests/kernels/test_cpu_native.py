@@ -77,6 +77,7 @@ def test_unsupported_inputs_fall_back():
     packed = torch.zeros(3, dtype=torch.uint8)
     assert cpu_native.step_backward(torch.ones(10, dtype=torch.float16), packed, slopes) is None  # torch path
     assert cpu_native.step_flags(torch.ones(10, dtype=torch.float16), thresholds) is None  # needs its table
+    assert cpu_native.step_flags(torch.ones(10, dtype=torch.float16), thresholds, torch.zeros(10)) is None
     assert cpu_native.step_flags(torch.ones(10, dtype=torch.int32), thresholds) is None
     grad = torch.randn(10, dtype=torch.float16)
     assert torch.equal(act.packed_step_backward(grad, packed, slopes),
@@ -201,3 +202,6 @@ def test_ms_norm_backward_declines_what_it_does_not_handle():
     assert cpu_native.ms_norm_backward(dy, y, rstd.double(), "rmsnorm") is None  # rstd in the wrong precision
     assert cpu_native.ms_norm_backward(dy, y, rstd[:3], "rmsnorm") is None  # one rstd per row
     assert cpu_native.ms_norm_backward(dy, y, rstd, "rmsnorm", dout.double(), weight.double()) is None
+    assert cpu_native.ms_norm_backward(dy, y, rstd, "rmsnorm", dout, weight[:5]) is None  # one weight per column
+    with pytest.raises(ValueError, match="go together"):
+        cpu_native.ms_norm_backward(dy, y, rstd, "rmsnorm", dout)
