@@ -1,9 +1,10 @@
 """Fused Triton kernels, each beside its plain-torch reference (see ``dispatch`` for when each is used).
 
 One file per kernel family — ``activations`` (ReGELU2/ReSiLU2), ``norms`` (MS-RMSNorm/MS-LN), ``gated_mlp``
-(SwiGLU/GeGLU elementwise), ``fused_mlp`` (whole gated MLP for ``leantune.memory``), ``lora_linear`` (fused adapter linear), ``optimizer_step`` (fused low-rank Adam) —
-``cpu_native`` (C loops for the CPU path of the 2-bit activations, compiled on first use), and ``patching`` to
-switch them on for a model: ``leantune.kernels.apply(model)`` / ``leantune.kernels.restore(model)``.
+(SwiGLU/GeGLU elementwise), ``fused_mlp`` (whole gated MLP for ``leantune.memory``), ``lora_linear`` (fused adapter
+linear), ``optimizer_step`` (fused low-rank Adam) — ``cpu_native`` (C loops for the CPU paths of the 2-bit
+activations and the MS-norm backward, compiled on first use), and ``patching`` to switch them on for a model:
+``leantune.kernels.apply(model)`` / ``leantune.kernels.restore(model)``.
 """
 
 from .activations import regelu2, reference_regelu2, reference_resilu2, resilu2

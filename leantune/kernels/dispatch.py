@@ -3,8 +3,8 @@
 CUDA tensors and an importable Triton -> the Triton kernel; anything else -> the plain-torch reference.
 The Triton interpreter (``TRITON_INTERPRET=1`` with CPU tensors) is used only when a test asks for it with
 :func:`force_triton`, so users on a CPU always get the reference path (and pay nothing for leantune kernels).
-On CPU the 2-bit activation reference runs its inner loops as small C kernels compiled on first use
-(:mod:`leantune.kernels.cpu_native`; same bits as its torch ops, which remain the fallback).
+On CPU the 2-bit activation reference and the MS-norm backward run their inner loops as small C kernels compiled
+on first use (:mod:`leantune.kernels.cpu_native`; their torch ops remain the fallback).
 
 Callers (``leantune.memory``, ``leantune.adapters``, ``leantune.optim``) ask ``kernel_for(name, *tensors)``
 and fall back to their own torch code when it returns ``None``. Registered names and their callable

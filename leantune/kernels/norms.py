@@ -48,17 +48,22 @@ def reference_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Ten
 
 
 def reference_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, kind: str,
-                               native: bool = True) -> torch.Tensor:
+                               native: bool = True, grad_out: torch.Tensor | None = None,
+                               weight: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference backward from the saved output (formulas in the module docstring), fp32 (fp64) math.
 
-    ``rstd`` is one value per row, shaped ``[rows]`` or ``x.shape[:-1] + (1,)``. Also the CPU path of
-    :mod:`leantune.memory.ms_norms`: there (``native``) it runs as one C pass per row when the CPU kernels are
-    available (:mod:`leantune.kernels.cpu_native`, fp32/bf16/fp64), else as the torch ops below.
+    ``rstd`` is one value per row, shaped ``[rows]`` or ``x.shape[:-1] + (1,)``. ``grad_out``/``weight``: the
+    caller also returned ``weight ⊙ y + β`` (a post-norm residual), whose gradient joins as ``dy + grad_out ⊙
+    weight``. Also the CPU path of :mod:`leantune.memory.ms_norms`: there (``native``) it runs as one C pass per row
+    when the CPU kernels are available (:mod:`leantune.kernels.cpu_native`, fp32/bf16/fp64), else as the torch ops
+    below.
     """
     if native and y.device.type == "cpu":
-        dx = cpu_native.ms_norm_backward(grad_y, y, rstd.reshape(-1), kind)
+        dx = cpu_native.ms_norm_backward(grad_y, y, rstd.reshape(-1), kind, grad_out, weight)
         if dx is not None:
             return dx
+    if grad_out is not None:
+        grad_y = torch.addcmul(grad_y, grad_out, weight)
     dy, yf = compute_dtype(grad_y), compute_dtype(y)
     r = rstd.reshape(*y.shape[:-1], 1).to(dy.dtype)
     if kind == "layernorm":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import torch
 
-from leantune.kernels import cpu_native
 from leantune.kernels.dispatch import kernel_for
 from leantune.kernels.norms import reference_ms_norm_backward
 
@@ -104,11 +103,7 @@ class MSNormAffineFunction(torch.autograd.Function):
         if ctx.kernel is not None:  # the kernel unpacks its saved tensors itself (once: checkpointing allows no more)
             return ctx.kernel.backward(ctx, torch.addcmul(grad_y, grad_out, ctx.weight))[0], None, None, None, None
         y, rstd = ctx.saved_tensors
-        grad_x = None
-        if y.device.type == "cpu":
-            grad_x = cpu_native.ms_norm_backward(grad_y, y, rstd.reshape(-1), ctx.kind, grad_out, ctx.weight)
-        if grad_x is None:
-            grad_x = reference_ms_norm_backward(torch.addcmul(grad_y, grad_out, ctx.weight), y, rstd, ctx.kind)
+        grad_x = reference_ms_norm_backward(grad_y, y, rstd, ctx.kind, grad_out=grad_out, weight=ctx.weight)
         return grad_x, None, None, None, None
 
 

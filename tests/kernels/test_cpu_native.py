@@ -175,10 +175,11 @@ def test_ms_norm_backward_matches_the_formula(kind, dtype, width, with_affine):
                               * yd.abs())).max()
     tol = {torch.float32: 1e-6, torch.float64: 1e-14, torch.bfloat16: 8e-3}[dtype]
     assert ((dx.double() - expected).abs().max() / scale).item() < tol
-    if not with_affine:  # the public reference uses it, and its torch-ops path agrees
-        torch.testing.assert_close(norms.reference_ms_norm_backward(dy, y, rstd, kind),
-                                   norms.reference_ms_norm_backward(dy, y, rstd, kind, native=False),
-                                   **({"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}))
+    # the public reference uses it, and its torch-ops path agrees (affine gradient included)
+    affine = {"grad_out": dout, "weight": weight} if with_affine else {}
+    torch.testing.assert_close(norms.reference_ms_norm_backward(dy, y, rstd, kind, **affine),
+                               norms.reference_ms_norm_backward(dy, y, rstd, kind, native=False, **affine),
+                               **({"rtol": 2e-2, "atol": 2e-2} if dtype == torch.bfloat16 else {}))
 
 
 @needs_compiler
