@@ -105,7 +105,9 @@ def _writable_dir() -> Path:
 
 def _build(source: Path, compiler: str) -> Path:
     """Compile ``source`` into the cache (atomic rename, so concurrent processes never load a half-written file)."""
-    code, directory, errors = source.read_bytes(), _writable_dir(), []
+    # the key covers the shared headers too: a changed header must not load a stale library
+    code = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(_CSRC.glob("*.h")))
+    directory, errors = _writable_dir(), []
     for flags in (["-O3", "-shared", "-fPIC", *_isa_flags()], ["-O2", "-shared", "-fPIC"]):
         key = hashlib.sha256(code + "\0".join([compiler, *flags, platform.machine()]).encode()).hexdigest()[:16]
         path = directory / f"{source.stem}-{key}.so"
@@ -113,8 +115,8 @@ def _build(source: Path, compiler: str) -> Path:
             return path
         tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            result = subprocess.run([compiler, *flags, "-o", str(tmp), str(source)], capture_output=True, text=True,
-                                    timeout=120)
+            result = subprocess.run([compiler, *flags, "-I", str(_CSRC), "-o", str(tmp), str(source)],
+                                    capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as error:
             raise RuntimeError(f"{compiler}: {error}") from error
         if result.returncode == 0:

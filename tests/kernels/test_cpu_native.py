@@ -142,7 +142,13 @@ def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
     changed.write_text(SOURCE.read_text() + "\n/* edited */\n")
     monkeypatch.undo()
     monkeypatch.setenv("LEANTUNE_CACHE_DIR", str(tmp_path))
-    assert cpu_native._build(changed, compiler) != path  # another source, another library
+    edited = cpu_native._build(changed, compiler)
+    assert edited != path and edited.exists()  # another source, another library (headers still found)
+    headers = tmp_path / "csrc"
+    shutil.copytree(cpu_native._CSRC, headers)
+    (headers / "bf16.h").write_text((headers / "bf16.h").read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(cpu_native, "_CSRC", headers)
+    assert cpu_native._build(headers / "step_activation.c", compiler) not in (path, edited)  # a header edit too
 
 
 def _ms_norm_case(rows: int, width: int, dtype: torch.dtype, kind: str):

@@ -13,23 +13,10 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define CODE(v, c1, c2, c3) ((uint32_t)(((v) > (c1)) + ((v) > (c2)) + ((v) > (c3))))
 #define SLOPE(c, s1, s2, s3) ((c) == 3 ? (s3) : ((c) == 2 ? (s2) : ((c) == 1 ? (s1) : 0)))
-
-static inline float from_bf16(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* float -> bfloat16, round to nearest even; NaN -> 0x7FC0 (as c10::BFloat16 does). */
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    return (uint16_t)((u & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded); /* a select, not a branch: vectorizes */
-}
 
 static inline void store_word(uint8_t *out, uint32_t word) { /* little-endian: code j lands in byte j / 4 */
     for (int k = 0; k < 4; k++) out[k] = (uint8_t)(word >> (8 * k));
