@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from leantune.kernels import cpu_native
-from leantune.memory.approx_activations import regelu2
+from leantune.kernels.activations import regelu2
 
 SHAPES = {"MiniLM GELU input (16x64x1536)": (16, 64, 1536), "Llama-1024 MLP input (2x128x2816)": (2, 128, 2816),
           "7B-like MLP input (1x512x11008)": (1, 512, 11008)}

@@ -48,21 +48,29 @@ def _peak_mib(fn: Callable[[], object]) -> float:
 
 def _cases(args: argparse.Namespace) -> dict[str, dict[str, Callable]]:
     """{kernel: {"triton"|"eager"|"compile": make() -> (forward fn, inputs needing grad)}}."""
-    from leantune.kernels import activations, gated_mlp, lora_linear, norms, optimizer_step
+    from leantune.kernels import activations, gated_mlp, lora_linear, norms, optimizer_step, set_enabled
 
     dev, dt = args.device, getattr(torch, args.dtype)
     m, h, f, r = args.tokens, args.hidden, args.ffn, args.rank
 
-    def act(kind, use_triton):
-        def run(x):
-            return activations.ApproxActivationFunction.apply(x, kind, "none", use_triton)
+    def backend(fn, use_triton):
+        """``fn`` with the dispatch rule on (Triton for these CUDA tensors) or off (the torch reference)."""
+        def run(*inputs):
+            set_enabled(None if use_triton else False)
+            try:
+                return fn(*inputs)
+            finally:
+                set_enabled(None)
         return run
 
+    def act(kind, use_triton):
+        return backend(lambda x: activations.ApproxActivationFunction.apply(x, kind, "none"), use_triton)
+
     def norm(kind, use_triton):
-        return lambda x: norms.MSNormFunction.apply(x, 1e-6, kind, use_triton)
+        return backend(lambda x: norms.MSNormFunction.apply(x, 1e-6, kind), use_triton)
 
     def gated(use_triton):
-        return lambda e, g: gated_mlp.GatedActivationFunction.apply(e, g, "silu", use_triton)
+        return backend(lambda e, g: gated_mlp.GatedActivationFunction.apply(e, g, "silu"), use_triton)
 
     w = torch.randn(h, h, device=dev, dtype=dt) / h**0.5
     lora_a = (torch.randn(r, h, device=dev, dtype=dt) / h**0.5).requires_grad_()

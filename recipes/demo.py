@@ -87,7 +87,7 @@ def main() -> None:
         learning_rate=args.lr or DEFAULT_LR[args.method], warmup_steps=args.steps // 10, weight_decay=0.0,
         lr_scheduler_type="linear", logging_steps=50, save_strategy="no", report_to=[], use_cpu=True, seed=0,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=data["train"], callbacks=[callback])
+    trainer = callback.setup(Trainer(model=model, args=training_args, train_dataset=data["train"]))
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start

@@ -24,6 +24,8 @@ from typing import Literal, Optional
 import torch
 from torch import nn
 
+from leantune._utils import scale_columns
+
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
 from .registration import LeanTuneType, register_tuner
 
@@ -67,14 +69,16 @@ class _ALLoRAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, a, b, c_out, c_a, c_b):  # type: ignore[override]
-        h = nn.functional.linear(x, a)
-        ctx.save_for_backward(x, h, a, b, c_out, c_a, c_b)
+    def forward(ctx, x, a, b, c_out, c_a, c_b, input_scale=None):  # type: ignore[override]
+        a_eff = a if input_scale is None else scale_columns(a, input_scale)  # a folded norm's γ (see LowRankLayer)
+        h = nn.functional.linear(x, a_eff)
+        ctx.save_for_backward(x, h, a, b, c_out, c_a, c_b, input_scale)
         return nn.functional.linear(h, b)
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x, h, a, b, c_out, c_a, c_b = ctx.saved_tensors
+        x, h, a, b, c_out, c_a, c_b, input_scale = ctx.saved_tensors
+        a = a if input_scale is None else scale_columns(a, input_scale)
         grad_h = grad_y @ b  # unscaled: feeds dL/dx
         grad_x = grad_h @ a if ctx.needs_input_grad[0] else None
         g = grad_y if c_out is None else grad_y * c_out
@@ -86,7 +90,9 @@ class _ALLoRAFunction(torch.autograd.Function):
             grad_b = grad_b * c_b[:, None]
         if c_a is not None:
             grad_a = grad_a * c_a[:, None]
-        return grad_x, grad_a, grad_b, None, None, None
+        if input_scale is not None:
+            grad_a = scale_columns(grad_a, input_scale)  # chain rule through A diag γ
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 class ALLoRALayer(LowRankLayer):
@@ -142,8 +148,10 @@ class ALLoRALayer(LowRankLayer):
     def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         a, b = self.allora_A[adapter], self.allora_B[adapter]
         if not torch.is_grad_enabled():
-            return nn.functional.linear(nn.functional.linear(x, a), b)
-        return _ALLoRAFunction.apply(x, a, b, *self.coefficients(adapter))
+            return nn.functional.linear(self.input_linear(x, a), b)
+        gamma = self.input_scale()  # a folded norm's γ; the coefficients still come from ΔW = B A itself
+        gamma = None if gamma is None else gamma.to(device=a.device)
+        return _ALLoRAFunction.apply(x, a, b, *self.coefficients(adapter), gamma)
 
 
 class ALLoRAModel(LowRankModel):

@@ -105,10 +105,6 @@ class DyLoRALayer(LowRankLayer):
         frozen = self.training and self.frozen[adapter] and self.sampled_rank[adapter] is not None
         return self.truncated_factors(adapter, self.current_rank(adapter), frozen)
 
-    def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        b_eff, a_eff = self.forward_factors(adapter)
-        return nn.functional.linear(nn.functional.linear(x, a_eff), b_eff)
-
 
 class DyLoRAModel(LowRankModel):
     """peft tuner for DyLoRA; samples one rank per training forward for all its layers."""
@@ -119,13 +115,16 @@ class DyLoRAModel(LowRankModel):
     def _layers(self) -> list[DyLoRALayer]:
         return [m for m in self.model.modules() if isinstance(m, DyLoRALayer)]
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rank_generators: dict[str, torch.Generator] = {}  # one per adapter, seeded from its config
+
     def sample_rank(self) -> dict[str, int]:
         """Draw ``b ~ Uniform{r_min..r}`` for every active adapter and give it to all layers."""
         ranks = {}
-        generators = self.__dict__.setdefault("_rank_generators", {})
         for adapter in self.active_adapters:
             config = self.peft_config[adapter]
-            gen = generators.setdefault(adapter, torch.Generator().manual_seed(config.seed))
+            gen = self.rank_generators.setdefault(adapter, torch.Generator().manual_seed(config.seed))
             ranks[adapter] = int(torch.randint(config.r_min, config.r + 1, (1,), generator=gen))
         for layer in self._layers():
             for adapter, b in ranks.items():

@@ -29,12 +29,11 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from leantune._utils import batch_loss
+
 from .lora_xs import SandwichLayer, truncated_svd
 from .low_rank import LowRankConfig, LowRankModel
 from .registration import LeanTuneType, register_tuner
-
-_INIT_ATTRIBUTE = "_leantune_lora_sb_init"  # set on base modules by estimate_first_step, consumed on injection
-
 
 @dataclass
 class LoraSBConfig(LowRankConfig):
@@ -46,8 +45,9 @@ class LoraSBConfig(LowRankConfig):
             (``R_init = Σ_r / s``). ``None`` means ``lora_alpha = r``.
         num_init_batches: batches used by the Trainer callback to estimate the first step.
         svd_niter: ``None`` for an exact SVD, an int for ``torch.svd_lowrank`` (the paper's code: 10).
-        gradient_init_done: set by leantune once B, R, A hold the gradient initialisation; a config with
-            ``False`` cannot be used to train (it would start from a zero, gradient-free adapter).
+        gradient_init_done: set by leantune once B, R, A hold the gradient initialisation (then layers are built
+            as placeholders the estimate or a checkpoint fills); a config with ``False`` cannot be passed to
+            ``get_peft_model`` directly (it would start from a zero, gradient-free adapter).
     """
 
     lora_alpha: Optional[float] = field(default=None, metadata={"help": "Scale numerator; None means r."})
@@ -72,24 +72,27 @@ class LoraSBLayer(SandwichLayer):
     def initial_factors(
         self, adapter_name: str, config: LoraSBConfig, module_name: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        r = config.r
-        estimate = getattr(self.get_base_layer(), _INIT_ATTRIBUTE, None)
-        if estimate is None:
-            if not (config.gradient_init_done or config.inference_mode):
-                raise ValueError(
-                    f"LoRA-SB module {module_name!r} has no gradient initialisation. Create the model with "
-                    "leantune.adapters.get_lora_sb_model(model, config, batches, lr=...) or train with "
-                    "Trainer(callbacks=[LeanTuneCallback(adapter=config)]); plain get_peft_model() cannot "
-                    "see your data."
-                )
-            # loading a trained adapter: the checkpoint overwrites these placeholders
-            zeros = torch.zeros
-            return zeros(self.out_features, r), zeros(r, r), zeros(r, self.in_features)
-        u, s, vh = estimate
-        if u.shape[1] != r:
-            raise ValueError(f"{module_name}: the first-step estimate has rank {u.shape[1]}, the config asks r={r}.")
-        delattr(self.get_base_layer(), _INIT_ATTRIBUTE)
-        return u, torch.diag(s) / (self.scaling[adapter_name]), vh
+        if not (config.gradient_init_done or config.inference_mode):
+            raise ValueError(
+                f"LoRA-SB module {module_name!r} has no gradient initialisation. Create the model with "
+                "leantune.adapters.get_lora_sb_model(model, config, batches, lr=...) or train with "
+                "LeanTuneCallback(adapter=config).setup(trainer); plain get_peft_model() cannot see your data."
+            )
+        r = config.r  # placeholders: set_first_step (or a checkpoint) writes B, R, A
+        return torch.zeros(self.out_features, r), torch.zeros(r, r), torch.zeros(r, self.in_features)
+
+    @torch.no_grad()
+    def set_first_step(self, adapter_name: str, factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Write ``B = U_r``, ``R = Σ_r / s``, ``A = V_rᵀ`` from the estimated first step's rank-r SVD."""
+        u, s, vh = factors
+        b_dict, r_dict, a_dict = self.factor_dicts()
+        if u.shape != b_dict[adapter_name].shape or vh.shape != a_dict[adapter_name].shape:
+            raise ValueError(f"LoRA-SB: the first-step estimate has factors {tuple(u.shape)} / {tuple(vh.shape)}, the "
+                             f"layer needs {tuple(b_dict[adapter_name].shape)} / {tuple(a_dict[adapter_name].shape)} "
+                             "(was it estimated with another r or on another model?)")
+        b_dict[adapter_name].copy_(u)
+        a_dict[adapter_name].copy_(vh)
+        r_dict[adapter_name].copy_(torch.diag(s) / self.scaling[adapter_name])
 
 
 class LoraSBModel(LowRankModel):
@@ -100,13 +103,6 @@ class LoraSBModel(LowRankModel):
 
 
 register_tuner(LeanTuneType.LORA_SB, LoraSBConfig, LoraSBModel)
-
-
-def _default_loss(model: nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    out = model(**batch)
-    if getattr(out, "loss", None) is None:
-        raise ValueError("The model returned no loss for a batch: include labels, or pass loss_fn=(model, batch) -> loss.")
-    return out.loss
 
 
 def targeted_modules(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Module]:
@@ -139,13 +135,12 @@ def estimate_first_step(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Estimate each targeted weight's first AdamW step on ``batches`` and keep its rank-r SVD.
 
-    The factors ``(U_r, S_r, Vh_r)`` of ``ΔW = −lr·sign(Σ ∇W)`` (in ``(out, in)`` layout) are attached to
-    the modules for the next ``get_peft_model`` call and also returned. Parameters' ``requires_grad``
-    flags and ``.grad`` fields are restored afterwards.
+    Returns ``{module name: (U_r, S_r, Vh_r)}`` of ``ΔW = −lr·sign(Σ ∇W)`` (in ``(out, in)`` layout), the input
+    of :func:`inject_lora_sb`. Parameters' ``requires_grad`` flags and ``.grad`` fields are restored afterwards.
     """
     if lr <= 0:
         raise ValueError(f"lr (the learning rate of the first optimizer step) must be positive, got {lr}.")
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or batch_loss
     modules = targeted_modules(model, config)
     for name, module in modules.items():
         if not isinstance(module, (nn.Linear, Conv1D)) or not module.weight.dtype.is_floating_point:
@@ -172,13 +167,37 @@ def estimate_first_step(
         for name, module in modules.items():
             grad = module.weight.grad.T if isinstance(module, Conv1D) else module.weight.grad
             factors[name] = _first_step_factors(grad, lr, config.r, config.svd_niter)
-            setattr(module, _INIT_ATTRIBUTE, factors[name])
     finally:
         for p, (requires_grad, grad) in flags.items():
             p.requires_grad_(requires_grad)
             p.grad = grad
         model.train(was_training)
     return factors
+
+
+def inject_lora_sb(model: nn.Module, config: LoraSBConfig,
+                   factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                   adapter_name: str = "default") -> PeftModel:
+    """``get_peft_model`` for LoRA-SB from a first-step estimate (the output of :func:`estimate_first_step`).
+
+    The layers are built as placeholders and each receives its factors explicitly; a targeted module without an
+    estimate (or with mismatched shapes) raises and leaves ``config`` as it was.
+    """
+    missing = sorted(set(targeted_modules(model, config)) - set(factors))
+    if missing:
+        raise ValueError(f"LoRA-SB: no first-step estimate for {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                         "estimate with the same config and model (estimate_first_step).")
+    was_done = config.gradient_init_done
+    config.gradient_init_done = True
+    try:
+        peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+        for name, module in peft_model.base_model.model.named_modules():
+            if isinstance(module, LoraSBLayer) and adapter_name in module.r:
+                module.set_first_step(adapter_name, factors[name])
+    except BaseException:
+        config.gradient_init_done = was_done
+        raise
+    return peft_model
 
 
 def get_lora_sb_model(
@@ -199,7 +218,5 @@ def get_lora_sb_model(
         lr: the learning rate of the first optimizer step (with linear warmup: ``peak_lr / warmup_steps``).
         loss_fn: ``(model, batch) -> loss``; default ``model(**batch).loss``.
     """
-    estimate_first_step(model, config, batches, lr, loss_fn, progress)
-    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
-    config.gradient_init_done = True
-    return peft_model
+    factors = estimate_first_step(model, config, batches, lr, loss_fn, progress)
+    return inject_lora_sb(model, config, factors, adapter_name)

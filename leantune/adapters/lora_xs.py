@@ -105,7 +105,7 @@ class SandwichLayer(LowRankLayer):
 
     def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         b_dict, r_dict, a_dict = self.factor_dicts()
-        h = nn.functional.linear(nn.functional.linear(x, a_dict[adapter]), r_dict[adapter])
+        h = nn.functional.linear(self.input_linear(x, a_dict[adapter]), r_dict[adapter])
         return nn.functional.linear(h, b_dict[adapter]) * self.scaling[adapter]
 
 

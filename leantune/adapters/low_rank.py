@@ -8,9 +8,33 @@ where each method decides what ``B_eff`` and ``A_eff`` are (the scale is folded 
 implements, once for all of them, what peft users expect from a tuner layer: wrapping ``nn.Linear``,
 GPT-2's ``Conv1D`` (stored transposed) and bitsandbytes 8-bit/4-bit linears (merged through peft's
 quantization backends), forward with several active adapters, ``disable_adapter``, merge / unmerge, and the
-factors needed to export the adapter as a plain peft LoRA. A method subclasses :class:`LowRankLayer`,
-adds its parameters in ``update_layer`` and defines ``lowrank_factors`` (and, if its training-time
-computation differs from ``x ↦ x A_effᵀ B_effᵀ``, ``adapter_output``).
+factors needed to export the adapter as a plain peft LoRA.
+
+A method is a subclass of :class:`LowRankLayer` that adds its parameters in ``update_layer`` and overrides some
+of these hooks (one contract each, like peft's ``LoraVariant``):
+
+==================================  ==================================================================================
+hook                                contract
+==================================  ==================================================================================
+``lowrank_factors(adapter)``        required: ``(B_eff, A_eff)`` with ``ΔW = B_eff A_eff`` (scale included), in the
+                                    adapter's own parameterisation; used by merge, unmerge, ``get_delta_weight`` and
+                                    export to plain LoRA.
+``forward_factors(adapter)``        the ``(B_eff, A_eff)`` this forward multiplies by, or ``None`` when the method
+                                    must run ``adapter_output`` (a custom backward, or factors that would make
+                                    autograd save more): the fused adapter-linear kernel (``leantune.kernels``)
+                                    computes ``x W0ᵀ + (x A_effᵀ) B_effᵀ`` only from non-``None`` factors.
+                                    Default: ``lowrank_factors``. ALLoRA and NOLA return ``None`` in training.
+``adapter_output(x, adapter)``      the training-time ``x ΔWᵀ``; its input-side product goes through
+                                    :meth:`~LowRankLayer.input_linear` (or its custom function takes
+                                    :meth:`~LowRankLayer.input_scale`), see below. Default: from ``forward_factors``.
+``adapter_dtype(adapter)``          dtype the input is cast to (default: that of the first trainable tensor).
+==================================  ==================================================================================
+
+Input affine. ``leantune.memory`` folds a norm's ``u = γ ⊙ ŷ + β`` into the linear after it, which then reads ŷ.
+It calls :meth:`~LowRankLayer.set_input_affine`; the layer keeps computing ``ΔW u`` exactly: ``input_linear``
+multiplies by ``A_eff diag γ`` (formed from the weights each call and never saved, so the parameters and what is
+saved do not change) and :meth:`forward` adds the parameter-only vector ``ΔW β`` (``adapter_output`` of one row
+``β / γ``).
 """
 
 from __future__ import annotations
@@ -25,6 +49,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from leantune.kernels.lora_linear import scaled_input_linear
 
 from .tuner_base import LeanTuneTuner, normalize_module_selection
 
@@ -94,6 +120,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             )
         self.in_features, self.out_features = _get_in_out_features(base)
         self.is_conv1d = isinstance(base, Conv1D)
+        self.input_affine: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # (γ, β / γ), float64 CPU
 
     # --- what a method defines -------------------------------------------------------------------------
     def lowrank_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +136,26 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
 
     def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         """The adapter's additive contribution ``x ΔWᵀ`` for input ``x`` (…, in)."""
-        b_eff, a_eff = self.lowrank_factors(adapter)
-        return nn.functional.linear(nn.functional.linear(x, a_eff), b_eff)
+        b_eff, a_eff = self.forward_factors(adapter)
+        return nn.functional.linear(self.input_linear(x, a_eff), b_eff)
+
+    # --- input affine of a folded norm (set by leantune.memory; see the module docstring) ----------------------
+    def set_input_affine(self, gamma: torch.Tensor, beta: Optional[torch.Tensor]) -> None:
+        """From now on the input is ŷ with ``u = γ ⊙ ŷ + β``: keep computing ``ΔW u`` (``beta`` None: β = 0)."""
+        gamma = gamma.detach().to("cpu", torch.float64)
+        shift = None if beta is None else beta.detach().to("cpu", torch.float64) / gamma
+        self.input_affine = (gamma, shift)
+
+    def clear_input_affine(self) -> None:
+        self.input_affine = None
+
+    def input_scale(self) -> Optional[torch.Tensor]:
+        """γ while an input affine is set (float64, CPU), else None."""
+        return None if self.input_affine is None else self.input_affine[0]
+
+    def input_linear(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """``x (A diag γ)ᵀ`` while an input affine is set (the product is never saved), else ``x Aᵀ``."""
+        return scaled_input_linear(x, a, self.input_scale())
 
     def adapter_dtype(self, adapter: str) -> torch.dtype:
         """dtype the input is cast to before the adapter path (that of its first trainable tensor)."""
@@ -165,11 +210,16 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             return result
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
+        shift = None if self.input_affine is None else self.input_affine[1]
         for adapter in self.active_adapters:
             if adapter not in self.r:
                 continue
-            x_cast = self._cast_input_dtype(x, self.adapter_dtype(adapter))
+            dtype = self.adapter_dtype(adapter)
+            x_cast = self._cast_input_dtype(x, dtype)
             result = result + self.adapter_output(x_cast, adapter).to(result.dtype)
+            if shift is not None:  # ΔW β of a folded norm's bias: one row through the same computation
+                row = shift.to(device=x.device, dtype=dtype)[None]
+                result = result + self.adapter_output(row, adapter).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

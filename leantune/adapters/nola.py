@@ -32,6 +32,8 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
+from leantune._utils import PEFT_PREFIX
+
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
 from .registration import LeanTuneType, register_tuner
 
@@ -122,36 +124,43 @@ def project(grad: torch.Tensor, chunks: Iterator[tuple[int, torch.Tensor]], coun
 
 
 class NolaFunction(torch.autograd.Function):
-    """``y = s · (x Aᵀ) Bᵀ`` with ``A = A0 + Σ α_i A_i``, ``B = Σ β_j B_j``; bases regenerated in backward.
+    """``y = s · (x (A diag γ)ᵀ) Bᵀ`` with ``A = A0 + Σ α_i A_i``, ``B = Σ β_j B_j``; bases regenerated in backward.
 
-    Saved for backward: ``x``, ``h = x Aᵀ`` and the small factors ``A`` (r×in), ``B`` (out×r); never the
-    k + l bases, which ``source`` regenerates (or takes from the per-device cache) chunk by chunk.
+    ``input_scale`` γ is None except on a folded norm's consumer (``leantune.memory``, see
+    :class:`~leantune.adapters.low_rank.LowRankLayer`). Saved for backward: ``x``, ``h`` and the small factors
+    ``A diag γ`` (r×in), ``B`` (out×r) and γ; never the k + l bases, which ``source`` regenerates (or takes from the
+    per-device cache) chunk by chunk.
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, beta, a0, source: ChunkSource, scale: float):  # type: ignore[override]
+    def forward(ctx, x, alpha, beta, a0, source: ChunkSource, scale: float,  # type: ignore[override]
+                input_scale: Optional[torch.Tensor] = None):
         # a0 is a constant (no gradient); `source(kind)` yields the bases on the coefficients' device
         a = a0.to(alpha.dtype) + combine(alpha, source("A"))
+        if input_scale is not None:
+            a = a * input_scale
         b = combine(beta, source("B"))
         h = nn.functional.linear(x, a)
         ctx.source, ctx.scale, ctx.k, ctx.l = source, scale, alpha.numel(), beta.numel()
-        ctx.save_for_backward(x, h, a, b)
+        ctx.save_for_backward(x, h, a, b, input_scale)
         return nn.functional.linear(h, b) * scale
 
     @staticmethod
     def backward(ctx, grad_y):  # type: ignore[override]
-        x, h, a, b = ctx.saved_tensors
+        x, h, a, b, input_scale = ctx.saved_tensors
         s = ctx.scale
         grad_h = (grad_y @ b) * s  # (…, r)
         grad_x = grad_h @ a if ctx.needs_input_grad[0] else None
         grad_alpha = grad_beta = None
         if ctx.needs_input_grad[1]:
-            grad_a = grad_h.reshape(-1, a.shape[0]).T @ x.reshape(-1, a.shape[1])  # ∂L/∂A (r×in)
+            grad_a = grad_h.reshape(-1, a.shape[0]).T @ x.reshape(-1, a.shape[1])  # ∂L/∂(A diag γ) (r×in)
+            if input_scale is not None:
+                grad_a = grad_a * input_scale  # chain rule back to A
             grad_alpha = project(grad_a, ctx.source("A"), ctx.k)
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, b.shape[0]).T @ h.reshape(-1, b.shape[1]) * s  # ∂L/∂B (out×r)
             grad_beta = project(grad_b, ctx.source("B"), ctx.l)
-        return grad_x, grad_alpha, grad_beta, None, None, None
+        return grad_x, grad_alpha, grad_beta, None, None, None, None
 
 
 class NolaLayer(LowRankLayer):
@@ -229,12 +238,19 @@ class NolaLayer(LowRankLayer):
         a, b = self.materialized_factors(adapter)
         return self.scaling[adapter] * b, a
 
+    def forward_factors(self, adapter: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """None in training: differentiating the materialised factors would make autograd save the basis chunks
+        that :class:`NolaFunction` regenerates instead, so the fused kernel leaves NOLA on its own path."""
+        return None if torch.is_grad_enabled() else self.lowrank_factors(adapter)
+
     def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         alpha, beta = self.nola_alpha[adapter], self.nola_beta[adapter]
         if torch.is_grad_enabled() and (alpha.requires_grad or beta.requires_grad or x.requires_grad):
             a0 = offset_A0(self._seed(adapter), self.r[adapter], self.in_features).to(alpha.device)
             source = self.chunk_source(adapter, alpha.device)
-            return NolaFunction.apply(x, alpha, beta, a0, source, self.scaling[adapter])
+            gamma = self.input_scale()
+            gamma = None if gamma is None else gamma.to(device=alpha.device, dtype=alpha.dtype)
+            return NolaFunction.apply(x, alpha, beta, a0, source, self.scaling[adapter], gamma)
         # inference: materialise A and B once, reuse them until the coefficients change
         key = (alpha.data_ptr(), alpha._version, beta.data_ptr(), beta._version, alpha.device, alpha.dtype)
         cached = self._factor_cache.get(adapter)
@@ -243,7 +259,7 @@ class NolaLayer(LowRankLayer):
                 cached = (key, self.lowrank_factors(adapter))
             self._factor_cache[adapter] = cached
         b_eff, a_eff = cached[1]
-        return nn.functional.linear(nn.functional.linear(x, a_eff), b_eff)
+        return nn.functional.linear(self.input_linear(x, a_eff), b_eff)
 
     # --- loading: refuse bases that differ from the ones the adapter was trained with ------------------------------
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
@@ -252,7 +268,7 @@ class NolaLayer(LowRankLayer):
             if shape_key in state_dict:
                 saved_shape = tuple(int(v) for v in state_dict[shape_key].tolist())
                 if saved_shape != (self.out_features, self.in_features):
-                    layer = prefix.removeprefix("base_model.model.").rstrip(".")
+                    layer = prefix.removeprefix(PEFT_PREFIX).rstrip(".")
                     raise ValueError(
                         f"This adapter was trained on a different base model: for {layer!r} the checkpoint has "
                         f"shape {saved_shape} but this model needs {(self.out_features, self.in_features)}. "

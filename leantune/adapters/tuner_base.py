@@ -9,6 +9,8 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from leantune._utils import PEFT_PREFIX
+
 
 def normalize_module_selection(config: PeftConfig) -> None:
     """peft's conventions for ``target_modules`` / ``exclude_modules`` / ``layers_pattern`` (in ``__post_init__``)."""
@@ -26,7 +28,7 @@ def check_checkpoint_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor
     This is what loading an adapter onto a different base model looks like; torch's own error would list
     every mismatch of every layer at once.
     """
-    prefix = "base_model.model."
+    prefix = PEFT_PREFIX
     own = model.state_dict()
     if not any(k.startswith(prefix) for k in own):
         state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}

@@ -1,45 +1,32 @@
-"""``LeanTuneCallback``: one object that switches leantune on inside an unmodified ``transformers`` script.
+"""``LeanTuneCallback``: switch leantune on inside an unmodified ``transformers`` script, with one explicit call.
 
-    trainer = Trainer(model=model, args=args, train_dataset=ds,
-                      callbacks=[LeanTuneCallback(adapter=LoraXSConfig(r=16, target_modules="all-linear"))])
+    callback = LeanTuneCallback(adapter=LoraXSConfig(r=16, target_modules="all-linear"), memory=True)
+    trainer = callback.setup(Trainer(model=model, args=args, train_dataset=ds))
+    trainer.train()
 
-``Trainer`` builds its optimizer only when ``train()`` starts, and tells its callbacks ``on_init_end``
-at the end of ``__init__``. At that point the callback finds the trainer that is calling it (it walks
-up the call stack to the ``Trainer.__init__`` frame; ``setup(trainer)`` does the same job explicitly
-for custom training code) and, in this order:
+``setup(trainer)`` is the one way the callback meets its trainer (a ``TrainerCallback``'s hooks receive the model,
+never the trainer). It must run before ``trainer.train()`` creates the optimizer, and does, in this order:
 
-1. wraps ``trainer.model`` in a ``PeftModel`` with the adapter (peft or leantune config), so only the
-   adapter trains, checkpoints hold only the adapter, and ``resume_from_checkpoint`` reloads it;
-   LoRA-SB first estimates its initialisation on the trainer's own first batches and learning rate;
-2. applies memory-saving backprop (``memory=``), then 3. fused kernels (``kernels=``);
-4. installs a leantune optimizer (``optimizer=``) in place of the trainer's default one;
-5. adds LISA layer sampling (``lisa=``) as a further callback of the same trainer.
+1. wraps ``trainer.model`` in a ``PeftModel`` with the adapter (peft or leantune config), so only the adapter
+   trains, checkpoints hold only the adapter, and ``resume_from_checkpoint`` reloads it; LoRA-SB first estimates
+   its initialisation on the trainer's own first batches and learning rate;
+2. applies memory-saving backprop (``memory=``) and fused kernels (``kernels=``) through the one patcher;
+3. installs a leantune optimizer (``optimizer=``) through transformers' optimizer-factory hook;
+4. adds LISA layer sampling (``lisa=``) as a further callback of the same trainer, and itself if absent.
+
+Every option is checked when the callback is built; a callback passed to ``Trainer(callbacks=[...])`` but never
+set up stops ``train()`` before the first step with a message saying so.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 from typing import Any, Optional, Union
 
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback
 
-from leantune.adapters.lora_sb import LoraSBConfig, estimate_first_step
-
-
-def find_calling_trainer() -> Optional[Trainer]:
-    """The ``Trainer`` whose ``__init__`` is on the current call stack, if any."""
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-            frame = frame.f_back
-    finally:
-        del frame
-    return None
+from leantune.adapters.lora_sb import LoraSBConfig, estimate_first_step, inject_lora_sb
 
 
 def first_step_learning_rate(trainer: Trainer) -> float:
@@ -54,14 +41,16 @@ def first_step_learning_rate(trainer: Trainer) -> float:
 
 
 class LeanTuneCallback(TrainerCallback):
-    """Add an adapter, memory savings, kernels and a low-rank optimizer to a ``Trainer`` run.
+    """Add an adapter, memory savings, kernels, a low-rank optimizer and LISA to a ``Trainer`` run.
 
     Args:
         adapter: a peft config (``LoraConfig`` …) or a leantune one (``LoraXSConfig``, ``LoraSBConfig`` …).
             ``None`` leaves the model as it is (e.g. full fine-tuning with a GaLore optimizer).
-        optimizer: a ``leantune.optim.OptimizerConfig`` or an optimizer name such as ``"galore_adamw"``.
+        optimizer: a ``leantune.optim.OptimizerConfig``, a dict of its fields, or an optimizer name such as
+            ``"galore_adamw"``.
         memory: a ``leantune.memory.MemoryConfig`` (or ``True`` for its defaults).
-        kernels: ``True``/``False`` to force fused kernels on/off; ``None`` = on for CUDA models only.
+        kernels: ``True``/``False`` to force fused kernels on/off, a list of kernel names; ``None`` = on for CUDA
+            models only.
         lisa: a ``leantune.optim.LISACallback`` (or a dict of its arguments) to sample trainable layers.
         adapter_name: name of the injected adapter.
         verbose: print what was switched on.
@@ -70,70 +59,84 @@ class LeanTuneCallback(TrainerCallback):
     def __init__(
         self,
         adapter: Optional[PeftConfig] = None,
-        optimizer: Union[str, Any, None] = None,
+        optimizer: Union[str, dict, Any, None] = None,
         memory: Union[bool, Any, None] = None,
-        kernels: Optional[bool] = None,
+        kernels: Union[bool, list, tuple, None] = None,
         lisa: Union[dict, Any, None] = None,
         adapter_name: str = "default",
         verbose: bool = True,
     ) -> None:
+        from leantune.kernels import ALL_KERNELS
+        from leantune.memory import MemoryConfig
+        from leantune.optim import LISACallback, OptimizerConfig
+
         if adapter is not None and not isinstance(adapter, PeftConfig):
             raise TypeError(f"adapter must be a peft or leantune config, got {type(adapter).__name__}.")
-        self.adapter = adapter
-        self.optimizer = optimizer
-        self.memory = memory
-        self.kernels = kernels
-        self.lisa = lisa
+        if memory is True:
+            memory = MemoryConfig()
+        elif memory is not None and memory is not False and not isinstance(memory, MemoryConfig):
+            raise TypeError(f"memory must be a leantune.memory.MemoryConfig, True or None, got {type(memory).__name__}.")
+        if kernels not in (None, True, False):
+            if isinstance(kernels, str) or not all(k in ALL_KERNELS for k in kernels):
+                raise ValueError(f"kernels must be True/False/None or a list of kernel names from {list(ALL_KERNELS)}, "
+                                 f"got {kernels!r}.")
+            kernels = list(kernels)
+        if optimizer is not None:
+            optimizer = OptimizerConfig.from_any(optimizer)  # raises on unknown names and fields
+        if isinstance(lisa, dict):
+            lisa = LISACallback(**lisa)
+        elif lisa is not None and not isinstance(lisa, LISACallback):
+            raise TypeError(f"lisa must be a LISACallback or a dict of its arguments, got {type(lisa).__name__}.")
+        self.adapter, self.optimizer, self.memory = adapter, optimizer, memory or None
+        self.kernels, self.lisa = kernels, lisa
         self.adapter_name = adapter_name
         self.verbose = verbose
         self.trainer: Optional[Trainer] = None
 
     # --- Trainer hook ----------------------------------------------------------------------------------
-    def on_init_end(self, args, state, control, **kwargs):  # noqa: D401 - transformers signature
-        trainer = find_calling_trainer()
-        if trainer is None:
-            raise RuntimeError(
-                "LeanTuneCallback could not find the Trainer that created it. If you build the trainer in an "
-                "unusual way, call `callback.setup(trainer)` yourself before `trainer.train()`."
-            )
-        self.setup(trainer)
-        return control
-
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer is None:
-            raise RuntimeError("LeanTuneCallback was never set up: pass it to Trainer(callbacks=[...]).")
+            raise RuntimeError(
+                "LeanTuneCallback was never set up, so nothing of it is active: call `callback.setup(trainer)` "
+                "after building the Trainer and before `trainer.train()`."
+            )
         return control
 
     # --- the work --------------------------------------------------------------------------------------
-    def setup(self, trainer: Trainer) -> None:
-        """Apply every configured option to ``trainer`` (idempotent)."""
+    def setup(self, trainer: Trainer) -> Trainer:
+        """Apply every configured option to ``trainer`` (once) and return it; call before ``trainer.train()``."""
         if self.trainer is trainer:
-            return
-        self.trainer = trainer
+            return trainer
+        if self.trainer is not None:
+            raise RuntimeError("This LeanTuneCallback is already set up with another Trainer; create one per trainer.")
+        if getattr(trainer, "optimizer", None) is not None and self.optimizer is not None:
+            raise RuntimeError("setup(trainer) must run before the trainer creates its optimizer (before train()).")
         if self.adapter is not None:
             self._inject_adapter(trainer)
-        if self.memory:
+        if self.memory is not None:
             from leantune import memory as lt_memory
 
-            config = lt_memory.MemoryConfig() if self.memory is True else self.memory
-            lt_memory.apply(trainer.model, config)
-            self._say(f"memory-saving backprop on: {config}")
+            handle = lt_memory.apply(trainer.model, self.memory)
+            if not handle.active:
+                raise ValueError(f"LeanTuneCallback(memory=...): {handle.report[0]}")
+            self._say(f"memory-saving backprop on: {handle.counts}")
         if self.kernels or (self.kernels is None and _on_cuda(trainer)):
             from leantune import kernels as lt_kernels
 
-            counts = lt_kernels.apply(trainer.model, enable=True)
-            self._say(f"fused kernels on: {counts}")
+            enable = True if self.kernels in (None, True) else self.kernels
+            self._say(f"fused kernels on: {lt_kernels.apply(trainer.model, enable=enable)}")
         if self.optimizer is not None:
             from leantune import optim as lt_optim
 
             lt_optim.install_in_trainer(trainer, self.optimizer)
-            self._say(f"optimizer: {self.optimizer}")
+            self._say(f"optimizer: {self.optimizer.name}")
         if self.lisa is not None:
-            from leantune.optim import LISACallback
-
-            lisa = LISACallback(**self.lisa) if isinstance(self.lisa, dict) else self.lisa
-            trainer.add_callback(lisa)
-            self._say(f"LISA layer sampling: {lisa.n_layers} layers every {lisa.interval_steps} steps")
+            trainer.add_callback(self.lisa)
+            self._say(f"LISA layer sampling: {self.lisa.n_layers} layers every {self.lisa.interval_steps} steps")
+        if self not in trainer.callback_handler.callbacks:
+            trainer.add_callback(self)
+        self.trainer = trainer
+        return trainer
 
     def prepare(self, model: Any) -> PeftModel:
         """Wrap ``model`` with the adapter now (for quantized models, which ``Trainer`` refuses unwrapped)."""
@@ -155,17 +158,14 @@ class LeanTuneCallback(TrainerCallback):
             return
         if isinstance(self.adapter, LoraSBConfig) and not self.adapter.gradient_init_done:
             batches = itertools.islice(trainer.get_train_dataloader(), self.adapter.num_init_batches)
-            lr = first_step_learning_rate(trainer)
-            estimate_first_step(
-                model,
-                self.adapter,
-                (trainer._prepare_inputs(batch) for batch in batches),
-                lr=lr,
-                loss_fn=lambda m, batch: trainer.compute_loss(m, batch),
+            device = trainer.args.device
+            factors = estimate_first_step(
+                model, self.adapter, ({k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches),
+                lr=first_step_learning_rate(trainer), loss_fn=lambda m, batch: trainer.compute_loss(m, batch),
             )
-        peft_model = get_peft_model(model, self.adapter, adapter_name=self.adapter_name)
-        if isinstance(self.adapter, LoraSBConfig):
-            self.adapter.gradient_init_done = True
+            peft_model = inject_lora_sb(model, self.adapter, factors, self.adapter_name)
+        else:
+            peft_model = get_peft_model(model, self.adapter, adapter_name=self.adapter_name)
         trainer.model = trainer.model_wrapped = peft_model
         trainer.callback_handler.model = peft_model
         if self.verbose:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import leantune.adapters  # noqa: F401  (registers the tuner types)
+from leantune._utils import PEFT_PREFIX
 from leantune.adapters.low_rank import LowRankLayer
 
 TOKENIZER_FILES = (
@@ -108,7 +109,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _saved_head_labels(adapter_dir: Path, model: torch.nn.Module) -> Optional[int]:
     """Number of labels of a saved classification head whose size differs from the freshly built one."""
-    prefix = "base_model.model."
+    prefix = PEFT_PREFIX
     own = model.state_dict()
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
         for key in f.keys():
@@ -197,7 +198,7 @@ class LoraFactors:
 def lowrank_factors_of(model: PeftModel, adapter_name: str = "default") -> LoraFactors:
     """Collect ``(A_eff, B_eff)`` of every adapted module; raises if a layer is not additive low-rank."""
     factors = LoraFactors()
-    prefix = "base_model.model."
+    prefix = PEFT_PREFIX
     for name, module in tqdm(list(model.named_modules()), desc="Collecting low-rank factors", leave=False):
         if isinstance(module, LowRankLayer):
             if adapter_name not in module.r:
@@ -239,7 +240,7 @@ def export_to_lora(
     model = load_adapted_model(base_dir, adapter_dir)
     factors = lowrank_factors_of(model)
     saved_heads = {
-        name.removeprefix("base_model.model."): {k: v.clone() for k, v in m.modules_to_save["default"].state_dict().items()}
+        name.removeprefix(PEFT_PREFIX): {k: v.clone() for k, v in m.modules_to_save["default"].state_dict().items()}
         for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)
     }
     base = model.unload()
@@ -288,10 +289,10 @@ def inspect_adapter(adapter_dir: str | os.PathLike) -> dict[str, Any]:
             numel = 1
             for dim in f.get_slice(key).get_shape():
                 numel *= dim
-            if not key.startswith("base_model.model."):  # held by the tuner, shared by all layers (Compacter's rule)
+            if not key.startswith(PEFT_PREFIX):  # held by the tuner, shared by all layers (Compacter's rule)
                 trainable += numel
                 continue
-            parts = key.removeprefix("base_model.model.").split(".")
+            parts = key.removeprefix(PEFT_PREFIX).split(".")
             owner = next((i for i, p in enumerate(parts) if p.startswith(prefix)), None)
             if owner is None:  # a fully trained module (modules_to_save), e.g. a classifier head
                 head += numel

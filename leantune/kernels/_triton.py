@@ -48,11 +48,6 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def compute_dtype(t: torch.Tensor) -> torch.Tensor:
-    """16-bit tensors upcast to fp32 (what the kernels do after ``tl.load``); fp32/fp64 unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
 def dot_in_fp32(*tensors: torch.Tensor) -> bool:
     """Whether ``tl.dot`` operands must be upcast to fp32 first.
 
@@ -64,4 +59,4 @@ def dot_in_fp32(*tensors: torch.Tensor) -> bool:
     return any(t.dtype not in (torch.float16, torch.bfloat16) for t in tensors)
 
 
-__all__ = ["HAS_TRITON", "compute_dtype", "dot_in_fp32", "next_power_of_2", "tl", "triton"]
+__all__ = ["HAS_TRITON", "dot_in_fp32", "next_power_of_2", "tl", "triton"]

@@ -7,29 +7,26 @@ The backward uses the derivative of h̃(x) = Σ_{i=1..3} a_i · max(x − c_i, 0
 
 so only ``flag`` (2 bits) is saved per element. Storage layout: flattened contiguous element ``i`` occupies
 bits ``2·(i mod 4) .. 2·(i mod 4)+1`` of byte ``i // 4`` (``ceil(numel/4)`` uint8). The forward is the model's exact
-activation computed in fp32: GELU with ``approximate="none"`` (erf) or ``"tanh"``, or SiLU ``x·σ(x)``.
+activation: GELU with ``approximate="none"`` (erf) or ``"tanh"``, SiLU ``x·σ(x)``, or the model's own function.
 
-Registered kernels ``"regelu2"`` and ``"resilu2"`` (see :class:`ApproxActivationKernel`) follow this contract:
-
-* ``fn(x, approximate="none") -> y`` — differentiable (Triton forward + Triton backward);
-* ``fn.forward(ctx, x, approximate="none") -> y`` — called inside the caller's autograd ``forward`` with its ``ctx``;
-  saves the packed codes (uint8 ``[ceil(numel/4)]``) with ``ctx.save_for_backward``;
-* ``fn.backward(ctx, grad_y) -> (grad_x, None)`` — from the caller's autograd ``backward``.
-
-The stateless launchers :func:`triton_approx_activation` (→ ``(y, codes)``) and :func:`triton_approx_backward`
-``(grad_y, codes, kind)`` are public too.
+One autograd function, :class:`ApproxActivationFunction`, serves ``leantune.memory`` and the kernels patch alike.
+Backends (one rule, :mod:`leantune.kernels.dispatch`): Triton on CUDA (one pass computing y and the flags, or only
+the flags when the model's own forward is kept); on CPU the torch reference, whose flag packing and backward run as
+single C loops when the CPU kernels are built (:mod:`leantune.kernels.cpu_native`; same bits as the torch ops).
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import cpu_native
-from ._triton import compute_dtype, next_power_of_2, tl, triton
+from ._triton import next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
 # (a1, a2, a3), (c1, c2, c3) fitted by the paper (k = 2 → 3 thresholds), see spec §1.1.
@@ -98,6 +95,18 @@ def unpack_2bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_2bit`: uint8 codes of length ``numel``."""
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
     return ((packed[:, None] >> shifts) & 3).reshape(-1)[:numel]
+
+
+def step_codes(x: torch.Tensor, thresholds: tuple[float, float, float]) -> torch.Tensor:
+    """Segment index ``Σ_i [x > c_i]`` as ``uint8``, unpacked (compared in fp32, fp64 for fp64 ``x``).
+
+    The readable definition; the op computes the packed form directly (:func:`packed_step_flags`, same comparisons).
+    """
+    xf = x if x.dtype == torch.float64 else x.float()
+    code = (xf > thresholds[0]).to(torch.uint8)
+    code += xf > thresholds[1]
+    code += xf > thresholds[2]
+    return code
 
 
 def _flag_table(thresholds: tuple[float, float, float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -198,12 +207,16 @@ def packed_step_backward(grad_y: torch.Tensor, packed: torch.Tensor, slopes: tup
     return out.view(grad_y.shape)
 
 
-def reference_approx_activation(x: torch.Tensor, kind: str, approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference forward: exact activation in fp32 (cast back) and packed 2-bit flags."""
+def reference_approx_activation(x: torch.Tensor, kind: str, approximate: str = "none",
+                                forward_fn: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch forward: the exact activation (``forward_fn``, else ``F.gelu``/``F.silu`` in the input dtype, as the
+    model computes it) and the packed 2-bit flags."""
     _check(kind, approximate)
-    xf = compute_dtype(x)
-    y = F.silu(xf) if kind == "resilu2" else F.gelu(xf, approximate=approximate)
-    return y.to(x.dtype), packed_step_flags(x, _CONSTANTS[kind][1])  # x itself: 16-bit inputs use the table
+    if forward_fn is not None:
+        y = forward_fn(x)
+    else:
+        y = F.silu(x) if kind == "resilu2" else F.gelu(x, approximate=approximate)
+    return y, packed_step_flags(x, _CONSTANTS[kind][1])  # x itself: 16-bit inputs use the table
 
 
 def reference_approx_backward(grad_y: torch.Tensor, codes: torch.Tensor, kind: str) -> torch.Tensor:
@@ -225,12 +238,15 @@ def reference_resilu2(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _approx_act_fwd_kernel(X, Y, CODES, n, c1, c2, c3, ACT: tl.constexpr, BLOCK: tl.constexpr):
+def _approx_act_fwd_kernel(X, Y, CODES, n, c1, c2, c3, ACT: tl.constexpr, STORE_Y: tl.constexpr,
+                           BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)  # upcast first: interpreter-safe bf16
-    if ACT == 0:  # GELU, erf form
+    if not STORE_Y:  # flags only: the caller computes y with the model's own function
+        pass
+    elif ACT == 0:  # GELU, erf form
         y = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
     elif ACT == 1:  # GELU, tanh form; tanh(u) = 2σ(2u) − 1 (no libdevice)
         u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
@@ -238,7 +254,8 @@ def _approx_act_fwd_kernel(X, Y, CODES, n, c1, c2, c3, ACT: tl.constexpr, BLOCK:
         y = 0.5 * x * (2.0 * tl.sigmoid(2.0 * u))
     else:  # SiLU
         y = x * tl.sigmoid(x)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    if STORE_Y:
+        tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     flag = (x > c1).to(tl.int32) + (x > c2).to(tl.int32) + (x > c3).to(tl.int32)
     flag = tl.where(mask, flag, 0)
     shifts = (tl.arange(0, 4) * 2)[None, :]
@@ -259,20 +276,23 @@ def _step_bwd_kernel(DY, CODES, DX, n, s1, s2, s3, BLOCK: tl.constexpr):
     tl.store(DX + offs, (dy * slope).to(DX.dtype.element_ty), mask=mask)
 
 
-def triton_approx_activation(x: torch.Tensor, kind: str, approximate: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward → (activation, packed flags); same math as :func:`reference_approx_activation`."""
+def triton_approx_activation(x: torch.Tensor, kind: str, approximate: str = "none",
+                             compute_y: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Triton forward → (activation, packed flags); same math as :func:`reference_approx_activation`.
+    ``compute_y=False``: flags only (``None`` for the activation)."""
     _check(kind, approximate)
     xc = x.contiguous()
     n = xc.numel()
-    y = torch.empty_like(xc)
+    y = torch.empty_like(xc) if compute_y else None
     codes = torch.empty(math.ceil(n / 4), dtype=torch.uint8, device=x.device)
     if n:
         _, (c1, c2, c3) = _CONSTANTS[kind]
         block = min(_BLOCK, max(4, next_power_of_2(n)))
         _approx_act_fwd_kernel[(triton.cdiv(n, block),)](
-            xc, y, codes, n, c1, c2, c3, ACT=_ACT_ID[(kind, approximate)], BLOCK=block
+            xc, y if compute_y else codes, codes, n, c1, c2, c3, ACT=_ACT_ID[(kind, approximate)], STORE_Y=compute_y,
+            BLOCK=block,
         )
-    return y.view(x.shape), codes
+    return (y.view(x.shape) if compute_y else None), codes
 
 
 def triton_approx_backward(grad_y: torch.Tensor, codes: torch.Tensor, kind: str) -> torch.Tensor:
@@ -288,16 +308,28 @@ def triton_approx_backward(grad_y: torch.Tensor, codes: torch.Tensor, kind: str)
     return dx.view(grad_y.shape)
 
 
-# ----------------------------------------------------------------------------------------------- autograd + dispatch
+# ----------------------------------------------------------------------------------------------- the op
 
 
 class ApproxActivationFunction(torch.autograd.Function):
-    """Exact activation forward, step-derivative backward; saves only the packed 2-bit flags."""
+    """``ApproxActivationFunction.apply(x, kind, approximate="none", forward_fn=None) -> y``: exact forward,
+    step-derivative backward; saves only the packed 2-bit flags (``ceil(numel/4)`` bytes).
+
+    ``kind``: "regelu2" (GELU, ``approximate`` "none" = erf or "tanh") or "resilu2" (SiLU). ``forward_fn``: the
+    model's own activation (e.g. GPT-2's python ``gelu_new``), called for ``y`` so the forward stays bit-identical
+    to the model; the flags are computed alongside (by the Triton flags kernel on CUDA). Without it ``y`` is
+    ``F.gelu`` / ``F.silu`` on CPU (the model's math) or the Triton kernel on CUDA.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, kind: str, approximate: str, use_triton: bool) -> torch.Tensor:
-        fwd = triton_approx_activation if use_triton else reference_approx_activation
-        y, codes = fwd(x, kind, approximate)
+    def forward(ctx, x: torch.Tensor, kind: str, approximate: str = "none", forward_fn: Callable | None = None):
+        _check(kind, approximate)
+        use_triton = kernel_for(kind, x) is not None
+        if use_triton:
+            y, codes = triton_approx_activation(x, kind, approximate, compute_y=forward_fn is None)
+            y = forward_fn(x) if forward_fn is not None else y
+        else:
+            y, codes = reference_approx_activation(x, kind, approximate, forward_fn)
         ctx.save_for_backward(codes)
         ctx.kind, ctx.use_triton = kind, use_triton
         return y
@@ -309,39 +341,48 @@ class ApproxActivationFunction(torch.autograd.Function):
         return bwd(grad_y, codes, ctx.kind), None, None, None
 
 
-class ApproxActivationKernel:
-    """The object registered as ``"regelu2"`` / ``"resilu2"`` (contract in the module docstring).
+def regelu2(x: torch.Tensor, approximate: str = "none", forward_fn: Callable | None = None) -> torch.Tensor:
+    """GELU forward (erf or tanh form, or ``forward_fn``), ReGELU2 backward."""
+    return ApproxActivationFunction.apply(x, "regelu2", approximate, forward_fn)
 
-    ``forward(ctx, x, approximate)`` / ``backward(ctx, grad_y)`` are meant to be called from inside another
-    ``torch.autograd.Function`` (``leantune.memory``) with that function's ``ctx``; calling the object itself is the
-    stand-alone differentiable op.
+
+def resilu2(x: torch.Tensor, forward_fn: Callable | None = None) -> torch.Tensor:
+    """SiLU forward (or ``forward_fn``), ReSiLU2 backward."""
+    return ApproxActivationFunction.apply(x, "resilu2", "none", forward_fn)
+
+
+class ApproxActivation(nn.Module):
+    """Drop-in replacement for a GELU/SiLU module: same forward (the original's), 2-bit backward.
+
+    ``kind`` is "gelu" (ReGELU2 constants) or "silu" (ReSiLU2); ``approximate`` None keeps the original module's
+    forward (bit-identical), "none"/"tanh" use ``F.gelu``. Outside autograd it simply calls the original.
     """
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
+    def __init__(self, original: nn.Module | Callable, kind: str, approximate: str | None = None):
+        super().__init__()
+        if kind not in ("gelu", "silu"):
+            raise ValueError(f"ApproxActivation: kind must be 'gelu' or 'silu', got {kind!r}")
+        self.kind, self.approximate, self.original = kind, approximate, original
 
-    def __call__(self, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-        return ApproxActivationFunction.apply(x, self.kind, approximate, True)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return approx_activation(x, self.kind, self.approximate, self.original)
 
-    def forward(self, ctx, x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-        y, codes = triton_approx_activation(x, self.kind, approximate)
-        ctx.save_for_backward(codes)
-        return y
-
-    def backward(self, ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (codes,) = ctx.saved_tensors
-        return triton_approx_backward(grad_y, codes, self.kind), None
+    def extra_repr(self) -> str:
+        return f"{'ReSiLU2' if self.kind == 'silu' else 'ReGELU2'}, forward={type(self.original).__name__}"
 
 
-def regelu2(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """GELU forward (erf or tanh form), ReGELU2 backward; Triton on CUDA, torch reference elsewhere."""
-    return ApproxActivationFunction.apply(x, "regelu2", approximate, kernel_for("regelu2", x) is not None)
+def approx_activation(x: torch.Tensor, kind: str, approximate: str | None, original: Callable) -> torch.Tensor:
+    """``original(x)`` with the 2-bit backward of ``kind`` ("gelu"/"silu") when autograd needs it.
+
+    ``approximate`` None: ``original`` computes the forward (exact model math); else ``F.gelu(approximate=)``.
+    """
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return original(x)
+    forward_fn = original if approximate is None else None
+    if kind == "silu":
+        return resilu2(x, forward_fn)
+    return regelu2(x, approximate or "none", forward_fn)
 
 
-def resilu2(x: torch.Tensor) -> torch.Tensor:
-    """SiLU forward, ReSiLU2 backward; Triton on CUDA, torch reference elsewhere."""
-    return ApproxActivationFunction.apply(x, "resilu2", "none", kernel_for("resilu2", x) is not None)
-
-
-register_kernel("regelu2", ApproxActivationKernel("regelu2"))
-register_kernel("resilu2", ApproxActivationKernel("resilu2"))
+register_kernel("regelu2", triton_approx_activation)
+register_kernel("resilu2", triton_approx_activation)

@@ -6,10 +6,9 @@ The Triton interpreter (``TRITON_INTERPRET=1`` with CPU tensors) is used only wh
 On CPU the 2-bit activation reference and the MS-norm backward run their inner loops as small C kernels compiled
 on first use (:mod:`leantune.kernels.cpu_native`; their torch ops remain the fallback).
 
-Callers (``leantune.memory``, ``leantune.adapters``, ``leantune.optim``) ask ``kernel_for(name, *tensors)``
-and fall back to their own torch code when it returns ``None``. Registered names and their callable
-contracts are documented in the kernel modules (``activations``, ``norms``, ``gated_mlp``, ``lora_linear``,
-``optimizer_step``).
+Each op's one autograd function (``activations``, ``norms``, ``gated_mlp``, ``fused_mlp``, ``lora_linear``) and the
+fused optimizer step ask ``kernel_for(name, *tensors)`` and run their torch reference when it returns ``None``. The
+registered value is the op's Triton launcher.
 """
 
 from __future__ import annotations

@@ -10,23 +10,22 @@ For a gated MLP ``down(act(e) ⊙ g)`` with ``e = gate(x)``, ``g = up(x)``:
               GELU (erf)   Φ(e) + e · φ(e),  φ(e) = exp(−e²/2)/√(2π)
               GELU (tanh)  ½(1 + t) + ½ e (1 − t²) k0 (1 + 3 k1 e²),  t = tanh(k0 (e + k1 e³)), k0 = √(2/π), k1 = 0.044715
 
-All math in fp32. The whole-MLP kernel registered as ``"gated_mlp"`` (:mod:`leantune.kernels.fused_mlp`, used by
-``leantune.memory``'s exact fused MLP, which saves only x, e, g) calls these pieces.
-
-Registered kernel ``"gated_activation"`` (see :class:`GatedActivationKernel`) follows this contract, with
-``activation`` one of ``"silu"``, ``"gelu"`` (erf) or ``"gelu_tanh"``:
-
-* ``fn(e, g, activation="silu") -> h`` — differentiable, saves (e, g) and recomputes act(e) in backward;
-* ``fn.forward(e, g, activation="silu") -> h``;
-* ``fn.backward(grad_h, e, g, activation="silu") -> (h, grad_e, grad_g)`` (``h`` recomputed, all like ``e``).
+The reference and the Triton kernels compute these formulas in fp32 (``activation`` one of ``"silu"``, ``"gelu"``
+(erf) or ``"gelu_tanh"``). When the model's own activation module is known, the CPU path calls it instead (bit-
+identical forward) and takes act' from autograd on the recomputed activation. The whole gated MLP with its
+projections (:mod:`leantune.kernels.fused_mlp`) uses these pieces for its elementwise part.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from ._triton import compute_dtype, next_power_of_2, tl, triton
+from leantune._utils import upcast
+
+from ._triton import next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
 _ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
@@ -63,7 +62,7 @@ def _act_grad(ef: torch.Tensor, activation: str) -> torch.Tensor:
 def reference_gated_mlp(e: torch.Tensor, g: torch.Tensor, activation: str = "silu") -> torch.Tensor:
     """Torch reference forward ``h = act(e) ⊙ g`` (fp32 math, cast to e.dtype)."""
     _check(e, g, activation)
-    return (_act(compute_dtype(e), activation) * compute_dtype(g)).to(e.dtype)
+    return (_act(upcast(e), activation) * upcast(g)).to(e.dtype)
 
 
 def reference_gated_mlp_backward(
@@ -71,7 +70,7 @@ def reference_gated_mlp_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Torch reference backward → (h recomputed, ∂e, ∂g)."""
     _check(e, g, activation)
-    ef, gf, dh = compute_dtype(e), compute_dtype(g), compute_dtype(grad_h)
+    ef, gf, dh = upcast(e), upcast(g), upcast(grad_h)
     f = _act(ef, activation)
     return (f * gf).to(e.dtype), (dh * gf * _act_grad(ef, activation)).to(e.dtype), (dh * f).to(g.dtype)
 
@@ -149,45 +148,55 @@ def triton_gated_mlp_backward(
     return h, de, dg
 
 
-# ----------------------------------------------------------------------------------------------- autograd + dispatch
+# ----------------------------------------------------------------------------------------------- the op
+
+
+def recompute_backward(grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor, act_fn: Callable
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CPU path of the backward for the model's own activation ``act_fn``: recompute ``f = act_fn(e)`` and take
+    ``act'`` from autograd (exact for any activation) → (h = f ⊙ g, ∂e = ∂h ⊙ g ⊙ act'(e), ∂g = ∂h ⊙ f)."""
+    with torch.enable_grad():
+        e_leaf = e.detach().requires_grad_(True)
+        f = act_fn(e_leaf)
+    (de,) = torch.autograd.grad(f, e_leaf, grad_h * g)
+    f = f.detach()
+    return f * g, de, grad_h * f
 
 
 class GatedActivationFunction(torch.autograd.Function):
-    """``act(e) ⊙ g`` saving only (e, g); act(e) is recomputed in backward (exact gradients)."""
+    """``GatedActivationFunction.apply(e, g, activation, act_fn=None) -> act(e) ⊙ g`` saving only (e, g); act(e) is
+    recomputed in backward (exact gradients). With ``act_fn`` (the model's module) the CPU path computes
+    ``act_fn(e) * g`` exactly as the model does; Triton on CUDA uses ``activation`` by name."""
 
     @staticmethod
-    def forward(ctx, e: torch.Tensor, g: torch.Tensor, activation: str, use_triton: bool) -> torch.Tensor:
-        h = (triton_gated_mlp if use_triton else reference_gated_mlp)(e, g, activation)
+    def forward(ctx, e: torch.Tensor, g: torch.Tensor, activation: str | None, act_fn: Callable | None = None):
+        if activation is not None or act_fn is None:  # None: the model's act_fn has no Triton twin
+            _check(e, g, activation)
+        use_triton = activation is not None and kernel_for("gated_activation", e, g) is not None
+        if use_triton:
+            h = triton_gated_mlp(e, g, activation)
+        else:
+            h = act_fn(e) * g if act_fn is not None else reference_gated_mlp(e, g, activation)
         ctx.save_for_backward(e, g)
-        ctx.activation, ctx.use_triton = activation, use_triton
+        ctx.activation, ctx.act_fn, ctx.use_triton = activation, act_fn, use_triton
         return h
 
     @staticmethod
     def backward(ctx, grad_h: torch.Tensor):
         e, g = ctx.saved_tensors
-        bwd = triton_gated_mlp_backward if ctx.use_triton else reference_gated_mlp_backward
-        _, de, dg = bwd(grad_h, e, g, ctx.activation)
+        if ctx.use_triton:
+            _, de, dg = triton_gated_mlp_backward(grad_h, e, g, ctx.activation)
+        elif ctx.act_fn is not None:
+            _, de, dg = recompute_backward(grad_h, e, g, ctx.act_fn)
+        else:
+            _, de, dg = reference_gated_mlp_backward(grad_h, e, g, ctx.activation)
         return de, dg, None, None
 
 
-class GatedActivationKernel:
-    """The callable registered as ``"gated_activation"`` (contract in the module docstring)."""
-
-    def __call__(self, e: torch.Tensor, g: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-        return GatedActivationFunction.apply(e, g, activation, True)
-
-    def forward(self, e: torch.Tensor, g: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-        return triton_gated_mlp(e, g, activation)
-
-    def backward(
-        self, grad_h: torch.Tensor, e: torch.Tensor, g: torch.Tensor, activation: str = "silu"
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return triton_gated_mlp_backward(grad_h, e, g, activation)
+def gated_activation(e: torch.Tensor, g: torch.Tensor, activation: str | None = "silu",
+                     act_fn: Callable | None = None) -> torch.Tensor:
+    """``act(e) ⊙ g`` with recompute-in-backward; see :class:`GatedActivationFunction`."""
+    return GatedActivationFunction.apply(e, g, activation, act_fn)
 
 
-def gated_activation(e: torch.Tensor, g: torch.Tensor, activation: str = "silu") -> torch.Tensor:
-    """``act(e) ⊙ g`` with recompute-in-backward; Triton on CUDA, torch reference elsewhere."""
-    return GatedActivationFunction.apply(e, g, activation, kernel_for("gated_activation", e, g) is not None)
-
-
-register_kernel("gated_activation", GatedActivationKernel())
+register_kernel("gated_activation", triton_gated_mlp)

@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from leantune._utils import scale_columns
+
 from ._triton import dot_in_fp32, next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
@@ -237,6 +239,41 @@ def fused_lora_linear(
     if fn is None:
         return reference_lora_linear(x, weight, bias, lora_a, lora_b, scale)
     return FusedLoRALinearFunction.apply(x, weight, bias, lora_a, lora_b, float(scale))
+
+
+class ScaledInputLinearFunction(torch.autograd.Function):
+    """``ScaledInputLinearFunction.apply(x, weight, gamma, bias) = x (W diag γ)ᵀ + b`` — an adapter's input-side
+    linear reading a folded norm's ŷ (``leantune.memory``: ``W diag γ`` is what it computed on ``u = γ ⊙ ŷ + β``).
+
+    Saves ``x``, ``W`` (a parameter) and ``γ``: never the product ``W diag γ``, which forward and backward form
+    again (``dx = dy (W diag γ)``, ``dW = (dyᵀ x) diag γ``; one rounding each, as :func:`scale_columns`)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, gamma, bias):
+        ctx.save_for_backward(x, weight, gamma)
+        ctx.has_bias = bias is not None
+        return F.linear(x, scale_columns(weight, gamma), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, gamma = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_y @ scale_columns(weight, gamma)
+        if ctx.needs_input_grad[1]:
+            g2, x2 = grad_y.reshape(-1, grad_y.shape[-1]), x.reshape(-1, x.shape[-1])
+            grad_w = scale_columns(g2.t() @ x2.to(g2.dtype), gamma).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_w, None, grad_b
+
+
+def scaled_input_linear(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor | None,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (W diag γ)ᵀ + b`` without saving the product (``F.linear`` when ``gamma`` is None)."""
+    if gamma is None:
+        return F.linear(x, weight, bias)
+    return ScaledInputLinearFunction.apply(x, weight, gamma.to(device=weight.device), bias)
 
 
 register_kernel("lora_linear", FusedLoRALinearKernel())

@@ -1,48 +1,59 @@
 """MS-RMSNorm / MS-LayerNorm (Memory-Sharing BP, Yang et al. ICML 2024): norms without affine that save their output.
 
-Per row of width H (fp32 statistics):
+Per row of width H (statistics in fp32, fp64 for fp64 inputs):
 
     RMSNorm:    rstd = 1/sqrt(mean(x²) + ε),            y = x · rstd
     LayerNorm:  μ = mean(x), rstd = 1/sqrt(var(x) + ε),  y = (x − μ) · rstd
 
-Saved for backward: the **output** ``y`` (input dtype) and ``rstd`` (fp32, one per row), never ``x``. The backward is
-written in terms of the output, so a following linear that saves the same ``y`` object makes the norm ~free:
+Saved for backward: the **output** ``y`` (input dtype) and ``rstd`` (one per row, shape ``x.shape[:-1] + (1,)``),
+never ``x``. The backward is written in terms of the output, so a following linear that saves the same ``y`` object
+makes the norm cost only ``rstd``:
 
-    MS-RMSNorm: dx = rstd · (dy − mean(dy ⊙ y) · y)
-    MS-LN:      dx = rstd · (dy − mean(dy) − mean(dy ⊙ y) · y)
+    MS-RMSNorm: dx = rstd · (g − mean(g ⊙ y) · y)
+    MS-LN:      dx = rstd · (g − mean(g) − mean(g ⊙ y) · y)        g = dy  (+ d(out) ⊙ w, post-norm variant)
 
-The affine (γ, β) is not part of the kernel: callers either fold it into the next linear or apply ``γ ⊙ y + β``
-themselves (exact for Llama-style RMSNorm, whose γ multiplies the normalised output).
+One autograd function, :class:`MSNormFunction`, for every caller (``leantune.memory``'s folded norms, the unfolded
+``γ ⊙ MS-norm(x) + β`` patch, BERT's post-norm blocks). What differs is an argument:
 
-Registered kernels ``"ms_rmsnorm"`` and ``"ms_layernorm"`` (see :class:`MSNormKernel`) follow this contract:
+* ``kind`` — ``"rmsnorm"`` (Llama, T5, Gemma: their γ or 1 + γ is applied by the caller) or ``"layernorm"``;
+* ``weight`` / ``bias`` — the post-norm variant: also return ``out = weight ⊙ y + bias`` (frozen weight/bias; the
+  residual path of BERT needs it, the folded linears take ``y``); its gradient joins the norm backward as
+  ``g = dy + d(out) ⊙ weight`` in the same pass, and nothing more is saved.
 
-* ``fn(x, eps) -> y`` — differentiable, normalises the last dimension;
-* ``fn.forward(ctx, x, eps) -> y`` — inside the caller's autograd ``forward``; saves ``(y, rstd)`` on ``ctx``
-  (``y`` the returned object, ``rstd`` fp32 of shape ``x.shape[:-1] + (1,)``);
-* ``fn.backward(ctx, grad_y) -> (grad_x, None)``.
-
-Stateless launchers: :func:`triton_ms_norm` ``(x, eps, kind) -> (y, rstd)`` and :func:`triton_ms_norm_backward`.
+Backends (one rule, :mod:`leantune.kernels.dispatch`): Triton on CUDA; on CPU the torch reference, whose backward
+runs as one C pass per row when the CPU kernels are built (:mod:`leantune.kernels.cpu_native`). The torch forward is
+bit-identical to Hugging Face's ``LlamaRMSNorm`` normalisation and to ``torch.native_layer_norm`` without affine.
 """
 
 from __future__ import annotations
 
 import torch
 
+from leantune._utils import compute_dtype, upcast
+
 from . import cpu_native
-from ._triton import compute_dtype, next_power_of_2, tl, triton
+from ._triton import next_power_of_2, tl, triton
 from .dispatch import interpreter_active, kernel_for, register_kernel
 
+KINDS = ("rmsnorm", "layernorm")
 _MAX_WIDTH = 65536  # one row per program; wider rows would not fit a block
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"MS norm: kind must be one of {KINDS}, got {kind!r}")
 
 
 # ----------------------------------------------------------------------------------------------- torch reference
 
 
 def reference_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference forward → (y in x.dtype, rstd fp32 [rows])."""
-    xf = compute_dtype(x)
+    """Torch forward → (y in x.dtype, rstd of shape ``x.shape[:-1]``, fp32 or fp64)."""
+    _check_kind(kind)
     if kind == "layernorm":
-        xf = xf - xf.mean(-1, keepdim=True)
+        y, _mean, rstd = torch.native_layer_norm(x, (x.shape[-1],), None, None, eps)
+        return y, rstd.to(compute_dtype(x.dtype)).reshape(x.shape[:-1])
+    xf = upcast(x)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * rstd).to(x.dtype), rstd.squeeze(-1)
 
@@ -50,13 +61,11 @@ def reference_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Ten
 def reference_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, kind: str,
                                native: bool = True, grad_out: torch.Tensor | None = None,
                                weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Torch reference backward from the saved output (formulas in the module docstring), fp32 (fp64) math.
+    """Torch backward from the saved output (formulas in the module docstring), fp32 (fp64) math.
 
-    ``rstd`` is one value per row, shaped ``[rows]`` or ``x.shape[:-1] + (1,)``. ``grad_out``/``weight``: the
-    caller also returned ``weight ⊙ y + β`` (a post-norm residual), whose gradient joins as ``dy + grad_out ⊙
-    weight``. Also the CPU path of :mod:`leantune.memory.ms_norms`: there (``native``) it runs as one C pass per row
-    when the CPU kernels are available (:mod:`leantune.kernels.cpu_native`, fp32/bf16/fp64), else as the torch ops
-    below.
+    ``rstd`` is one value per row, shaped ``x.shape[:-1]`` or ``x.shape[:-1] + (1,)``. ``grad_out``/``weight``: the
+    post-norm variant (``g = dy + grad_out ⊙ weight``). On CPU (``native``) it runs as one C pass per row when the
+    CPU kernels are available (fp32/bf16/fp64), else as the torch ops below.
     """
     if native and y.device.type == "cpu":
         dx = cpu_native.ms_norm_backward(grad_y, y, rstd.reshape(-1), kind, grad_out, weight)
@@ -64,7 +73,7 @@ def reference_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torc
             return dx
     if grad_out is not None:
         grad_y = torch.addcmul(grad_y, grad_out, weight)
-    dy, yf = compute_dtype(grad_y), compute_dtype(y)
+    dy, yf = upcast(grad_y), upcast(y)
     r = rstd.reshape(*y.shape[:-1], 1).to(dy.dtype)
     if kind == "layernorm":
         # ATen's LayerNorm backward with mean 0 and rstd 1 treats its input as x̂ = y and returns
@@ -135,7 +144,7 @@ def _rows(t: torch.Tensor, what: str) -> tuple[torch.Tensor, int, int]:
 
 
 def triton_ms_norm(x: torch.Tensor, eps: float, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward → (y, rstd); same math as :func:`reference_ms_norm`."""
+    """Triton forward → (y, rstd fp32 of shape ``x.shape[:-1]``); same math as :func:`reference_ms_norm`."""
     flat, rows, width = _rows(x, f"ms_{kind}")
     y = torch.empty_like(flat)
     rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
@@ -160,54 +169,64 @@ def triton_ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.T
     return dx.view(grad_y.shape)
 
 
-# ----------------------------------------------------------------------------------------------- autograd + dispatch
+# ----------------------------------------------------------------------------------------------- the op
+
+
+def _op_name(kind: str) -> str:
+    return "ms_layernorm" if kind == "layernorm" else "ms_rmsnorm"
 
 
 class MSNormFunction(torch.autograd.Function):
-    """Normalise the last dimension without affine; save (y, rstd) and differentiate from the output."""
+    """``MSNormFunction.apply(x, eps, kind, weight=None, bias=None)`` → ``y``, or ``(y, weight ⊙ y + bias)`` when
+    ``weight`` is given (post-norm variant). Saves ``(y, rstd)`` only; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, eps: float, kind: str, use_triton: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, eps: float, kind: str, weight: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None):
+        _check_kind(kind)
+        if (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad):
+            raise ValueError("MS norm (post-norm variant): weight and bias must be frozen (they are folded)")
+        use_triton = kernel_for(_op_name(kind), x) is not None
         y, rstd = (triton_ms_norm if use_triton else reference_ms_norm)(x, eps, kind)
-        ctx.save_for_backward(y, rstd)  # the output itself: shared with the next layer's saved input
-        ctx.kind, ctx.use_triton = kind, use_triton
-        return y
+        ctx.save_for_backward(y, rstd.unsqueeze(-1))  # the returned y itself: shared with the next layer's input
+        ctx.kind, ctx.use_triton, ctx.weight = kind, use_triton, weight
+        if weight is None:
+            return y
+        return y, (y * weight if bias is None else torch.addcmul(bias, y, weight))
 
     @staticmethod
-    def backward(ctx, grad_y: torch.Tensor):
-        y, rstd = ctx.saved_tensors
-        bwd = triton_ms_norm_backward if ctx.use_triton else reference_ms_norm_backward
-        return bwd(grad_y, y, rstd, ctx.kind), None, None, None
+    def backward(ctx, grad_y: torch.Tensor, grad_out: torch.Tensor | None = None):
+        y, rstd = ctx.saved_tensors  # unpacked once: non-reentrant checkpointing allows no second unpack
+        weight = ctx.weight if grad_out is not None else None
+        if ctx.use_triton:
+            g = grad_y if weight is None else torch.addcmul(grad_y, grad_out, weight)
+            grad_x = triton_ms_norm_backward(g, y, rstd.squeeze(-1), ctx.kind)
+        else:
+            grad_x = reference_ms_norm_backward(grad_y, y, rstd, ctx.kind, grad_out=grad_out if weight is not None
+                                                else None, weight=weight)
+        return grad_x, None, None, None, None
 
 
-class MSNormKernel:
-    """The object registered as ``"ms_rmsnorm"`` / ``"ms_layernorm"`` (contract in the module docstring)."""
+def ms_norm(x: torch.Tensor, eps: float, kind: str = "rmsnorm") -> torch.Tensor:
+    """MS norm of the last dimension (no affine); see :class:`MSNormFunction`."""
+    return MSNormFunction.apply(x, eps, kind)
 
-    def __init__(self, kind: str) -> None:
-        self.kind = kind
 
-    def __call__(self, x: torch.Tensor, eps: float) -> torch.Tensor:
-        return MSNormFunction.apply(x, eps, self.kind, True)
-
-    def forward(self, ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        y, rstd = triton_ms_norm(x, eps, self.kind)
-        ctx.save_for_backward(y, rstd.unsqueeze(-1))  # the returned y itself: shared with the next layer
-        return y
-
-    def backward(self, ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
-        y, rstd = ctx.saved_tensors
-        return triton_ms_norm_backward(grad_y, y, rstd, self.kind), None
+def ms_norm_affine(x: torch.Tensor, eps: float, kind: str, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, weight ⊙ y + bias)`` for post-norm blocks (frozen weight/bias); see :class:`MSNormFunction`."""
+    return MSNormFunction.apply(x, eps, kind, weight, bias)
 
 
 def ms_rmsnorm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """MS-RMSNorm of the last dimension (no affine); Triton on CUDA, torch reference elsewhere."""
-    return MSNormFunction.apply(x, eps, "rmsnorm", kernel_for("ms_rmsnorm", x) is not None)
+    """MS-RMSNorm of the last dimension (no affine)."""
+    return ms_norm(x, eps, "rmsnorm")
 
 
 def ms_layernorm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """MS-LayerNorm of the last dimension (no affine); Triton on CUDA, torch reference elsewhere."""
-    return MSNormFunction.apply(x, eps, "layernorm", kernel_for("ms_layernorm", x) is not None)
+    """MS-LayerNorm of the last dimension (no affine)."""
+    return ms_norm(x, eps, "layernorm")
 
 
-register_kernel("ms_rmsnorm", MSNormKernel("rmsnorm"))
-register_kernel("ms_layernorm", MSNormKernel("layernorm"))
+register_kernel("ms_rmsnorm", triton_ms_norm)
+register_kernel("ms_layernorm", triton_ms_norm)

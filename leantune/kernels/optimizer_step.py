@@ -15,73 +15,23 @@ W ← W − η_t (α back(N) + S); **DCT-AdamW** passes ``proj = Q[:, idx]ᵀ`` 
 ``Q[:, idx]`` (left), ``scale=1``, ``eps_mode="torch"`` (N = m / (√v + ε√(1−β2^t)), the torch.optim.AdamW form)
 and ``weight_decay_mode="before"`` (W ← W − η·wd·W first).
 
-States are fp32 tensors shaped like R, or :class:`BlockwiseInt8State` (leantune's 8-bit format: blocks of 256,
-m as int8 codes of m/absmax·127, v as uint8 codes of √v/absmax(√v)·255, round half up); the Triton kernel
-dequantises, updates and requantises in one pass, computing N from the fp32 values before requantisation.
+States are fp32 tensors shaped like R. The torch path of the optimizers (``leantune.optim``) is the reference;
+this kernel is the CUDA implementation of its "moments + direction + back-projection + update" part.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from ._triton import tl, triton
 from .dispatch import kernel_for, register_kernel
 
-QBLOCK = 256  # elements per 8-bit quantisation block (one Triton program each)
 _ADAM_BLOCK = 1024
 _BM, _BN, _BK = 32, 32, 32
 
 
-@dataclass
-class BlockwiseInt8State:
-    """An 8-bit Adam moment: ``codes`` (int8 for m, uint8 for v, flat) and one fp32 ``absmax`` per 256 elements."""
-
-    codes: torch.Tensor
-    absmax: torch.Tensor
-    shape: torch.Size
-    second_moment: bool  # True: v, stored as √v in uint8; False: m, signed int8
-
-    @classmethod
-    def zeros(cls, shape: tuple[int, ...], device: torch.device | str, second_moment: bool) -> "BlockwiseInt8State":
-        numel = math.prod(shape)
-        dtype = torch.uint8 if second_moment else torch.int8
-        absmax = torch.zeros(math.ceil(numel / QBLOCK), dtype=torch.float32, device=device)
-        return cls(torch.zeros(numel, dtype=dtype, device=device), absmax, torch.Size(shape), second_moment)
-
-    @classmethod
-    def from_float(cls, t: torch.Tensor, second_moment: bool) -> "BlockwiseInt8State":
-        state = cls.zeros(tuple(t.shape), t.device, second_moment)
-        state.store(t)
-        return state
-
-    def _levels(self) -> float:
-        return 255.0 if self.second_moment else 127.0
-
-    def dequantize(self) -> torch.Tensor:
-        """fp32 tensor of ``shape`` (code / levels · absmax, squared back for v)."""
-        numel = self.codes.numel()
-        scale = self.absmax.repeat_interleave(QBLOCK)[:numel]
-        vals = self.codes.float() / self._levels() * scale
-        return (vals * vals if self.second_moment else vals).view(self.shape)
-
-    def store(self, t: torch.Tensor) -> None:
-        """Quantise fp32 ``t`` into this state in place."""
-        flat = t.detach().float().reshape(-1)
-        vals = flat.sqrt() if self.second_moment else flat
-        pad = (-vals.numel()) % QBLOCK
-        blocks = torch.cat([vals, vals.new_zeros(pad)]).view(-1, QBLOCK)
-        absmax = blocks.abs().amax(1)
-        safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        q = torch.floor(blocks / safe[:, None] * self._levels() + 0.5)
-        q = q.clamp(0 if self.second_moment else -127, self._levels())
-        self.codes.copy_(q.reshape(-1)[: vals.numel()].to(self.codes.dtype))
-        self.absmax.copy_(absmax)
-
-
-Moment = torch.Tensor | BlockwiseInt8State
 
 
 def _step_constants(step: int, lr: float, betas: tuple[float, float], eps: float, correct_bias: bool, eps_mode: str):
@@ -105,19 +55,8 @@ def _project(grad: torch.Tensor, proj: torch.Tensor, side: str) -> torch.Tensor:
     raise ValueError(f"galore_adam_step: side must be 'left' (P ∈ R^(m×r)) or 'right' (P ∈ R^(r×n)), got {side!r}")
 
 
-def _moment_value(state: Moment) -> torch.Tensor:
-    return state.dequantize() if isinstance(state, BlockwiseInt8State) else state.float()
-
-
-def _moment_store(state: Moment, value: torch.Tensor) -> None:
-    if isinstance(state, BlockwiseInt8State):
-        state.store(value)
-    else:
-        state.copy_(value)
-
-
 def reference_galore_adam_step(
-    param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: Moment, exp_avg_sq: Moment, *,
+    param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
     step: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
     scale: float = 1.0, side: str = "right", correct_bias: bool = True, eps_mode: str = "hf",
     weight_decay_mode: str = "after", residual: torch.Tensor | None = None, projected: torch.Tensor | None = None,
@@ -128,11 +67,11 @@ def reference_galore_adam_step(
     """
     lr_t, eps_eff = _step_constants(step, lr, betas, eps, correct_bias, eps_mode)
     r = (_project(grad, proj, side) if projected is None else projected).float()
-    m = betas[0] * _moment_value(exp_avg) + (1 - betas[0]) * r
-    v = betas[1] * _moment_value(exp_avg_sq) + (1 - betas[1]) * r * r
+    m = betas[0] * exp_avg.float() + (1 - betas[0]) * r
+    v = betas[1] * exp_avg_sq.float() + (1 - betas[1]) * r * r
     n = m / (v.sqrt() + eps_eff)
-    _moment_store(exp_avg, m)
-    _moment_store(exp_avg_sq, v)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
     back = proj.float() @ n if side == "left" else n @ proj.float()
     update = scale * back + (residual.float() if residual is not None else 0.0)
     p = param.detach().float()
@@ -162,29 +101,6 @@ def _lowrank_adam_kernel(R, M, V, N, n, beta1, beta2, eps, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _lowrank_adam8bit_kernel(R, MC, MA, VC, VA, N, n, beta1, beta2, eps, QBLOCK: tl.constexpr):
-    blk = tl.program_id(0)
-    offs = blk * QBLOCK + tl.arange(0, QBLOCK)
-    mask = offs < n
-    r = tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(MC + offs, mask=mask, other=0).to(tl.float32) / 127.0 * tl.load(MA + blk)
-    sv = tl.load(VC + offs, mask=mask, other=0).to(tl.float32) / 255.0 * tl.load(VA + blk)
-    m = beta1 * m + (1.0 - beta1) * r
-    v = beta2 * (sv * sv) + (1.0 - beta2) * r * r
-    tl.store(N + offs, m / (tl.sqrt(v) + eps), mask=mask)
-    m = tl.where(mask, m, 0.0)
-    sv = tl.where(mask, tl.sqrt(v), 0.0)
-    m_absmax = tl.max(tl.abs(m), axis=0)
-    v_absmax = tl.max(sv, axis=0)
-    m_q = tl.floor(m / tl.where(m_absmax > 0, m_absmax, 1.0) * 127.0 + 0.5)
-    v_q = tl.floor(sv / tl.where(v_absmax > 0, v_absmax, 1.0) * 255.0 + 0.5)
-    tl.store(MC + offs, tl.minimum(tl.maximum(m_q, -127.0), 127.0).to(tl.int8), mask=mask)
-    tl.store(VC + offs, tl.minimum(tl.maximum(v_q, 0.0), 255.0).to(tl.uint8), mask=mask)
-    tl.store(MA + blk, m_absmax)
-    tl.store(VA + blk, v_absmax)
-
-
-@triton.jit
 def _backproject_update_kernel(
     L, RM, P, RES, rows, cols, rank, lr_t, alpha, wd_before, wd_after,
     s_l0, s_l1, s_r0, s_r1,
@@ -211,7 +127,7 @@ def _backproject_update_kernel(
 
 
 def triton_galore_adam_step(
-    param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: Moment, exp_avg_sq: Moment, *,
+    param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, *,
     step: int, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
     scale: float = 1.0, side: str = "right", correct_bias: bool = True, eps_mode: str = "hf",
     weight_decay_mode: str = "after", residual: torch.Tensor | None = None, projected: torch.Tensor | None = None,
@@ -225,19 +141,11 @@ def triton_galore_adam_step(
     r = (_project(grad, proj, side) if projected is None else projected).contiguous()
     n_buf = torch.empty(r.shape, dtype=torch.float32, device=r.device)
     numel = r.numel()
-    if isinstance(exp_avg, BlockwiseInt8State) and isinstance(exp_avg_sq, BlockwiseInt8State):
-        _lowrank_adam8bit_kernel[(triton.cdiv(numel, QBLOCK),)](
-            r, exp_avg.codes, exp_avg.absmax, exp_avg_sq.codes, exp_avg_sq.absmax, n_buf, numel,
-            betas[0], betas[1], eps_eff, QBLOCK=QBLOCK,
-        )  # fmt: skip
-    elif isinstance(exp_avg, torch.Tensor) and isinstance(exp_avg_sq, torch.Tensor):
-        if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()) or exp_avg.shape != r.shape:
-            raise ValueError(f"galore_adam_step: moments must be contiguous tensors of the projected shape {tuple(r.shape)}")
-        _lowrank_adam_kernel[(triton.cdiv(numel, _ADAM_BLOCK),)](
-            r, exp_avg, exp_avg_sq, n_buf, numel, betas[0], betas[1], eps_eff, BLOCK=_ADAM_BLOCK
-        )
-    else:
-        raise TypeError("galore_adam_step: exp_avg and exp_avg_sq must both be fp32 tensors or both BlockwiseInt8State")
+    if not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous()) or exp_avg.shape != r.shape:
+        raise ValueError(f"galore_adam_step: moments must be contiguous tensors of the projected shape {tuple(r.shape)}")
+    _lowrank_adam_kernel[(triton.cdiv(numel, _ADAM_BLOCK),)](
+        r, exp_avg, exp_avg_sq, n_buf, numel, betas[0], betas[1], eps_eff, BLOCK=_ADAM_BLOCK
+    )
     left, right = (proj, n_buf) if side == "left" else (n_buf, proj)
     rows, cols = param.shape
     res = residual.contiguous() if residual is not None else param
@@ -251,8 +159,8 @@ def triton_galore_adam_step(
     )  # fmt: skip
 
 
-def fused_galore_adam_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: Moment,
-                           exp_avg_sq: Moment, **kwargs) -> None:  # fmt: skip
+def fused_galore_adam_step(param: torch.Tensor, grad: torch.Tensor, proj: torch.Tensor, exp_avg: torch.Tensor,
+                           exp_avg_sq: torch.Tensor, **kwargs) -> None:  # fmt: skip
     """One low-rank Adam step in place: Triton on CUDA, :func:`reference_galore_adam_step` elsewhere.
 
     Keyword arguments as in :func:`reference_galore_adam_step` (``step`` is required and 1-based).

@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from leantune._utils import output_loss, storage_bytes
+
 CATEGORIES = ("norm", "activation", "linear/adapter input", "attention", "mlp", "checkpoint inputs", "other")
 _ACTIVATION_NAMES = ("GELU", "SiLU", "ReLU", "Tanh", "Activation", "ApproxActivation", "Sigmoid")
 
@@ -85,19 +87,9 @@ class MemoryProfile:
         return "\n".join(lines)
 
 
-def _storage_bytes(tensors) -> int:
-    seen: dict[tuple, int] = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.numel():
-            s = t.untyped_storage()
-            seen[(t.device, s.data_ptr())] = s.nbytes()
-    return sum(seen.values())
-
-
 def _default_loss(output: Any) -> torch.Tensor:
-    loss = getattr(output, "loss", None)
-    if loss is None and isinstance(output, dict):
-        loss = output.get("loss")
+    """``output.loss``, else the mean square of the first output (what ``profile`` backpropagates)."""
+    loss = output_loss(output)
     if loss is not None:
         return loss
     first = output[0] if isinstance(output, (tuple, list)) else getattr(output, "logits", None)
@@ -182,12 +174,12 @@ def profile(model: nn.Module, batch: dict | torch.Tensor | tuple, optimizer: tor
     records = list(seen.values())
     keep_alive.clear()
     loss.backward()
-    gradient_bytes = _storage_bytes(p.grad for p in trainable if p.grad is not None)
+    gradient_bytes = storage_bytes(p.grad for p in trainable if p.grad is not None)
     optimizer_state_bytes = 0
     if step and trainable:
         optimizer = optimizer or torch.optim.AdamW(trainable, lr=0.0)
         optimizer.step()
-        optimizer_state_bytes = _storage_bytes(
+        optimizer_state_bytes = storage_bytes(
             v for state in optimizer.state.values() for v in state.values())
     if cuda:
         torch.cuda.synchronize()
@@ -199,7 +191,7 @@ def profile(model: nn.Module, batch: dict | torch.Tensor | tuple, optimizer: tor
         by_type[r.module_type] = by_type.get(r.module_type, 0) + r.nbytes
     return MemoryProfile(
         saved_bytes=by_category, saved_bytes_by_type=by_type, records=records,
-        parameter_bytes=_storage_bytes(model.parameters()), trainable_parameter_bytes=_storage_bytes(trainable),
+        parameter_bytes=storage_bytes(model.parameters()), trainable_parameter_bytes=storage_bytes(trainable),
         gradient_bytes=gradient_bytes, optimizer_state_bytes=optimizer_state_bytes, loss=float(loss.detach()),
         step_time_s=elapsed, peak_device_bytes=torch.cuda.max_memory_allocated() if cuda else None,
     )

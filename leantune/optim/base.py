@@ -7,7 +7,7 @@ projected, everything else in the same optimizer gets the plain (full-rank) upda
 ``moment_policy`` ("keep" | "reset" | "rotate": what happens to the low-rank moments when P changes),
 ``max_grad_norm_per_param`` (clip each parameter's gradient by its own norm; None = off).
 
-Subclasses implement ``_update(p, grad, state, group, projector)``.
+Subclasses implement :meth:`LowRankOptimizer.update` (their update rule for one parameter).
 """
 
 from __future__ import annotations
@@ -100,6 +100,8 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         return loss
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        """What comes before every update rule: per-parameter clipping, the state, the projector (refreshed every T
+        steps); then :meth:`update`. A failed refresh with no usable projector skips the step (never NaN weights)."""
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)}).")
@@ -113,15 +115,17 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             state["step"] = 0
         projector = None
         if self.is_low_rank(group, p):
-            projector = self._projector(p, group, state)
+            projector = make_projector(group["projector"], state, group, seed=self._param_seed.get(p, 0))
             if projector.needs_refresh(state["step"]):
                 ok = self._refresh(projector, grad, state, group)
                 if not ok and (not projector.initialized or not bool(torch.isfinite(grad).all())):
-                    return  # never write NaN into the weights
-        self._update(p, grad, state, group, projector)
+                    return
+        self.update(p, grad, state, group, projector)
 
-    def _projector(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> Projector:
-        return make_projector(group["projector"], state, group, seed=self._param_seed.get(p, 0))
+    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+               projector: Projector | None) -> None:  # pragma: no cover - abstract
+        """The optimizer's update rule for one parameter (``projector`` None: a full-rank parameter)."""
+        raise NotImplementedError
 
     def _refresh(self, projector: Projector, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:
         had = projector.initialized
@@ -150,9 +154,6 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             if key == "exp_avg_sq":
                 y = y.abs()
             state[key].copy_(y)
-
-    def _update(self, p, grad, state, group, projector) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """torch casts every state tensor to the parameter's dtype; restore the saved dtypes of uint8 8-bit codes,

@@ -40,10 +40,6 @@ def shared_dct_basis(d: int, dtype: torch.dtype, device: torch.device) -> torch.
     return _BASES[key]
 
 
-def clear_dct_cache() -> None:
-    _BASES.clear()
-
-
 class DCTProjector(Projector):
     """Top-r DCT columns by the p-norm of the gradient's coefficients; stores ``proj_indices`` (int32) only."""
 

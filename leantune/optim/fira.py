@@ -33,20 +33,17 @@ class FiraAdamW(GaLoreAdamW):
             raise ValueError(f"gamma (norm-growth limit) must be >= 1, got {gamma}")
         super().__init__(params, *args, gamma=gamma, orthogonal_residual=orthogonal_residual, **kwargs)
 
-    def _postprocess(self, p, grad, R, N, update, state, group, projector) -> torch.Tensor:
-        return update + self._residual(grad, R, N, state, group, projector)
-
-    def _fused_residual(self, p, grad, R, state, group, projector) -> torch.Tensor:
+    def fused_residual(self, grad, R, state, group, projector) -> torch.Tensor:
         # The kernel updates the moments itself; preview N = m/(√v + ε) from copies to build the residual, and
         # rescale it from the eager step size to the kernel's η_t (they differ by √bc2 in torch-style arithmetic).
         preview = {"exp_avg": state["exp_avg"].clone(), "exp_avg_sq": state["exp_avg_sq"].clone(), "step": state["step"]}
         N, _ = adam_direction(R, preview, group)
-        residual = self._residual(grad, R, N, state, group, projector)
+        residual = self.residual(grad, R, N, state, group, projector)
         if group["reference_adam"] or not group["correct_bias"]:
             return residual  # the kernel's η_t is the eager step size
         return residual / math.sqrt(1.0 - group["betas"][1] ** state["step"])  # η_t = step size · √bc2
 
-    def _residual(self, grad, R, N, state, group, projector) -> torch.Tensor:
+    def residual(self, grad, R, N, state, group, projector) -> torch.Tensor:
         """S = (G − α back(R)) · φ, with the growth limiter (module docstring); updates ``fira_prev_norm``."""
         removed = projector.project_back(R)
         if group["orthogonal_residual"] and projector.scale != 0:

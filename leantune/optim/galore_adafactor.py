@@ -89,7 +89,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         for key in self.moment_keys + ("RMS",):
             state.pop(key, None)
 
-    def _update(self, p, grad, state, group, projector) -> None:
+    def update(self, p, grad, state, group, projector) -> None:
         grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
         R = projector.project(grad) if projector is not None else grad
         factored = R.ndim >= 2

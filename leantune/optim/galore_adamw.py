@@ -14,8 +14,9 @@ Two arithmetic modes:
   bias correction folded into the step size eta_t = eta sqrt(bc2)/bc1, decay W <- W - eta wd W applied *after*
   the update, eps default 1e-6.  With this flag and fp32 the results match galore-torch bitwise.
 
-On CUDA the low-rank step runs as one fused Triton kernel (``leantune.kernels.optimizer_step``; same arithmetic,
-switch off with ``leantune.kernels.set_enabled(None, disable=["galore_adam_step"])``).
+On CUDA "moments + direction + back-projection + update" runs as one fused Triton kernel
+(``leantune.kernels.optimizer_step``; same arithmetic, an alternative implementation of those lines of
+:meth:`GaLoreAdamW.update`; switch off with ``leantune.kernels.set_enabled(None, disable=["galore_adam_step"])``).
 
 Moments are kept when P is refreshed (as in every reference code base) unless ``moment_policy`` says otherwise.
 Parameters of groups without ``rank`` get the same Adam without projection.
@@ -126,51 +127,39 @@ class GaLoreAdamW(LowRankOptimizer):
         }
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 
-    def _transform_low_rank_grad(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
-        """Hook for preconditioning the projected gradient (Natural GaLore)."""
-        return R
+    #: whether the fused Triton kernel may implement "moments + direction + back-projection + update" for this class
+    fusable = True
 
-    def _postprocess(self, p, grad, R, N, update, state, group, projector) -> torch.Tensor:
-        """Hook on the back-projected update (Fira adds its residual here)."""
-        return update
-
-    def _fused_residual(self, p, grad, R, state, group, projector) -> torch.Tensor | None:
-        """Hook for the fused step: a full-rank term S added as W ← W − η_t (α back(N) + S) (Fira's residual)."""
-        return None
-
-    def _fused_kernel(self, p: torch.Tensor, grad: torch.Tensor, projector: Projector | None):
-        """The Triton step for this parameter, or None (CPU tensors, kernel switched off, Natural GaLore's
-        preconditioned R, a non-contiguous weight): then the torch path below runs."""
-        if projector is None or type(self)._transform_low_rank_grad is not GaLoreAdamW._transform_low_rank_grad:
-            return None
-        if not p.is_contiguous():
-            return None
-        return kernel_for("galore_adam_step", p, grad)
-
-    def _update(
-        self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any], projector: Projector | None
-    ) -> None:
-        R = projector.project(grad) if projector is not None else grad
-        if projector is not None:
-            R = self._transform_low_rank_grad(R, state, group)
+    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+               projector: Projector | None) -> None:
+        """One step for ``p``, in the paper's order (module docstring): project, then moments → direction →
+        back-projection → update with decoupled decay, by the torch code below or its fused kernel twin."""
+        R = grad if projector is None else self.precondition(projector.project(grad), state, group)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(R)
             state["exp_avg_sq"] = torch.zeros_like(R)
         state["step"] += 1
-        kernel = self._fused_kernel(p, grad, projector)
+        kernel = kernel_for("galore_adam_step", p, grad) if self.fusable and projector is not None \
+            and p.is_contiguous() else None
         if kernel is not None:
             self._fused_update(kernel, p, grad, R, state, group, projector)
             return
-        N, step_size = adam_direction(R, state, group)
-        if projector is None:
-            apply_update(p, N, step_size, group)
-            return
-        update = self._postprocess(p, grad, R, N, projector.project_back(N), state, group, projector)
-        apply_update(p, update, step_size, group)
+        N, step_size = adam_direction(R, state, group)  # m, v ← Adam moments of R;  N = m̂ / (√v̂ + ε)
+        update = N if projector is None else projector.project_back(N) + self.residual(grad, R, N, state, group,
+                                                                                       projector)
+        apply_update(p, update, step_size, group)  # W ← W − η_t (α back(N) + S), decoupled decay
+
+    def precondition(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+        """Transform of the projected gradient before Adam (identity; Natural GaLore: F⁻¹ R)."""
+        return R
+
+    def residual(self, grad, R, N, state, group, projector) -> torch.Tensor | float:
+        """Full-rank term S added to the back-projected update (0; Fira: its scaled residual)."""
+        return 0.0
 
     def _fused_update(self, kernel, p, grad, R, state, group, projector: Projector) -> None:
-        """The rest of :meth:`_update` through ``leantune.kernels.fused_galore_adam_step``'s Triton kernel: moments,
-        back-projection and weight update in one pass over W (R, the down-projection, is a library GEMM)."""
+        """The same "moments + direction + back-projection + update" as one pass over W
+        (``leantune.kernels.optimizer_step``; R, the down-projection, stays a library GEMM)."""
         reference = group["reference_adam"]
         kernel(
             p, grad, projector.matrix(), state["exp_avg"], state["exp_avg_sq"],
@@ -178,5 +167,10 @@ class GaLoreAdamW(LowRankOptimizer):
             weight_decay=group["weight_decay"], scale=projector.scale,
             side="right" if state["proj_right"] else "left", correct_bias=group["correct_bias"],
             eps_mode="hf" if reference else "torch", weight_decay_mode="after" if reference else "before",
-            residual=self._fused_residual(p, grad, R, state, group, projector), projected=R,
+            residual=self.fused_residual(grad, R, state, group, projector), projected=R,
         )  # fmt: skip
+
+    def fused_residual(self, grad, R, state, group, projector) -> torch.Tensor | None:
+        """:meth:`residual` in the kernel's units (W ← W − η_t (α back(N) + S)), computed before the kernel updates
+        the moments; None when there is none."""
+        return None

@@ -67,7 +67,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             group["eps"], state["step"], lr, q1, q2, state["absmax1"], state["absmax2"], weight_decay=weight_decay,
         )
 
-    def _update(self, p, grad, state, group, projector) -> None:
+    def update(self, p, grad, state, group, projector) -> None:
         R = projector.project(grad) if projector is not None else grad
         eight_bit = R.numel() >= group["min_8bit_size"]
         if eight_bit and "state1" not in state:

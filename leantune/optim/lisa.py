@@ -20,11 +20,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from leantune._utils import PEFT_PREFIX
+
 
 def find_layer_stack(model: nn.Module, layers_attribute: str | None = None) -> nn.ModuleList:
     """The decoder-layer ModuleList: ``layers_attribute`` (dotted path) or the first of the usual paths."""
     candidates = [layers_attribute] if layers_attribute else [
-        "model.layers", "model.model.layers", "transformer.h", "base_model.model.model.layers", "layers", "model.decoder.layers",
+        "model.layers", "model.model.layers", "transformer.h", f"{PEFT_PREFIX}model.layers", "layers", "model.decoder.layers",
     ]
     for path in candidates:
         obj: Any = model

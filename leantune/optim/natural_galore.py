@@ -46,6 +46,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
     """
 
     moment_keys = ("exp_avg", "exp_avg_sq")
+    fusable = False  # the fused step is not exercised on preconditioned gradients: keep the torch path
 
     def __init__(
         self,
@@ -63,7 +64,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         self._history_dtype = history_dtype
         super().__init__(params, *args, history_size=history_size, damping=damping, **kwargs)
 
-    def _transform_low_rank_grad(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
+    def precondition(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
         s = group["history_size"]
         flat = R.reshape(-1)
         if "fisher_history" not in state or state["fisher_history"].shape[1] != flat.numel():

@@ -95,17 +95,6 @@ class Projector:
             return old_matrix.float() @ new.float().t()
         return new.float().t() @ old_matrix.float()
 
-    def state_dict(self) -> dict[str, Any]:
-        """Config plus tensors (weights_only-safe)."""
-        out: dict[str, Any] = {
-            "kind": self.kind,
-            "rank": self.rank,
-            "update_proj_gap": self.update_proj_gap,
-            "scale": self.scale,
-        }
-        out.update({k: v for k, v in self.state.items() if k.startswith("proj_")})
-        return out
-
     # ---- helpers --------------------------------------------------------------------------------------------
     def _accept(self, grad: torch.Tensor, new: torch.Tensor | None, reason: str) -> bool:
         if new is not None and bool(torch.isfinite(new).all()):

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 
 import torch
 
+from leantune._utils import storage_bytes
+
 
 def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
@@ -24,18 +26,6 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
     elif hasattr(obj, "__dict__") and not isinstance(obj, type):  # e.g. galore-torch's projector objects
         yield from _tensors(vars(obj))
-
-
-def storage_bytes(tensors: Iterator[torch.Tensor] | list[torch.Tensor]) -> int:
-    """Sum of distinct untyped-storage sizes (a view costs its whole base storage, once)."""
-    seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        st = t.untyped_storage()
-        key = (str(t.device), st.data_ptr())
-        if st.nbytes() == 0:
-            continue
-        seen[key] = st.nbytes()
-    return sum(seen.values())
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -35,7 +35,7 @@ def make_trainer(tmp_path, callback, model=None, max_steps=4, **kw) -> Trainer:
         save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1,
         seed=0, data_seed=0, **kw,
     )
-    return Trainer(model=model or tiny_bert(), args=args, train_dataset=toy_dataset(), callbacks=[callback])
+    return callback.setup(Trainer(model=model or tiny_bert(), args=args, train_dataset=toy_dataset()))
 
 
 class StopAt(TrainerCallback):
@@ -133,7 +133,7 @@ def test_one_callback_switches_on_adapter_optimizer_and_lisa(tmp_path):
                                                  target_modules=["q_proj", "v_proj"]),
         lisa={"n_layers": 1, "interval_steps": 2}, verbose=False,
     )
-    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[callback])
+    trainer = callback.setup(Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset()))
     assert any(isinstance(cb, LISACallback) for cb in trainer.callback_handler.callbacks)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
@@ -152,7 +152,7 @@ def test_adapter_and_low_rank_optimizer_together(tmp_path):
         optimizer=leantune.optim.OptimizerConfig("galore_adamw", rank=2, target_modules="all-linear"),
         verbose=False,
     )
-    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[callback])
+    trainer = callback.setup(Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset()))
     trainer.train()
     optimized = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert optimized == {id(p) for p in trainer.model.parameters() if p.requires_grad}
@@ -168,7 +168,7 @@ def test_memory_and_kernel_options_patch_the_trained_model(tmp_path):
         adapter=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0),
         memory=MemoryConfig.exact(), kernels=True, verbose=False,
     )
-    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[callback])
+    trainer = callback.setup(Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset()))
     assert patched_modules(trainer.model)  # kernels=True on CPU: the torch-reference paths
     norms = [m for m in trainer.model.modules() if type(m).__name__ == "LlamaRMSNorm"]
     assert norms and all(torch.all(m.weight == 1) for m in norms[:-1])  # folded into the next linears

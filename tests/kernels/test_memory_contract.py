@@ -1,4 +1,4 @@
-"""The kernels plugged into leantune.memory's autograd functions (its kernel contract) equal its torch paths."""
+"""The one autograd function per op, used by leantune.memory: its Triton path equals its torch path."""
 
 import pytest
 import torch
@@ -8,9 +8,9 @@ import leantune.kernels as K
 
 from .conftest import assert_close
 
-memory_acts = pytest.importorskip("leantune.memory.approx_activations")
-memory_norms = pytest.importorskip("leantune.memory.ms_norms")
-memory_mlp = pytest.importorskip("leantune.memory.gated_mlp")
+from leantune.kernels import activations as memory_acts
+from leantune.kernels import fused_mlp as memory_mlp
+from leantune.kernels import norms as memory_norms
 
 
 def _run(fn, *inputs):
@@ -24,13 +24,13 @@ def _run(fn, *inputs):
 @pytest.mark.parametrize(
     "name,fn",
     [
-        ("regelu2", lambda x: memory_acts.ReGELU2Function.apply(x, "none")),
-        ("regelu2", lambda x: memory_acts.ReGELU2Function.apply(x, "tanh")),
-        ("resilu2", lambda x: memory_acts.ReSiLU2Function.apply(x)),
-        ("ms_rmsnorm", lambda x: memory_norms.MSRMSNormFunction.apply(x, 1e-6)),
-        ("ms_layernorm", lambda x: memory_norms.MSLayerNormFunction.apply(x, 1e-5)),
+        ("regelu2", lambda x: memory_acts.ApproxActivationFunction.apply(x, "regelu2", "none")),
+        ("regelu2", lambda x: memory_acts.ApproxActivationFunction.apply(x, "regelu2", "tanh")),
+        ("resilu2", lambda x: memory_acts.ApproxActivationFunction.apply(x, "resilu2")),
+        ("ms_rmsnorm", lambda x: memory_norms.MSNormFunction.apply(x, 1e-6, "rmsnorm")),
+        ("ms_layernorm", lambda x: memory_norms.MSNormFunction.apply(x, 1e-5, "layernorm")),
         ("ms_layernorm", lambda x: torch.stack(memory_norms.ms_norm_affine(  # post-norm: (y, γ ⊙ y + β)
-            x, "layernorm", 1e-5, torch.linspace(0.5, 1.5, 37).to(x.dtype), torch.linspace(-1, 1, 37).to(x.dtype)))),
+            x, 1e-5, "layernorm", torch.linspace(0.5, 1.5, 37).to(x.dtype), torch.linspace(-1, 1, 37).to(x.dtype)))),
     ],
 )
 def test_memory_functions_with_kernels_equal_their_torch_path(name, fn, dtype):

@@ -28,7 +28,7 @@ def test_reference_matches_torch_norm_forward_and_gradient_float64(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_reference_function_passes_gradcheck(kind):
     x = torch.randn(3, 11, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: norms.MSNormFunction.apply(t, 1e-6, kind, False), (x,))
+    assert torch.autograd.gradcheck(lambda t: norms.MSNormFunction.apply(t, 1e-6, kind), (x,))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -40,7 +40,9 @@ def test_triton_forward_backward_match_reference(kind, shape, dtype):
     y_ref, rstd_ref = norms.reference_ms_norm(x, 1e-6, kind)
     assert rstd.dtype == torch.float32 and rstd.shape == shape[:-1]
     assert_close(y, y_ref, dtype)
-    assert_close(rstd, rstd_ref, torch.float32)
+    # the torch LayerNorm takes rstd from ATen's native_layer_norm (bit-identical y): in the input dtype for 16-bit
+    # inputs, as eager LayerNorm's own backward uses it
+    assert_close(rstd, rstd_ref, dtype if kind == "layernorm" else torch.float32)
     dy = torch.randn(shape).to(dtype)
     assert_close(
         norms.triton_ms_norm_backward(dy, y_ref, rstd_ref, kind),
@@ -59,6 +61,6 @@ def test_saves_output_and_rstd_only(kind, triton_on):
         y = fn(x)
     assert len(saved) == 2
     assert saved[0].untyped_storage().data_ptr() == y.untyped_storage().data_ptr()  # the output, shared
-    assert saved[1].shape == (4,) and saved[1].dtype == torch.float32
+    assert saved[1].shape == (4, 1) and saved[1].dtype == torch.float32  # one rstd per row
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape

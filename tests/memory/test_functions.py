@@ -10,9 +10,11 @@ import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
 
 import leantune.memory as lm
-from leantune.memory.approx_activations import (
-    REGELU2_SLOPES, REGELU2_THRESHOLDS, RESILU2_SLOPES, RESILU2_THRESHOLDS, step_codes)
-from leantune.memory.gated_mlp import GatedMLPFunction, GatedMLPSpec
+from leantune.kernels.activations import REGELU2_CONSTANTS, RESILU2_CONSTANTS, step_codes
+from leantune.kernels.fused_mlp import GatedMLPFunction, GatedMLPSpec
+
+REGELU2_SLOPES, REGELU2_THRESHOLDS = REGELU2_CONSTANTS
+RESILU2_SLOPES, RESILU2_THRESHOLDS = RESILU2_CONSTANTS
 
 
 def _saved(fn):
@@ -69,11 +71,11 @@ def test_approx_activation_keeps_model_forward_and_saves_two_bits():
     assert len(saved) == 1 and saved[0].dtype == torch.uint8 and saved[0].numel() == math.ceil(x.numel() / 4)
 
 
-@pytest.mark.parametrize("fn", [lm.ms_rms_norm, lm.ms_layer_norm])
+@pytest.mark.parametrize("fn", [lm.ms_rmsnorm, lm.ms_layernorm])
 def test_ms_norm_gradcheck_and_saves_output(fn):
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: fn(t, 1e-6), (x,))
-    reference = (F.layer_norm(x, (12,), eps=1e-6) if fn is lm.ms_layer_norm
+    reference = (F.layer_norm(x, (12,), eps=1e-6) if fn is lm.ms_layernorm
                  else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
     y, saved = _saved(lambda: fn(x, 1e-6))
     torch.testing.assert_close(y, reference)
@@ -87,24 +89,24 @@ def test_ms_norm_gradcheck_and_saves_output(fn):
 def test_ms_norm_affine_gradcheck_forward_and_saves_output(kind, bias):
     """Post-norm variant: (y, w ⊙ y + b) with y = the MS norm; gradcheck (fp64, the C pass on CPU), forward equal to
     the plain MS norm then addcmul, and only y + rstd saved."""
-    from leantune.memory.ms_norms import ms_norm_affine
+    from leantune.kernels.norms import ms_norm_affine
 
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
     w = torch.randn(12, dtype=torch.float64)
     b = torch.randn(12, dtype=torch.float64) if bias else None
 
     def both(t):
-        y, out = ms_norm_affine(t, kind, 1e-6, w, b)
+        y, out = ms_norm_affine(t, 1e-6, kind, w, b)
         return y, out
 
     assert torch.autograd.gradcheck(both, (x,))
-    plain = lm.ms_layer_norm(x, 1e-6) if kind == "layernorm" else lm.ms_rms_norm(x, 1e-6)
+    plain = lm.ms_layernorm(x, 1e-6) if kind == "layernorm" else lm.ms_rmsnorm(x, 1e-6)
     (y, out), saved = _saved(lambda: both(x))
     assert torch.equal(y, plain) and torch.equal(out, plain * w if b is None else torch.addcmul(b, plain, w))
     assert y.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in saved}
     assert sorted(t.numel() for t in saved) == [15, 180]  # rstd and the shared output only
     with pytest.raises(ValueError, match="frozen"):
-        ms_norm_affine(x, kind, 1e-6, w.clone().requires_grad_(), b)
+        ms_norm_affine(x, 1e-6, kind, w.clone().requires_grad_(), b)
 
 
 def _projection_tensors(d_in, d_out, rank, bias, dtype=torch.float64):

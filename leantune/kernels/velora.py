@@ -79,10 +79,3 @@ class VeLoRAProjection(nn.Module):
             self.initialize(x)
         return VeLoRAFunction.apply(x, weight, self.v, self.num_groups, self.scale)
 
-
-def pick_num_groups(in_features: int, sub_token_size: int) -> int:
-    """Number of sub-tokens G so that each has width ``sub_token_size`` (largest divisor-compatible choice)."""
-    size = min(sub_token_size, in_features)
-    while in_features % size:
-        size -= 1
-    return in_features // size

@@ -9,21 +9,18 @@ so the norm can drop its affine and hand ŷ itself to the linear (which saves ŷ
 ``b'`` are computed in float64 and cast back to the weight dtype. GPT-2's ``Conv1D`` stores ``Wᵀ`` ([in, out]), so
 there ``W'ᵀ = diag(γ) Wᵀ`` and ``b' = b + βᵀ Wᵀ``.
 
-Adapters trained on the folded model. A low-rank adapter on the folded linear adds ``ΔW' ŷ``. Written in the
-original input ``u`` (ŷ = diag(γ)⁻¹ (u − β)):
+Adapters on the folded linear keep their own parameterisation: they compute ``ΔW u = ΔW diag(γ) ŷ + ΔW β`` from
+ŷ (``diag γ`` applied to their input-side factor, ``ΔW β`` a parameter-only vector), see
+:mod:`leantune.patching.folding_patch`. :func:`unfold_delta` is the conversion for a delta ``ΔW'`` that *was*
+trained in the folded parameterisation (``ΔW' ŷ`` written in ``u``):
 
     ΔW' ŷ = (ΔW' diag(γ)⁻¹) u − ΔW' diag(γ)⁻¹ β   =>   ΔW = ΔW' diag(1/γ),   Δb = −ΔW β.
 
-For peft LoRA (``ΔW' = s · B A'``) this is ``A = A' diag(1/γ)`` (B unchanged) plus, when β ≠ 0, a bias
-``−B A β`` on ``lora_B`` (peft ``lora_bias=True``; peft multiplies it by ``s`` like the rest of the branch).
-RMSNorm has β = 0, so Llama-family adapters convert by rescaling ``A`` alone. Norms with some ``|γ| < 1e-6`` are
-never folded (the conversion would divide by ~0).
+Norms with some ``|γ| < 1e-6`` are never folded (undoing it would divide by ~0).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
@@ -148,70 +145,12 @@ def unfold_delta(delta_weight: torch.Tensor, gamma: torch.Tensor, beta: torch.Te
     return dw.to(delta_weight.dtype), None if db is None else db.to(delta_weight.dtype)
 
 
-def _fold_records(model: nn.Module) -> dict[int, FoldRecord]:
-    from .architectures import hf_model
-
-    handle = getattr(hf_model(model), "_leantune_memory_handle", None)
-    return {} if handle is None else {id(m): r for m, r in handle.fold_records}
-
-
-def unfold_adapter_state(model: nn.Module, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], bool]:
-    """peft LoRA state dict of ``model`` (a peft model patched by :func:`leantune.memory.apply`) expressed
-    against the original, unfolded base model.
-
-    Returns ``(state_dict, needs_lora_bias)``: keys as ``peft.get_peft_model_state_dict`` writes them; for every
-    LoRA layer sitting on a folded linear ``lora_A.weight ← A' diag(1/γ)``; if any folded norm has β ≠ 0, every
-    LoRA layer gets a ``lora_B.bias`` (``−B A β`` where folded, zeros elsewhere) and the adapter must be loaded
-    with ``LoraConfig(lora_bias=True)`` (:func:`save_unfolded_adapter` writes that into the config).
-    """
-    from peft import get_peft_model_state_dict
-    from peft.tuners.lora import LoraLayer
-
-    records = _fold_records(model)
-    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
-    lora_layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
-    needs_bias = any(r.beta is not None and bool(r.beta.any()) for r in records.values())
-    for name, layer in lora_layers:
-        key_a, key_bias = f"{name}.lora_A.weight", f"{name}.lora_B.bias"
-        if key_a not in state:
-            raise KeyError(f"unfold_adapter_state: {key_a} missing from the peft state dict (adapter {adapter_name!r})")
-        record = records.get(id(layer))
-        if record is None:
-            if needs_bias and key_bias not in state:
-                out_features = layer.lora_B[adapter_name].weight.shape[0]
-                state[key_bias] = torch.zeros(out_features, dtype=state[key_a].dtype)
-            continue
-        a_folded = state[key_a]
-        g = record.gamma.to(torch.float64)
-        if bool((g.abs() < GAMMA_TOLERANCE).any()):
-            raise ValueError(f"{name}: some |γ| < 1e-6, cannot express the adapter on the unfolded model")
-        a_orig = a_folded.to(torch.float64) / g[None, :]
-        state[key_a] = a_orig.to(a_folded.dtype)
-        if needs_bias:
-            b = layer.lora_B[adapter_name].weight.detach().cpu().to(torch.float64)
-            old = state.get(key_bias)
-            shift = torch.zeros(b.shape[0], dtype=torch.float64)
-            if record.beta is not None:
-                shift = -(b @ (a_orig @ record.beta.to(torch.float64)))
-            state[key_bias] = ((0 if old is None else old.to(torch.float64)) + shift).to(a_folded.dtype)
-    return state, needs_bias
-
-
 def save_unfolded_adapter(model: nn.Module, save_directory: str, adapter_name: str = "default") -> str:
-    """Write a standard peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``) that applies to the
-    user's original base model, converting from the folded parameterisation (see module docstring)."""
-    from safetensors.torch import save_file
+    """Save the adapter of a model patched by :func:`leantune.memory.apply` for the user's original base model.
 
-    state, needs_bias = unfold_adapter_state(model, adapter_name)
-    config = model.peft_config[adapter_name]
-    os.makedirs(save_directory, exist_ok=True)
-    config_dict = config.to_dict()
-    if needs_bias:
-        config_dict["lora_bias"] = True
-    for key, value in list(config_dict.items()):
-        if isinstance(value, set):
-            config_dict[key] = sorted(value)
-    with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
-        json.dump(config_dict, f, indent=2, default=str)
-    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(save_directory, "adapter_model.safetensors"))
+    Folding never changes the adapters' own parameters (the consumers' adapters read ŷ through ``diag γ`` and add
+    their ``β`` term at run time, see :mod:`leantune.patching.folding_patch`), so this is ``model.save_pretrained``:
+    the files load with ``PeftModel.from_pretrained(original_base, save_directory)`` for every adapter type.
+    """
+    model.save_pretrained(save_directory, selected_adapters=[adapter_name])
     return save_directory

@@ -1,0 +1,57 @@
+"""Small helpers every leantune package uses: one copy each."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+#: what peft puts in front of every base-model parameter name (``PeftModel.base_model.model.<name>``)
+PEFT_PREFIX = "base_model.model."
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype reductions run in: float64 for float64 inputs, float32 for everything else (16-bit included)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in :func:`compute_dtype` (no copy when it already is)."""
+    return t.to(compute_dtype(t.dtype))
+
+
+def storage_bytes(tensors: Iterable[Any]) -> int:
+    """Sum of distinct untyped-storage sizes of the tensors among ``tensors`` (a view costs its whole base storage,
+    once; non-tensors and empty storages are skipped). This is what really stays in memory."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
+            continue
+        seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def output_loss(output: Any) -> torch.Tensor | None:
+    """The ``loss`` of a model output (a ``ModelOutput``, a dict or an object with ``.loss``), ``None`` if absent."""
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, dict):
+        loss = output.get("loss")
+    return loss
+
+
+def batch_loss(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    """``model(**batch).loss`` with a clear error when the batch has no labels."""
+    loss = output_loss(model(**batch))
+    if loss is None:
+        raise ValueError("The model returned no loss for a batch: include labels, or pass loss_fn=(model, batch) -> loss.")
+    return loss
+
+
+def scale_columns(weight: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """``weight · diag(γ)`` (columns scaled by ``γ``), formed in fp32 (fp64 for fp64 weights) with one rounding back to
+    the weight's dtype; differentiable in ``weight``. How a folded norm's γ enters an adapter's input-side factor."""
+    compute = compute_dtype(weight.dtype)
+    return (weight.to(compute) * gamma.to(device=weight.device, dtype=compute)).to(weight.dtype)
