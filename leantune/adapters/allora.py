@@ -149,9 +149,8 @@ class ALLoRALayer(LowRankLayer):
         a, b = self.allora_A[adapter], self.allora_B[adapter]
         if not torch.is_grad_enabled():
             return nn.functional.linear(self.input_linear(x, a), b)
-        gamma = self.input_scale()  # a folded norm's γ; the coefficients still come from ΔW = B A itself
-        gamma = None if gamma is None else gamma.to(device=a.device)
-        return _ALLoRAFunction.apply(x, a, b, *self.coefficients(adapter), gamma)
+        # a folded norm's γ enters through input_scale(); the coefficients still come from ΔW = B A itself
+        return _ALLoRAFunction.apply(x, a, b, *self.coefficients(adapter), self.input_scale())
 
 
 class ALLoRAModel(LowRankModel):

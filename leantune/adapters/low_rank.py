@@ -50,6 +50,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, resol
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from leantune._utils import compute_dtype
 from leantune.kernels.lora_linear import scaled_input_linear
 
 from .tuner_base import LeanTuneTuner, normalize_module_selection
@@ -120,7 +121,7 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             )
         self.in_features, self.out_features = _get_in_out_features(base)
         self.is_conv1d = isinstance(base, Conv1D)
-        self.input_affine: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # (γ, β / γ), float64 CPU
+        self.input_affine: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # (γ, β) of a folded norm
 
     # --- what a method defines -------------------------------------------------------------------------
     def lowrank_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,16 +142,15 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
 
     # --- input affine of a folded norm (set by leantune.memory; see the module docstring) ----------------------
     def set_input_affine(self, gamma: torch.Tensor, beta: Optional[torch.Tensor]) -> None:
-        """From now on the input is ŷ with ``u = γ ⊙ ŷ + β``: keep computing ``ΔW u`` (``beta`` None: β = 0)."""
-        gamma = gamma.detach().to("cpu", torch.float64)
-        shift = None if beta is None else beta.detach().to("cpu", torch.float64) / gamma
-        self.input_affine = (gamma, shift)
+        """From now on the input is ŷ with ``u = γ ⊙ ŷ + β``: keep computing ``ΔW u`` (``beta`` None: β = 0).
+        ``gamma``/``beta`` are the norm's own frozen tensors, read at every call."""
+        self.input_affine = (gamma, beta)
 
     def clear_input_affine(self) -> None:
         self.input_affine = None
 
     def input_scale(self) -> Optional[torch.Tensor]:
-        """γ while an input affine is set (float64, CPU), else None."""
+        """γ while an input affine is set (the norm's own weight, or Gemma's ``1 + w`` buffer), else None."""
         return None if self.input_affine is None else self.input_affine[0]
 
     def input_linear(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -210,16 +210,18 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             return result
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
-        shift = None if self.input_affine is None else self.input_affine[1]
+        shift = None
+        if self.input_affine is not None and self.input_affine[1] is not None:
+            gamma, beta = self.input_affine
+            shift = beta.to(compute_dtype(beta.dtype)) / gamma.to(compute_dtype(beta.dtype))
         for adapter in self.active_adapters:
             if adapter not in self.r:
                 continue
             dtype = self.adapter_dtype(adapter)
             x_cast = self._cast_input_dtype(x, dtype)
             result = result + self.adapter_output(x_cast, adapter).to(result.dtype)
-            if shift is not None:  # ΔW β of a folded norm's bias: one row through the same computation
-                row = shift.to(device=x.device, dtype=dtype)[None]
-                result = result + self.adapter_output(row, adapter).to(result.dtype)
+            if shift is not None:  # ΔW β of a folded norm's bias: one row β / γ through the same computation
+                result = result + self.adapter_output(shift.to(dtype)[None], adapter).to(result.dtype)
         return result
 
     def __repr__(self) -> str:

@@ -32,7 +32,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
-from leantune._utils import PEFT_PREFIX
+from leantune._utils import PEFT_PREFIX, scale_columns
 
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
 from .registration import LeanTuneType, register_tuner
@@ -138,7 +138,7 @@ class NolaFunction(torch.autograd.Function):
         # a0 is a constant (no gradient); `source(kind)` yields the bases on the coefficients' device
         a = a0.to(alpha.dtype) + combine(alpha, source("A"))
         if input_scale is not None:
-            a = a * input_scale
+            a = scale_columns(a, input_scale)
         b = combine(beta, source("B"))
         h = nn.functional.linear(x, a)
         ctx.source, ctx.scale, ctx.k, ctx.l = source, scale, alpha.numel(), beta.numel()
@@ -155,7 +155,7 @@ class NolaFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_a = grad_h.reshape(-1, a.shape[0]).T @ x.reshape(-1, a.shape[1])  # ∂L/∂(A diag γ) (r×in)
             if input_scale is not None:
-                grad_a = grad_a * input_scale  # chain rule back to A
+                grad_a = scale_columns(grad_a, input_scale)  # chain rule back to A
             grad_alpha = project(grad_a, ctx.source("A"), ctx.k)
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.reshape(-1, b.shape[0]).T @ h.reshape(-1, b.shape[1]) * s  # ∂L/∂B (out×r)
@@ -248,9 +248,7 @@ class NolaLayer(LowRankLayer):
         if torch.is_grad_enabled() and (alpha.requires_grad or beta.requires_grad or x.requires_grad):
             a0 = offset_A0(self._seed(adapter), self.r[adapter], self.in_features).to(alpha.device)
             source = self.chunk_source(adapter, alpha.device)
-            gamma = self.input_scale()
-            gamma = None if gamma is None else gamma.to(device=alpha.device, dtype=alpha.dtype)
-            return NolaFunction.apply(x, alpha, beta, a0, source, self.scaling[adapter], gamma)
+            return NolaFunction.apply(x, alpha, beta, a0, source, self.scaling[adapter], self.input_scale())
         # inference: materialise A and B once, reuse them until the coefficients change
         key = (alpha.data_ptr(), alpha._version, beta.data_ptr(), beta._version, alpha.device, alpha.dtype)
         cached = self._factor_cache.get(adapter)

@@ -273,7 +273,7 @@ def scaled_input_linear(x: torch.Tensor, weight: torch.Tensor, gamma: torch.Tens
     """``x (W diag γ)ᵀ + b`` without saving the product (``F.linear`` when ``gamma`` is None)."""
     if gamma is None:
         return F.linear(x, weight, bias)
-    return ScaledInputLinearFunction.apply(x, weight, gamma.to(device=weight.device), bias)
+    return ScaledInputLinearFunction.apply(x, weight, gamma, bias)
 
 
 register_kernel("lora_linear", FusedLoRALinearKernel())

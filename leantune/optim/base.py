@@ -38,6 +38,12 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     #: state keys living in the low-rank space (reset / rotated on refresh)
     moment_keys: tuple[str, ...] = ("exp_avg", "exp_avg_sq")
     supports_rotate: bool = True
+    #: param-group keys of reference packages accepted as spellings of ours (e.g. Fira's ``alpha`` for ``scale``)
+    group_aliases: dict[str, str] = {}
+    #: keys accepted besides the defaults: the group's rank, and galore-torch/fira's projection type ("std" only)
+    extra_group_keys: tuple[str, ...] = ("params", "rank", "proj_type")
+    #: whether fp16 parameters work (Adam moments in fp16 underflow: ε = 1e-8 is 0 there, and m/√v turns NaN)
+    supports_fp16: bool = False
 
     def __init__(
         self,
@@ -55,9 +61,37 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                 self._param_seed[p] = len(self._param_seed)
         self._init_layerwise(layerwise, accumulation_steps)
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group`` after mapping reference spellings and refusing keys nobody reads (they would
+        otherwise be silently ignored, e.g. Fira's ``alpha`` training with the default scale)."""
+        index = len(getattr(self, "param_groups", []))
+        param_group = dict(param_group)
+        for alias, key in self.group_aliases.items():
+            if alias in param_group:
+                value = param_group.pop(alias)
+                if key in param_group and param_group[key] != value:
+                    raise ValueError(f"param group {index}: {alias}={value!r} and {key}={param_group[key]!r} are the "
+                                     f"same setting of {type(self).__name__}; give one")
+                param_group[key] = value
+        accepted = set(self.defaults) | set(self.extra_group_keys)
+        unknown = sorted(set(param_group) - accepted)
+        if unknown:
+            raise ValueError(f"param group {index}: unknown key(s) {unknown} for {type(self).__name__}; accepted: "
+                             f"{sorted(accepted | set(self.group_aliases))}")
+        if param_group.get("proj_type", "std") != "std":
+            raise ValueError(f"param group {index}: proj_type={param_group['proj_type']!r} is not supported; leantune "
+                             "projects on the smaller side ('std')")
+        param_group.pop("proj_type", None)
+        super().add_param_group(param_group)
+
     def _validate_group(self, index: int, group: dict[str, Any]) -> None:
         if group["lr"] < 0:
             raise ValueError(f"param group {index}: lr must be >= 0, got {group['lr']}")
+        if not self.supports_fp16 and any(p.dtype == torch.float16 for p in group["params"]):
+            raise ValueError(
+                f"{type(self).__name__} keeps its Adam moments in the parameters' dtype, and in fp16 they underflow "
+                "(ε = 1e-8 is 0 in fp16) and turn the update into NaN. Train fp16 with fp32 master weights "
+                "(Trainer(fp16=True) / torch.autocast), or use bf16 parameters, or galore_adafactor (fp32 inside).")
         if "rank" not in group:
             return
         if group["projector"] not in PROJECTOR_KINDS:
@@ -105,6 +139,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)}).")
+        grad = self.working_grad(grad)
         max_norm = group.get("max_grad_norm_per_param")
         if max_norm:
             # same coefficient as torch.nn.utils.clip_grad_norm_, but per parameter
@@ -121,6 +156,10 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                 if not ok and (not projector.initialized or not bool(torch.isfinite(grad).all())):
                     return
         self.update(p, grad, state, group, projector)
+
+    def working_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient as the update rule (and the projector refresh) sees it (identity; Adafactor: fp32)."""
+        return grad
 
     def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                projector: Projector | None) -> None:  # pragma: no cover - abstract
@@ -156,15 +195,19 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             state[key].copy_(y)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch casts every state tensor to the parameter's dtype; restore the saved dtypes of uint8 8-bit codes,
-        int32 DCT indices, fp32 absmax etc."""
+        """torch's ``load_state_dict``, except that every state tensor keeps its saved dtype.
+
+        torch casts each floating-parameter's state tensors to the parameter's dtype; for a bf16 model that would
+        round fp32 absmax and norms to bf16 and turn int32 DCT indices into bf16 (corrupting them above 256). The
+        saved tensors themselves are put back instead (moved to the parameter's device), so resuming is exact.
+        """
         saved = state_dict["state"]
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in saved.get(pid, {}).items():
-                    if isinstance(value, torch.Tensor) and self.state[p][key].dtype != value.dtype:
-                        self.state[p][key] = self.state[p][key].to(value.dtype)
+                    if isinstance(value, torch.Tensor) and key != "step":
+                        self.state[p][key] = value.to(device=p.device, copy=True)
 
     # ---- helpers shared by the Adam family --------------------------------------------------------------------
     def shared_state_tensors(self) -> list[torch.Tensor]:

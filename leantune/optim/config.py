@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -106,4 +107,22 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict[str, 
         if config.reference_adam:
             kwargs["reference_adam"] = True
     kwargs["max_grad_norm_per_param"] = config.max_grad_norm_per_param
+    unknown = sorted(set(config.optimizer_kwargs) - set(optimizer_options(cls)))
+    if unknown:
+        raise ValueError(f"OptimizerConfig.optimizer_kwargs: {unknown} are not options of {cls.__name__} "
+                         f"({config.name!r}); accepted: {sorted(optimizer_options(cls))}")
     return cls(groups, layerwise=config.layerwise, accumulation_steps=config.accumulation_steps, **kwargs)
+
+
+def optimizer_options(cls: type) -> list[str]:
+    """Keyword options of an optimizer class, its own and those of the classes it passes ``**kwargs`` on to."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass) or klass.__module__.startswith("torch"):
+            continue
+        for name, param in inspect.signature(klass.__init__).parameters.items():
+            if param.kind is param.KEYWORD_ONLY or (param.kind is param.POSITIONAL_OR_KEYWORD and name not in
+                                                     ("self", "params")):
+                if not name.startswith("_") and name not in names and name != "defaults":
+                    names.append(name)
+    return names

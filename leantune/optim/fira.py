@@ -31,7 +31,10 @@ class FiraAdamW(GaLoreAdamW):
     ) -> None:
         if gamma < 1.0:
             raise ValueError(f"gamma (norm-growth limit) must be >= 1, got {gamma}")
-        super().__init__(params, *args, gamma=gamma, orthogonal_residual=orthogonal_residual, **kwargs)
+        super().__init__(params, *args, _extra_defaults={"gamma": gamma, "orthogonal_residual": orthogonal_residual},
+                         **kwargs)
+
+    group_aliases = {"alpha": "scale"}  # the fira package's name for the GaLore scale
 
     def fused_residual(self, grad, R, state, group, projector) -> torch.Tensor:
         # The kernel updates the moments itself; preview N = m/(√v + ε) from copies to build the residual, and

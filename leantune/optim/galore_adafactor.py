@@ -37,6 +37,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     ``relative_step=False, scale_parameter=False``; lr 1e-2)."""
 
     moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
+    supports_fp16 = True  # computes in fp32 and keeps fp32 state
     supports_rotate = False
 
     def __init__(
@@ -53,7 +54,11 @@ class GaLoreAdafactor(LowRankOptimizer):
         warmup_init: bool = False,
         layerwise: bool = False,
         accumulation_steps: int = 1,
-        **low_rank_defaults: Any,
+        update_proj_gap: int = 200,
+        scale: float = 0.25,
+        projector: str = "svd",
+        moment_policy: str = "keep",
+        max_grad_norm_per_param: float | None = None,
     ) -> None:
         if lr is not None and relative_step:
             raise ValueError("Adafactor: pass lr=None with relative_step=True (the step size is then 1/sqrt(t)).")
@@ -71,7 +76,11 @@ class GaLoreAdafactor(LowRankOptimizer):
             "scale_parameter": scale_parameter,
             "relative_step": relative_step,
             "warmup_init": warmup_init,
-            **low_rank_defaults,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "projector": projector,
+            "moment_policy": moment_policy,
+            "max_grad_norm_per_param": max_grad_norm_per_param,
         }
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 
@@ -89,8 +98,12 @@ class GaLoreAdafactor(LowRankOptimizer):
         for key in self.moment_keys + ("RMS",):
             state.pop(key, None)
 
+    def working_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        """Adafactor runs in fp32 (as transformers' and galore-torch's): the projector is refreshed from, and
+        projects, the fp32 gradient."""
+        return grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
+
     def update(self, p, grad, state, group, projector) -> None:
-        grad = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
         R = projector.project(grad) if projector is not None else grad
         factored = R.ndim >= 2
         if "RMS" not in state:

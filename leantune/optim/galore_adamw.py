@@ -108,7 +108,7 @@ class GaLoreAdamW(LowRankOptimizer):
         max_grad_norm_per_param: float | None = None,
         layerwise: bool = False,
         accumulation_steps: int = 1,
-        **extra_defaults: Any,
+        _extra_defaults: dict[str, Any] | None = None,
     ) -> None:
         check_betas(betas)
         defaults = {
@@ -123,7 +123,7 @@ class GaLoreAdamW(LowRankOptimizer):
             "projector": projector,
             "moment_policy": moment_policy,
             "max_grad_norm_per_param": max_grad_norm_per_param,
-            **extra_defaults,
+            **(_extra_defaults or {}),  # a subclass's own hyper-parameters (Fira's gamma, ...)
         }
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 

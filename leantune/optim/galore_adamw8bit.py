@@ -43,7 +43,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         F = _bnb()
         self._qmap1 = F.create_dynamic_map(signed=True)
         self._qmap2 = F.create_dynamic_map(signed=False)
-        super().__init__(params, *args, min_8bit_size=min_8bit_size, **kwargs)
+        super().__init__(params, *args, _extra_defaults={"min_8bit_size": min_8bit_size}, **kwargs)
 
     def _qmaps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._qmap1.device != device:

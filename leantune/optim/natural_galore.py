@@ -62,7 +62,7 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
         if damping <= 0:
             raise ValueError(f"damping must be > 0, got {damping}")
         self._history_dtype = history_dtype
-        super().__init__(params, *args, history_size=history_size, damping=damping, **kwargs)
+        super().__init__(params, *args, _extra_defaults={"history_size": history_size, "damping": damping}, **kwargs)
 
     def precondition(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
         s = group["history_size"]

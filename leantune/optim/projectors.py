@@ -109,6 +109,19 @@ class Projector:
         return False
 
 
+def compact_like(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` holding only its elements, in ``t``'s own memory order (row- or column-major).
+
+    ``torch.linalg.svd`` returns column-major factors and galore-torch / fira keep the slice ``Vh[:r]`` / ``U[:, :r]``
+    as a view of them. CPU GEMM libraries pick different kernels (and round differently) for row- and column-major
+    operands, so a row-major copy would not reproduce the references bitwise on every CPU (MKL_CBWR=COMPATIBLE shows
+    it on any x86); keeping the order does, while freeing the full factor.
+    """
+    if t.dim() == 2 and t.stride(0) < t.stride(1):
+        return t.t().contiguous().t()
+    return t.contiguous()
+
+
 def _grad_as_fp32(grad: torch.Tensor) -> torch.Tensor:
     # galore-torch: SVD of grad.float(), reuse the tensor itself when it is already fp32 (bitwise parity)
     return grad if grad.dtype == torch.float32 else grad.float()
@@ -128,8 +141,10 @@ class StoredBasisProjector(Projector):
 class SVDProjector(StoredBasisProjector):
     """Exact truncated SVD: G = U S V^T, P = V^T[:r] (right) or U[:, :r] (left).
 
-    The slice is stored as a ``.contiguous()`` copy in the gradient's dtype so the full U / V^T factors are freed
-    (a view would keep the whole factor alive: min(m,n)^2 floats instead of r*min(m,n)).
+    The slice is stored as a compact copy in the gradient's dtype so the full U / V^T factors are freed (a view would
+    keep the whole factor alive: min(m,n)^2 floats instead of r*min(m,n)); in fp32 the copy keeps the factor's
+    column-major order, as the references' view has it (:func:`compact_like`), and other dtypes are converted to a
+    row-major copy, as the references' ``.type(dtype)`` does.
     """
 
     kind = "svd"
@@ -143,7 +158,8 @@ class SVDProjector(StoredBasisProjector):
         except RuntimeError as err:  # e.g. "linalg.svd: failed to converge" (GaLore #58)
             return self._accept(grad, None, f"torch.linalg.svd raised: {err}")
         new = Vh[: self.rank, :] if self.state["proj_right"] else U[:, : self.rank]
-        return self._accept(grad, new.to(dtype=grad.dtype).contiguous(), "non-finite singular vectors")
+        new = compact_like(new) if grad.dtype == torch.float32 else new.to(dtype=grad.dtype).contiguous()
+        return self._accept(grad, new, "non-finite singular vectors")
 
 
 class RandomizedSVDProjector(StoredBasisProjector):

@@ -141,7 +141,6 @@ def _compensate(state, applied, cname: str, consumer: nn.Module, gamma: torch.Te
 
     from leantune.adapters.low_rank import LowRankLayer
 
-    beta = beta if beta is not None and bool(beta.any()) else None
     if isinstance(consumer, LowRankLayer):
         consumer.set_input_affine(gamma, beta)
         applied.undo.append(consumer.clear_input_affine)
@@ -165,6 +164,18 @@ def _compensate(state, applied, cname: str, consumer: nn.Module, gamma: torch.Te
     applied.undo.append(lambda: consumer.__dict__.pop("merge", None))
 
 
+def _live_affine(applied, norm: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """γ and β as the adapters read them at run time: the norm's own (frozen) parameters — state the model holds
+    anyway, so nothing new is kept or saved — or, for Gemma's ``1 + w``, a buffer registered on the norm."""
+    gamma = norm.weight.detach()
+    if kind == "gemma":
+        norm.register_buffer("leantune_gamma", 1.0 + gamma, persistent=False)
+        applied.undo.append(lambda: norm._buffers.pop("leantune_gamma", None))
+        gamma = norm.leantune_gamma
+    beta = getattr(norm, "bias", None)
+    return gamma, (beta.detach() if beta is not None and bool(beta.detach().any()) else None)
+
+
 def patch_norm_folded(state, applied, site) -> bool:
     config, norm = state.memory, site.norm
     gamma, beta = norm_affine(norm, site.kind)
@@ -175,11 +186,12 @@ def patch_norm_folded(state, applied, site) -> bool:
             layer.weight = nn.Parameter(tied_weight.detach().clone(), requires_grad=False)
             applied.undo.append(lambda layer=layer, w=tied_weight: setattr(layer, "weight", w))
             state.note(f"{site.name}: untied {cname} from the input embeddings to fold the final norm")
+    live_gamma, live_beta = _live_affine(applied, norm, site.kind)
     for cname, consumer in site.consumers:
         record = fold_into_linear(cname, consumer, gamma, beta, config.keep_original_weights)
         applied.records.append((consumer, record))
         applied.undo.append(lambda c=consumer, r=record: unfold_linear(c, r))
-        _compensate(state, applied, cname, consumer, gamma, beta)
+        _compensate(state, applied, cname, consumer, live_gamma, live_beta)
 
     eps, kind, post_norm, name = norm_eps(norm), site.op_kind, site.post_norm, site.name
     last = {"public": None}
