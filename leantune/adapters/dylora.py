@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
+from .nola import derive_seed
 from .registration import LeanTuneType, register_tuner
 
 
@@ -131,6 +132,13 @@ class DyLoRAModel(LowRankModel):
                 if adapter in layer.sampled_rank:
                     layer.sampled_rank[adapter] = b
         return ranks
+
+    def reseed(self, step: int) -> None:
+        """Restart every adapter's rank sampler from ``(seed, step)``: a run resumed at ``step`` then draws the same
+        ranks as the uninterrupted one (``LeanTuneCallback`` calls this at every optimizer step)."""
+        for adapter in self.active_adapters:
+            seed = derive_seed(self.peft_config[adapter].seed, "dylora-step", step)
+            self.rank_generators[adapter] = torch.Generator().manual_seed(seed)
 
     def set_eval_rank(self, rank: int, adapter_name: Optional[str] = None) -> None:
         """Use rank ``rank`` outside training, for merging and for export (any ``1 <= rank <= r``)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 from typing import Any, Optional, Union
 
+import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback
 
@@ -93,13 +94,21 @@ class LeanTuneCallback(TrainerCallback):
         self.verbose = verbose
         self.trainer: Optional[Trainer] = None
 
-    # --- Trainer hook ----------------------------------------------------------------------------------
+    # --- Trainer hooks ---------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
         if self.trainer is None:
             raise RuntimeError(
                 "LeanTuneCallback was never set up, so nothing of it is active: call `callback.setup(trainer)` "
                 "after building the Trainer and before `trainer.train()`."
             )
+        return control
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        from leantune.adapters.dylora import DyLoRAModel
+
+        tuner = getattr(self.trainer.model, "base_model", None)
+        if isinstance(tuner, DyLoRAModel):  # ranks drawn from (seed, step): a resumed run draws the same ones
+            tuner.reseed(state.global_step)
         return control
 
     # --- the work --------------------------------------------------------------------------------------
@@ -114,12 +123,7 @@ class LeanTuneCallback(TrainerCallback):
         if self.adapter is not None:
             self._inject_adapter(trainer)
         if self.memory is not None:
-            from leantune import memory as lt_memory
-
-            handle = lt_memory.apply(trainer.model, self.memory)
-            if not handle.active:
-                raise ValueError(f"LeanTuneCallback(memory=...): {handle.report[0]}")
-            self._say(f"memory-saving backprop on: {handle.counts}")
+            self._apply_memory(trainer)
         if self.kernels or (self.kernels is None and _on_cuda(trainer)):
             from leantune import kernels as lt_kernels
 
@@ -137,6 +141,31 @@ class LeanTuneCallback(TrainerCallback):
             trainer.add_callback(self)
         self.trainer = trainer
         return trainer
+
+    def _apply_memory(self, trainer: Trainer) -> None:
+        from leantune import memory as lt_memory
+
+        kwargs = trainer.args.gradient_checkpointing_kwargs or {}
+        if self.memory.ms_norms and trainer.args.gradient_checkpointing and kwargs.get("use_reentrant", False):
+            raise ValueError("LeanTuneCallback(memory=...): folded norms need non-reentrant gradient checkpointing; "
+                             "set TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False}).")
+        handle = lt_memory.apply(trainer.model, self.memory)
+        if not handle.active:
+            raise ValueError(f"LeanTuneCallback(memory=...): {handle.report[0]}")
+        if self.memory.velora:  # VeLoRA's v comes from the first batch: the trainer's own, in every (resumed) run
+            batch = self._first_batches(trainer, 1)[0]
+            with torch.random.fork_rng(), torch.enable_grad():
+                trainer.model.train()
+                trainer.model(**batch)
+        self._say(f"memory-saving backprop on: {handle.counts}")
+
+    @staticmethod
+    def _first_batches(trainer: Trainer, n: int) -> list[dict]:
+        """The trainer's first ``n`` training batches on its device; the global RNG is left as it was."""
+        device = trainer.args.device
+        with torch.random.fork_rng():
+            batches = list(itertools.islice(trainer.get_train_dataloader(), n))
+        return [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches]
 
     def prepare(self, model: Any) -> PeftModel:
         """Wrap ``model`` with the adapter now (for quantized models, which ``Trainer`` refuses unwrapped)."""
@@ -157,12 +186,11 @@ class LeanTuneCallback(TrainerCallback):
             self._say(f"model already carries adapter {self.adapter_name!r}; not injecting again")
             return
         if isinstance(self.adapter, LoraSBConfig) and not self.adapter.gradient_init_done:
-            batches = itertools.islice(trainer.get_train_dataloader(), self.adapter.num_init_batches)
-            device = trainer.args.device
-            factors = estimate_first_step(
-                model, self.adapter, ({k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches),
-                lr=first_step_learning_rate(trainer), loss_fn=lambda m, batch: trainer.compute_loss(m, batch),
-            )
+            with torch.random.fork_rng():
+                factors = estimate_first_step(
+                    model, self.adapter, self._first_batches(trainer, self.adapter.num_init_batches),
+                    lr=first_step_learning_rate(trainer), loss_fn=lambda m, batch: trainer.compute_loss(m, batch),
+                )
             peft_model = inject_lora_sb(model, self.adapter, factors, self.adapter_name)
         else:
             peft_model = get_peft_model(model, self.adapter, adapter_name=self.adapter_name)

@@ -84,11 +84,26 @@ def apply(model: nn.Module, config: MemoryConfig | None = None) -> MemoryHandle:
                    f"the model was left untouched. Supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
         warnings.warn(message, UserWarning, stacklevel=2)
         return MemoryHandle(model, config, active=False, report=[message])
+    if config.ms_norms and reentrant_checkpointing(model):
+        raise ValueError("leantune.memory: the model uses reentrant gradient checkpointing, which detaches layer "
+                         "inputs, so folded norms cannot recognise their own output. Enable it with "
+                         "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+                         "or use MemoryConfig(ms_norms=False).")
     configure(model, memory=config)
     handle = MemoryHandle(model, config)
     if config.verbose:
         print(handle)
     return handle
+
+
+def reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether some module of ``model`` runs transformers' gradient checkpointing in reentrant mode."""
+    for module in model.modules():
+        func = module.__dict__.get("_gradient_checkpointing_func")
+        if module.__dict__.get("gradient_checkpointing") and func is not None:
+            if getattr(func, "keywords", {}).get("use_reentrant", False):
+                return True
+    return False
 
 
 def restore(model: nn.Module) -> None:

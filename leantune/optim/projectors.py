@@ -118,8 +118,8 @@ def compact_like(t: torch.Tensor) -> torch.Tensor:
     it on any x86); keeping the order does, while freeing the full factor.
     """
     if t.dim() == 2 and t.stride(0) < t.stride(1):
-        return t.t().contiguous().t()
-    return t.contiguous()
+        return t.t().clone(memory_format=torch.contiguous_format).t()
+    return t.clone(memory_format=torch.contiguous_format)  # a copy even when t is already contiguous
 
 
 def _grad_as_fp32(grad: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,11 @@ def test_reentrant_checkpointing_on_post_norm_model_raises_clearly():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
     model.train()
+    with pytest.raises(ValueError, match="use_reentrant"):  # refused at setup, before anything runs
+        lm.apply(model, lm.MemoryConfig.exact())
+    model.gradient_checkpointing_disable()
     lm.apply(model, lm.MemoryConfig.exact())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # enabled afterwards
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(RuntimeError, match="use_reentrant"):

@@ -77,11 +77,13 @@ def test_rsvd_recovers_exact_subspace_of_low_rank_gradient():
     torch.testing.assert_close(rand.project_back(rand.project(G)), G, atol=1e-3, rtol=1e-3)
 
 
-def test_svd_projector_stores_compact_copy_not_factor_view():
-    G = torch.randn(64, 48)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 48), (48, 64)], ids=["right", "left"])
+def test_svd_projector_stores_compact_copy_not_factor_view(shape, dtype):
+    G = torch.randn(shape).to(dtype)
     state: dict = {}
     SVDProjector(state, 4, 10, 1.0).refresh(G, 0)
-    assert state["proj_ortho"].untyped_storage().nbytes() == 4 * 48 * 4
+    assert state["proj_ortho"].untyped_storage().nbytes() == 4 * 48 * G.element_size()
 
 
 @pytest.mark.parametrize("s", [1, 3, 5])
