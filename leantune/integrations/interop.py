@@ -196,25 +196,39 @@ class LoraFactors:
 
 
 def lowrank_factors_of(model: PeftModel, adapter_name: str = "default") -> LoraFactors:
-    """Collect ``(A_eff, B_eff)`` of every adapted module; raises if a layer is not additive low-rank."""
+    """Collect ``(A_eff, B_eff)`` of every adapted module; raises if a layer is not additive low-rank.
+
+    leantune's low-rank layers give their own factors; peft LoRA layers (vanilla, no ``lora_bias``) give
+    ``(A, s · B)``, so a LoRA adapter exports to itself.
+    """
+    from peft.tuners.lora import LoraLayer
+
     factors = LoraFactors()
-    prefix = PEFT_PREFIX
     for name, module in tqdm(list(model.named_modules()), desc="Collecting low-rank factors", leave=False):
+        key = name.removeprefix(PEFT_PREFIX)
         if isinstance(module, LowRankLayer):
             if adapter_name not in module.r:
                 continue
             with torch.no_grad():
                 b_eff, a_eff = module.lowrank_factors(adapter_name)
-            key = name.removeprefix(prefix)
-            factors.lora_a[key] = a_eff.detach().float().contiguous().clone()
-            factors.lora_b[key] = b_eff.detach().float().contiguous().clone()
             factors.fan_in_fan_out = module.is_conv1d
+        elif isinstance(module, LoraLayer) and adapter_name in getattr(module, "lora_A", {}):
+            if adapter_name in getattr(module, "lora_variant", {}) or module.lora_B[adapter_name].bias is not None:
+                raise LeanTuneError(f"module {key!r} uses a LoRA variant or lora_bias, which a plain LoRA adapter "
+                                    "cannot express; use `leantune merge` to get plain weights instead")
+            a_eff = module.lora_A[adapter_name].weight
+            b_eff = module.lora_B[adapter_name].weight * module.scaling[adapter_name]
+            factors.fan_in_fan_out = bool(getattr(module, "fan_in_fan_out", False))
         elif hasattr(module, "base_layer") and not isinstance(module, ModulesToSaveWrapper):
             method = model.peft_config[adapter_name].peft_type
             raise LeanTuneError(
-                f"{method} is not an additive low-rank method (module {name.removeprefix(prefix)!r}), so it has no "
-                "exact LoRA form; use `leantune merge` to get plain weights instead"
+                f"{method} is not an additive low-rank method (module {key!r}), so it has no exact LoRA form; use "
+                "`leantune merge` to get plain weights instead"
             )
+        else:
+            continue
+        factors.lora_a[key] = a_eff.detach().float().contiguous().clone()
+        factors.lora_b[key] = b_eff.detach().float().contiguous().clone()
     if not factors.lora_a:
         raise LeanTuneError("the adapter has no low-rank layers to export")
     return factors

@@ -1,0 +1,123 @@
+"""Run the support matrix and write its table (``benchmarks/results/support_matrix.md`` and the README section).
+
+Every cell is ``LeanTuneCallback(adapter, optimizer, memory, kernels).setup(Trainer(...))`` on a tiny model of the
+architecture, trained 4 steps, resumed from step 2, its forward compared with the unpatched model and, for mergeable
+adapters, merged and exported (``tests/support_matrix.py`` says exactly what is checked).
+
+    python benchmarks/support_matrix.py                   # adapter × memory × optimizer × arch (2,160 cells, ~30 min),
+                                                          # kernels and dtype rotated so every pair with them occurs
+    python benchmarks/support_matrix.py --mode pairwise   # the pairwise covering array `make test` runs (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.support_matrix import FACTORS, Cell, check, pairwise_cells  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def product_cells() -> list[Cell]:
+    """adapter × memory × optimizer × arch, with (kernels, dtype) rotating through their 4 combinations."""
+    rotation = list(itertools.product(FACTORS["kernels"], FACTORS["dtype"]))
+    cells = []
+    for i, (adapter, memory, optimizer, arch) in enumerate(itertools.product(
+            FACTORS["adapter"], FACTORS["memory"], FACTORS["optimizer"], FACTORS["arch"])):
+        kernels, dtype = rotation[(i + i // len(FACTORS["arch"])) % len(rotation)]
+        cells.append(Cell(adapter, memory, kernels, optimizer, dtype, arch))
+    return cells
+
+
+def run(cells: list[Cell]) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    rows = []
+    for cell in tqdm(cells, desc="support matrix"):
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                status, detail = check(cell, Path(tmp))
+            except Exception as err:  # noqa: BLE001 - a failing cell is a finding, recorded and reported
+                status, detail = "FAIL", f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        rows.append({**{f: getattr(cell, f) for f in FACTORS}, "status": status, "detail": detail,
+                     "seconds": round(time.perf_counter() - start, 2)})
+    return rows
+
+
+def _short(reason: str) -> str:
+    reason = re.sub(r"\(its trainable tensors have shapes .*?\), ", "", reason)
+    return reason if len(reason) < 140 else reason[:137] + "..."
+
+
+def table(rows: list[dict]) -> str:
+    """Adapters × every value of the other factors: ✓ (all its runs passed), refused (with a numbered reason) or
+    FAIL; a mix shows both with the number of runs."""
+    reasons: list[str] = []
+    columns = [(f, v) for f in ("memory", "kernels", "optimizer", "dtype", "arch") for v in FACTORS[f]]
+    header = "| adapter | " + " | ".join(f"{v.replace('galore_adamw/layerwise', 'galore per-layer')}"
+                                          for _, v in columns) + " |"
+    lines = [header, "|---" * (len(columns) + 1) + "|"]
+    for adapter in FACTORS["adapter"]:
+        entries = []
+        for factor, value in columns:
+            runs = [r for r in rows if r["adapter"] == adapter and r[factor] == value]
+            counts = defaultdict(int)
+            for r in runs:
+                counts[r["status"]] += 1
+            parts = []
+            if counts["ok"]:
+                parts.append("✓" if len(counts) == 1 else f"✓{counts['ok']}")
+            for r in runs:
+                if r["status"] == "refused":
+                    reason = _short(r["detail"])
+                    if reason not in reasons:
+                        reasons.append(reason)
+            refused = sorted({reasons.index(_short(r["detail"])) + 1 for r in runs if r["status"] == "refused"})
+            if refused:
+                parts.append(f"refused{'/'.join(map(str, refused))}" + ("" if len(counts) == 1 else
+                                                                         f"×{counts['refused']}"))
+            if counts["FAIL"]:
+                parts.append(f"**FAIL×{counts['FAIL']}**")
+            entries.append(" ".join(parts) or "–")
+        lines.append(f"| {adapter} | " + " | ".join(entries) + " |")
+    lines.append("")
+    lines += [f"{i}. {reason}" for i, reason in enumerate(reasons, 1)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["product", "pairwise"], default="product")
+    args = parser.parse_args()
+    cells = product_cells() if args.mode == "product" else pairwise_cells()
+    rows = run(cells)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"support_matrix_{args.mode}.json").write_text(json.dumps(rows, indent=1))
+    counts = defaultdict(int)
+    for r in rows:
+        counts[r["status"]] += 1
+    summary = (f"{len(rows)} cells ({args.mode}): {counts['ok']} ✓, {counts['refused']} refused at setup, "
+               f"{counts['FAIL']} failed; {sum(r['seconds'] for r in rows) / 60:.1f} min")
+    text = f"{summary}\n\n{table(rows)}\n"
+    (RESULTS / "support_matrix.md").write_text(f"# Support matrix\n\n`python benchmarks/support_matrix.py --mode "
+                                               f"{args.mode}`\n\n{text}")
+    print(text)
+    for r in rows:
+        if r["status"] == "FAIL":
+            print("FAIL", " | ".join(r[f] for f in FACTORS), "->", r["detail"])
+
+
+if __name__ == "__main__":
+    main()
