@@ -10,6 +10,10 @@ import torch
 PEFT_PREFIX = "base_model.model."
 
 
+class NonFiniteGradientWarning(RuntimeWarning):
+    """A gradient held NaN/inf and its update was skipped (the weights never receive it)."""
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype reductions run in: float64 for float64 inputs, float32 for everything else (16-bit included)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

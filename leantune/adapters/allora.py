@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from leantune._utils import scale_columns
+from leantune._validation import check_bool, check_choice, check_number
 
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
 from .registration import LeanTuneType, register_tuner
@@ -39,6 +40,8 @@ class ALLoRAConfig(LowRankConfig):
         eta: η, the gradient boost at ΔW = 0 (paper sweeps η² ∈ {1, 2, 4}; default 2).
         norm_of: ``"delta_w_row"`` (rows of ΔW = BA scale both gradients) or ``"param_row"``.
         squared: use the squared row norm inside the square root.
+        init_weights: ``True`` (A kaiming-uniform, B = 0: identity at start, as LoRA) or ``False`` (B kaiming-uniform
+            too: a non-identity adapter, for tests).
     """
 
     eta: float = field(default=2.0, metadata={"help": "Gradient boost at ΔW = 0."})
@@ -48,10 +51,9 @@ class ALLoRAConfig(LowRankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LeanTuneType.ALLORA
-        if self.eta <= 0:
-            raise ValueError(f"eta must be positive, got {self.eta}.")
-        if self.norm_of not in ("delta_w_row", "param_row"):
-            raise ValueError(f"norm_of must be 'delta_w_row' or 'param_row', got {self.norm_of!r}.")
+        check_number(self, "eta", minimum=0, strict=True)
+        check_choice(self, "norm_of", ("delta_w_row", "param_row"))
+        check_bool(self, "squared")
 
 
 def adaptive_coefficient(row_norm: torch.Tensor, eta: float, squared: bool) -> torch.Tensor:
@@ -119,8 +121,11 @@ class ALLoRALayer(LowRankLayer):
         self.squared[adapter_name] = config.squared
         a = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as peft's LoRA, so B = 0 gives ΔW = 0
+        b = torch.zeros(self.out_features, r)
+        if config.init_weights is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         self.allora_A[adapter_name] = nn.Parameter(a)
-        self.allora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+        self.allora_B[adapter_name] = nn.Parameter(b)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 

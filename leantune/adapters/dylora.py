@@ -22,6 +22,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from leantune._validation import check_bool, check_int, check_number
+
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
 from .nola import derive_seed
 from .registration import LeanTuneType, register_tuner
@@ -38,6 +40,7 @@ class DyLoRAConfig(LowRankConfig):
         frozen: the paper's mode, only the b-th component trains at sampled rank b.
         eval_rank: rank used in eval mode, for merging and for export (``None``: r).
         seed: seed of the rank sampler (its own generator; the global RNG is not touched).
+        init_weights: ``True`` (A kaiming-uniform, B = 0: identity at start) or ``False`` (B random too, for tests).
     """
 
     r_min: int = field(default=1, metadata={"help": "Smallest sampled rank."})
@@ -49,10 +52,11 @@ class DyLoRAConfig(LowRankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LeanTuneType.DYLORA
-        if not 1 <= self.r_min <= self.r:
-            raise ValueError(f"Need 1 <= r_min <= r, got r_min={self.r_min}, r={self.r}.")
-        if self.eval_rank is not None and not 1 <= self.eval_rank <= self.r:
-            raise ValueError(f"eval_rank must be in [1, r={self.r}], got {self.eval_rank}.")
+        check_int(self, "r_min", minimum=1, maximum=self.r)
+        check_int(self, "eval_rank", minimum=1, maximum=self.r, optional=True)
+        check_number(self, "lora_alpha", minimum=0, strict=True)
+        check_bool(self, "frozen")
+        check_int(self, "seed", minimum=0)
 
 
 class DyLoRALayer(LowRankLayer):
@@ -81,8 +85,11 @@ class DyLoRALayer(LowRankLayer):
         self.sampled_rank[adapter_name] = None
         a = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        b = torch.zeros(self.out_features, r)
+        if config.init_weights is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
         self.dylora_A[adapter_name] = nn.Parameter(a)
-        self.dylora_B[adapter_name] = nn.Parameter(torch.zeros(self.out_features, r))
+        self.dylora_B[adapter_name] = nn.Parameter(b)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from leantune._utils import batch_loss
+from leantune._validation import check_bool, check_int, check_number
 
 from .lora_xs import SandwichLayer, truncated_svd
 from .low_rank import LowRankConfig, LowRankModel
@@ -45,6 +46,9 @@ class LoraSBConfig(LowRankConfig):
             (``R_init = Σ_r / s``). ``None`` means ``lora_alpha = r``.
         num_init_batches: batches used by the Trainer callback to estimate the first step.
         svd_niter: ``None`` for an exact SVD, an int for ``torch.svd_lowrank`` (the paper's code: 10).
+        init_weights: ``True`` (the method: the gradient initialisation, which needs data — see above) or ``False``
+            (random orthonormal B, A and R ~ N(0, 0.1²): a non-identity adapter that ``get_peft_model`` builds
+            without data, for tests).
         gradient_init_done: set by leantune once B, R, A hold the gradient initialisation (then layers are built
             as placeholders the estimate or a checkpoint fills); a config with ``False`` cannot be passed to
             ``get_peft_model`` directly (it would start from a zero, gradient-free adapter).
@@ -58,8 +62,10 @@ class LoraSBConfig(LowRankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LeanTuneType.LORA_SB
-        if self.num_init_batches <= 0:
-            raise ValueError(f"num_init_batches must be positive, got {self.num_init_batches}.")
+        check_number(self, "lora_alpha", minimum=0, strict=True, optional=True)
+        check_int(self, "num_init_batches", minimum=1)
+        check_int(self, "svd_niter", minimum=0, optional=True)
+        check_bool(self, "gradient_init_done")
 
 
 class LoraSBLayer(SandwichLayer):
@@ -72,13 +78,18 @@ class LoraSBLayer(SandwichLayer):
     def initial_factors(
         self, adapter_name: str, config: LoraSBConfig, module_name: str
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r = config.r
+        if config.init_weights is False:  # random, non-identity (tests): orthonormal B, A and a random R
+            b = torch.linalg.qr(torch.randn(self.out_features, r)).Q
+            a = torch.linalg.qr(torch.randn(self.in_features, r)).Q.T
+            return b, torch.randn(r, r) * 0.1, a
         if not (config.gradient_init_done or config.inference_mode):
             raise ValueError(
                 f"LoRA-SB module {module_name!r} has no gradient initialisation. Create the model with "
                 "leantune.adapters.get_lora_sb_model(model, config, batches, lr=...) or train with "
                 "LeanTuneCallback(adapter=config).setup(trainer); plain get_peft_model() cannot see your data."
             )
-        r = config.r  # placeholders: set_first_step (or a checkpoint) writes B, R, A
+        # placeholders: set_first_step (or a checkpoint) writes B, R, A
         return torch.zeros(self.out_features, r), torch.zeros(r, r), torch.zeros(r, self.in_features)
 
     @torch.no_grad()

@@ -14,11 +14,13 @@ base with other weights is caught on load by its shapes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
+
+from leantune._validation import check_int, check_number
 
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel, base_weight_out_in
 from .registration import LeanTuneType, register_tuner
@@ -31,23 +33,25 @@ class LoraXSConfig(LowRankConfig):
     Args:
         r: rank; each adapted matrix trains ``r²`` parameters.
         lora_alpha: scale numerator, ``s = lora_alpha / r``; ``None`` means ``lora_alpha = r`` (s = 1).
-        init_weights: ``"svd"`` (the method: B, A from the truncated SVD of W0) or ``"random"`` (the
-            paper's no-SVD ablation: kaiming-uniform A and B).
+        init_weights: ``True`` / ``"svd"`` (the method: B, A from the truncated SVD of W0, R ≈ 0), ``"random"``
+            (the paper's no-SVD ablation: kaiming-uniform A and B, R ≈ 0) or ``False`` (SVD factors and a random
+            R ~ N(0, 0.1²): a non-identity adapter, for tests).
         r_init_std: standard deviation of R's normal initialisation (paper code: 1e-5).
         svd_niter: ``None`` for an exact SVD; an int for ``torch.svd_lowrank`` with that many power
             iterations (faster on very large matrices, approximate).
     """
 
     lora_alpha: Optional[float] = field(default=None, metadata={"help": "Scale numerator; None means r."})
-    init_weights: Literal["svd", "random"] = field(default="svd", metadata={"help": "'svd' or 'random'."})
+    init_weight_options: ClassVar[tuple] = (True, False, "svd", "random")
     r_init_std: float = field(default=1e-5, metadata={"help": "Std of R's normal init."})
     svd_niter: Optional[int] = field(default=None, metadata={"help": "None: exact SVD; int: randomized SVD."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LeanTuneType.LORA_XS
-        if self.init_weights not in ("svd", "random"):
-            raise ValueError(f"init_weights must be 'svd' or 'random', got {self.init_weights!r}.")
+        check_number(self, "lora_alpha", minimum=0, strict=True, optional=True)
+        check_number(self, "r_init_std", minimum=0)
+        check_int(self, "svd_niter", minimum=0, optional=True)
 
 
 def truncated_svd(weight: torch.Tensor, r: int, niter: Optional[int] = None) -> tuple[torch.Tensor, ...]:
@@ -123,14 +127,15 @@ class LoraXSLayer(SandwichLayer):
         weight = base_weight_out_in(self)
         if weight.device.type == "meta":  # low_cpu_mem_usage loading: values come from the checkpoint
             b, a = torch.empty(self.out_features, r, device="meta"), torch.empty(r, self.in_features, device="meta")
-        elif config.init_weights == "svd":
-            u, s, vh = truncated_svd(weight, r, config.svd_niter)
-            b, a = u, s[:, None] * vh
-        else:
+        elif config.init_weights == "random":
             b, a = torch.empty(self.out_features, r), torch.empty(r, self.in_features)
             nn.init.kaiming_uniform_(b, a=5**0.5)
             nn.init.kaiming_uniform_(a, a=5**0.5)
-        r_mat = torch.randn(r, r, device=b.device) * config.r_init_std
+        else:  # True, "svd" and False
+            u, s, vh = truncated_svd(weight, r, config.svd_niter)
+            b, a = u, s[:, None] * vh
+        std = 0.1 if config.init_weights is False else config.r_init_std
+        r_mat = torch.randn(r, r, device=b.device) * std
         return b.float(), r_mat, a.float()
 
 

@@ -51,9 +51,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from leantune._utils import compute_dtype
+from leantune._validation import check_choice, check_int
 from leantune.kernels.lora_linear import scaled_input_linear
 
-from .tuner_base import LeanTuneTuner, normalize_module_selection
+from .tuner_base import LeanTuneTuner, check_module_selection, normalize_module_selection
 
 
 @dataclass
@@ -66,10 +67,15 @@ class LowRankConfig(PeftConfig):
         exclude_modules: names or regex of modules never to adapt.
         layers_to_transform / layers_pattern: restrict to some layer indices, as in peft.
         modules_to_save: extra modules trained in full and saved with the adapter (e.g. a classifier head).
+        init_weights: peft's convention — ``True`` the method's own (paper) initialisation, identity at start where
+            the method has one; ``False`` a random, non-identity initialisation meant for tests; some methods also
+            take names (their ``init_weight_options``).
     """
 
     # peft's matching helper reads this attribute; leantune tuners adapt modules, never bare parameters.
     target_parameters: ClassVar[None] = None
+    #: accepted values of ``init_weights`` (a method adds its own names)
+    init_weight_options: ClassVar[tuple[Union[bool, str], ...]] = (True, False)
 
     r: int = field(default=8, metadata={"help": "Rank of the low-rank update."})
     target_modules: Optional[Union[list[str], str]] = field(
@@ -79,11 +85,13 @@ class LowRankConfig(PeftConfig):
     layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "Layer indices."})
     layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Layer list name."})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full."})
+    init_weights: Union[bool, str] = field(default=True, metadata={"help": "True: the method's init; False: random."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or self.r <= 0:
-            raise ValueError(f"{type(self).__name__}: `r` must be a positive integer, got {self.r!r}.")
+        check_int(self, "r", minimum=1)
+        check_choice(self, "init_weights", self.init_weight_options)
+        check_module_selection(self)
         normalize_module_selection(self)
 
 

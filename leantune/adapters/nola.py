@@ -33,6 +33,7 @@ from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
 from leantune._utils import PEFT_PREFIX, scale_columns
+from leantune._validation import check_bool, check_int, check_number
 
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
 from .registration import LeanTuneType, register_tuner
@@ -53,6 +54,8 @@ class NolaConfig(LowRankConfig):
         seed: base seed; each adapted module derives its own seed from it and its module name.
         cache_bases: keep the generated bases in memory per device instead of regenerating them at every
             forward and backward (faster, costs ``(k·r·in + l·out·r)`` floats per matrix; never saved).
+        init_weights: ``True`` (α = β = 0: identity at start) or ``False`` (α, β ~ N(0, 0.1²): non-identity, for
+            tests).
     """
 
     num_basis_A: int = field(default=256, metadata={"help": "k: bases (and coefficients) for A."})
@@ -64,10 +67,11 @@ class NolaConfig(LowRankConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LeanTuneType.NOLA
-        for name in ("num_basis_A", "num_basis_B"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"NolaConfig.{name} must be a positive integer, got {value!r}.")
+        check_int(self, "num_basis_A", minimum=1)
+        check_int(self, "num_basis_B", minimum=1)
+        check_number(self, "nola_alpha", minimum=0, strict=True)
+        check_int(self, "seed", minimum=0)
+        check_bool(self, "cache_bases")
 
 
 def derive_seed(*parts: Any) -> int:
@@ -194,8 +198,9 @@ class NolaLayer(LowRankLayer):
         self.nola_seed[adapter_name] = torch.tensor(seed, dtype=torch.int64)
         self.nola_fingerprint[adapter_name] = self._fingerprint(adapter_name)
         self.nola_shape[adapter_name] = torch.tensor([self.out_features, self.in_features], dtype=torch.int64)
-        self.nola_alpha[adapter_name] = nn.Parameter(torch.zeros(k))
-        self.nola_beta[adapter_name] = nn.Parameter(torch.zeros(l))
+        random = config.init_weights is False  # non-identity, for tests
+        self.nola_alpha[adapter_name] = nn.Parameter(torch.randn(k) * 0.1 if random else torch.zeros(k))
+        self.nola_beta[adapter_name] = nn.Parameter(torch.randn(l) * 0.1 if random else torch.zeros(l))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 

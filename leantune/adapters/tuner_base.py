@@ -10,6 +10,18 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from leantune._utils import PEFT_PREFIX
+from leantune._validation import check_layers, check_names
+
+
+def check_module_selection(config: PeftConfig) -> None:
+    """Types of the module-selection fields every leantune config shares (names the field on a bad value)."""
+    for name in ("target_modules", "exclude_modules", "layers_pattern"):
+        check_names(config, name)
+    check_layers(config, "layers_to_transform")
+    if config.modules_to_save is not None and not (isinstance(config.modules_to_save, (list, tuple, set)) and all(
+            isinstance(m, str) and m for m in config.modules_to_save)):
+        raise ValueError(f"{type(config).__name__}.modules_to_save must be a list of module names or None, got "
+                         f"{config.modules_to_save!r}.")
 
 
 def normalize_module_selection(config: PeftConfig) -> None:

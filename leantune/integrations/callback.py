@@ -21,6 +21,7 @@ set up stops ``train()`` before the first step with a message saying so.
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any, Optional, Union
 
 import torch
@@ -28,6 +29,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback
 
 from leantune.adapters.lora_sb import LoraSBConfig, estimate_first_step, inject_lora_sb
+from leantune._utils import NonFiniteGradientWarning
 
 
 def first_step_learning_rate(trainer: Trainer) -> float:
@@ -101,6 +103,18 @@ class LeanTuneCallback(TrainerCallback):
                 "LeanTuneCallback was never set up, so nothing of it is active: call `callback.setup(trainer)` "
                 "after building the Trainer and before `trainer.train()`."
             )
+        return control
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        """Non-finite guard: NaN/inf in any gradient (after clipping one poisons all) skips the optimizer step —
+        every gradient is dropped, so no optimizer moves a weight — with a warning."""
+        grads = [p.grad for p in self.trainer.model.parameters() if p.grad is not None]
+        if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            warnings.warn(f"LeanTuneCallback: step {state.global_step + 1} has NaN/inf gradients; the optimizer step "
+                          "is skipped (weights and optimizer state unchanged).", NonFiniteGradientWarning,
+                          stacklevel=2)
+            for p in self.trainer.model.parameters():
+                p.grad = None
         return control
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from leantune._validation import check_bool, check_int, check_number
+
 
 @dataclass
 class MemoryConfig:
@@ -40,12 +42,16 @@ class MemoryConfig:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        unknown = set(self.velora_targets) - {"attn_out", "mlp_down"}
-        if unknown:
-            raise ValueError(f"MemoryConfig.velora_targets: unknown roles {sorted(unknown)}; "
-                             "use 'attn_out' and/or 'mlp_down'")
-        if self.velora_num_groups <= 0:
-            raise ValueError(f"MemoryConfig.velora_num_groups must be positive, got {self.velora_num_groups}")
+        for name in ("ms_norms", "approx_activations", "fused_gated_mlp", "velora", "fold_final_norm",
+                     "untie_embeddings", "keep_original_weights", "verbose"):
+            check_bool(self, name)
+        targets = self.velora_targets
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or \
+                not set(targets) <= {"attn_out", "mlp_down"} or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"MemoryConfig.velora_targets must be a list of roles from 'attn_out' and 'mlp_down', "
+                             f"got {targets!r}.")
+        check_int(self, "velora_num_groups", minimum=1)
+        check_number(self, "velora_scale")
         self.velora_targets = tuple(self.velora_targets)
 
     @classmethod

@@ -11,6 +11,7 @@ or by name, in a ``transformers.Trainer``::
     install_in_trainer(trainer, OptimizerConfig(name="fira_adamw", rank=16, scale=2.0, layerwise=True))
 """
 
+from leantune._utils import NonFiniteGradientWarning
 from leantune.optim.config import OPTIMIZERS, OptimizerConfig, build_optimizer
 from leantune.optim.dct import DCTProjector, dct_matrix, shared_dct_basis
 from leantune.optim.fira import FiraAdamW
@@ -43,6 +44,7 @@ __all__ = [
     "LISACallback",
     "LowRankOptimizerFactory",
     "NaturalGaLoreAdamW",
+    "NonFiniteGradientWarning",
     "OptimizerConfig",
     "Projector",
     "RandomizedSVDProjector",

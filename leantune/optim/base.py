@@ -18,10 +18,12 @@ from typing import Any, Callable, Iterable
 import torch
 from torch.optim import Optimizer
 
+from leantune._utils import NonFiniteGradientWarning
 from leantune.optim.layerwise import LayerwiseMixin
 from leantune.optim.projectors import PROJECTOR_KINDS, Projector, make_projector
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
+
 
 LOW_RANK_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
@@ -120,6 +122,8 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     # ---- stepping --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One optimizer step. A parameter whose gradient holds NaN/inf is skipped (weights and state untouched) with
+        a :class:`NonFiniteGradientWarning`; the others step as usual."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -127,18 +131,28 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         if self.layerwise:  # updates already happened inside backward; only flush partial windows
             self._flush_layerwise()
             return loss
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._step_param(p, group)
+        todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not todo:
+            return loss
+        norms = torch._foreach_norm([p.grad for p, _ in todo])  # one pass and one sync for the finiteness check
+        finite = torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).tolist()
+        for (p, group), ok in zip(todo, finite):
+            self._step_param(p, group, finite=ok)
         return loss
 
-    def _step_param(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        """What comes before every update rule: per-parameter clipping, the state, the projector (refreshed every T
-        steps); then :meth:`update`. A failed refresh with no usable projector skips the step (never NaN weights)."""
+    def _step_param(self, p: torch.Tensor, group: dict[str, Any], finite: bool | None = None) -> None:
+        """What comes before every update rule: the non-finite guard, per-parameter clipping, the state, the
+        projector (refreshed every T steps); then :meth:`update`. ``finite``: already checked by :meth:`step`."""
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)}).")
+        if finite is None:  # per-layer mode: checked here, parameter by parameter
+            finite = bool(torch.isfinite(grad).all())
+        if not finite:
+            warnings.warn(f"{type(self).__name__}: the gradient of a parameter of shape {tuple(p.shape)} holds NaN/inf; "
+                          "its update was skipped this step (weights and optimizer state unchanged).",
+                          NonFiniteGradientWarning, stacklevel=3)
+            return
         grad = self.working_grad(grad)
         max_norm = group.get("max_grad_norm_per_param")
         if max_norm:

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from leantune._validation import check_bool, check_choice, check_int, check_names, check_number, is_number
+from leantune.optim.base import MOMENT_POLICIES
 from leantune.optim.fira import FiraAdamW
 from leantune.optim.galore_adafactor import GaLoreAdafactor
 from leantune.optim.galore_adamw import GaLoreAdamW
@@ -56,14 +58,32 @@ class OptimizerConfig:
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"history_size": 4} or {"gamma": 1.01}
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"Unknown low-rank optimizer {self.name!r}; choose one of {sorted(OPTIMIZERS)}.")
-        if self.projector is not None and self.projector not in PROJECTOR_KINDS:
-            raise ValueError(f"projector={self.projector!r}, expected one of {PROJECTOR_KINDS}.")
-        if self.rank < 1 or self.update_proj_gap < 1:
-            raise ValueError(f"rank and update_proj_gap must be >= 1 (got {self.rank}, {self.update_proj_gap}).")
+        if not isinstance(self.name, str) or self.name not in OPTIMIZERS:
+            raise ValueError(f"OptimizerConfig.name: unknown low-rank optimizer {self.name!r}; choose one of "
+                             f"{sorted(OPTIMIZERS)}.")
+        if self.projector is not None:
+            check_choice(self, "projector", PROJECTOR_KINDS)
+        check_int(self, "rank", minimum=1)
+        check_int(self, "update_proj_gap", minimum=1)
+        check_number(self, "scale", optional=True)
+        check_names(self, "target_modules", optional=False)
+        check_bool(self, "layerwise")
+        check_choice(self, "moment_policy", MOMENT_POLICIES)
+        check_number(self, "lr", minimum=0, optional=True)
+        check_number(self, "weight_decay", minimum=0, optional=True)
+        check_number(self, "eps", minimum=0, optional=True)
+        check_bool(self, "reference_adam")
+        check_number(self, "max_grad_norm_per_param", minimum=0, strict=True, optional=True)
+        check_int(self, "accumulation_steps", minimum=1)
         if self.betas is not None:
-            self.betas = tuple(self.betas)
+            betas = self.betas
+            if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1
+                                                                                   for b in betas):
+                raise ValueError(f"OptimizerConfig.betas must be two numbers in [0, 1), got {betas!r}.")
+            self.betas = tuple(betas)
+        if not isinstance(self.optimizer_kwargs, dict) or not all(isinstance(k, str) for k in self.optimizer_kwargs):
+            raise ValueError(f"OptimizerConfig.optimizer_kwargs must be a dict of option names, got "
+                             f"{self.optimizer_kwargs!r}.")
 
     @classmethod
     def from_any(cls, config: "OptimizerConfig | str | dict[str, Any]") -> "OptimizerConfig":

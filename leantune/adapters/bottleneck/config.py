@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional, Union
 
 from peft.config import PeftConfig
+
+from leantune._validation import check_bool, check_choice, check_int, check_number
 from transformers.activations import ACT2FN
 
 from ..registration import LeanTuneType
-from ..tuner_base import normalize_module_selection
+from ..tuner_base import check_module_selection, normalize_module_selection
 
-INIT_SCHEMES = ("bert", "houlsby", "zeros_up")
+INIT_SCHEMES = (True, False, "bert", "houlsby", "zeros_up")
 
 
 @dataclass
@@ -38,11 +40,12 @@ class BottleneckConfig(PeftConfig):
             :data:`leantune.adapters.bottleneck.placement.PLACEMENTS`; ignored when ``target_modules`` is given.
         target_modules: names (suffix match) or a regex (full match) of the Linear/Conv1D layers whose output
             the adapter is applied to; only needed for an architecture missing from the placement table.
-        reduction_factor: bottleneck size ``m = hidden / reduction_factor``.
+        reduction_factor: bottleneck size ``m = hidden / reduction_factor`` (>= 1).
         non_linearity: activation ``f`` (any key of ``transformers.activations.ACT2FN``).
-        init_weights: ``"bert"`` (N(0, 0.02) weights, zero biases: AdapterHub's default), ``"houlsby"``
-            (truncated N(0, 0.01²) clipped at ±0.02) or ``"zeros_up"`` (up-projection zero: exact identity at
-            init). PHM layers ignore it and use their own init (see :mod:`.phm`).
+        init_weights: ``True`` or ``"bert"`` (N(0, 0.02) weights, zero biases: AdapterHub's default), ``"houlsby"``
+            (truncated N(0, 0.01²) clipped at ±0.02), ``"zeros_up"`` (up-projection zero: exact identity at init)
+            or ``False`` (N(0, 0.1²) weights and biases: clearly non-identity, for tests). PHM layers use their own
+            init (see :mod:`.phm`) except for ``"zeros_up"`` and ``False``.
         scaling: factor on the adapter branch.
         phm: use PHM layers (``W = Σ_i S_i ⊗ W_i``) for the down and up projections.
         phm_dim: ``n``; hidden size and bottleneck size must be divisible by it.
@@ -64,7 +67,7 @@ class BottleneckConfig(PeftConfig):
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Modules trained in full."})
     reduction_factor: float = field(default=16.0, metadata={"help": "Bottleneck size = hidden / reduction_factor."})
     non_linearity: str = field(default="relu", metadata={"help": "Activation between down and up projection."})
-    init_weights: str = field(default="bert", metadata={"help": "bert | houlsby | zeros_up"})
+    init_weights: Union[bool, str] = field(default=True, metadata={"help": "True/bert | houlsby | zeros_up | False"})
     scaling: float = field(default=1.0, metadata={"help": "Factor on the adapter branch."})
     phm: bool = field(default=False, metadata={"help": "Use PHM (Kronecker) down/up projections."})
     phm_dim: int = field(default=4, metadata={"help": "n of the PHM layers."})
@@ -76,19 +79,18 @@ class BottleneckConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = LeanTuneType.BOTTLENECK
-        name = type(self).__name__
-        if self.placement not in ("houlsby", "pfeiffer"):
-            raise ValueError(f"{name}.placement must be 'houlsby' or 'pfeiffer', got {self.placement!r}.")
-        if self.reduction_factor <= 0:
-            raise ValueError(f"{name}.reduction_factor must be positive, got {self.reduction_factor}.")
-        if self.non_linearity not in ACT2FN:
-            raise ValueError(f"{name}.non_linearity {self.non_linearity!r} is unknown; use one of {sorted(ACT2FN)}.")
-        if self.init_weights not in INIT_SCHEMES:
-            raise ValueError(f"{name}.init_weights must be one of {INIT_SCHEMES}, got {self.init_weights!r}.")
-        if self.phm and (not isinstance(self.phm_dim, int) or self.phm_dim < 1):
-            raise ValueError(f"{name}.phm_dim must be a positive integer, got {self.phm_dim!r}.")
-        if self.phm_rank is not None and self.phm_rank < 1:
-            raise ValueError(f"{name}.phm_rank must be None or positive, got {self.phm_rank}.")
+        check_choice(self, "placement", ("houlsby", "pfeiffer"))
+        check_number(self, "reduction_factor", minimum=1)  # a bottleneck: at most as wide as the hidden size
+        check_choice(self, "non_linearity", sorted(ACT2FN))
+        check_choice(self, "init_weights", INIT_SCHEMES)
+        check_number(self, "scaling")
+        check_bool(self, "phm")
+        check_int(self, "phm_dim", minimum=1)
+        check_bool(self, "shared_phm_rule")
+        check_int(self, "phm_rank", minimum=1, optional=True)
+        check_number(self, "phm_init_range", minimum=0)
+        check_bool(self, "unfreeze_layer_norms")
+        check_module_selection(self)
         normalize_module_selection(self)
 
 

@@ -63,18 +63,25 @@ class BottleneckAdapter(nn.Module):
             if config.init_weights == "zeros_up":
                 with torch.no_grad():
                     (self.up.W if self.up.rank is None else self.up.W_right).zero_()
+            elif config.init_weights is False:  # non-identity, for tests
+                with torch.no_grad():
+                    for p in self.parameters():
+                        p.normal_(0.0, 0.1)
         else:
             self.down, self.up = nn.Linear(hidden, bottleneck), nn.Linear(bottleneck, hidden)
             self._init_linear(config.init_weights)
 
     @torch.no_grad()
-    def _init_linear(self, scheme: str) -> None:
+    def _init_linear(self, scheme: bool | str) -> None:
         for layer in (self.down, self.up):
             nn.init.zeros_(layer.bias)
-            if scheme == "bert":
+            if scheme is True or scheme == "bert":
                 nn.init.normal_(layer.weight, std=0.02)
             elif scheme == "houlsby":
                 nn.init.trunc_normal_(layer.weight, std=1e-2, a=-2e-2, b=2e-2)
+            elif scheme is False:  # clearly non-identity, for tests
+                nn.init.normal_(layer.weight, std=0.1)
+                nn.init.normal_(layer.bias, std=0.1)
         if scheme == "zeros_up":  # down keeps nn.Linear's kaiming-uniform init
             nn.init.zeros_(self.up.weight)
 
