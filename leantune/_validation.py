@@ -4,6 +4,7 @@ it must be, at construction — never a crash deep inside torch later."""
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Iterable
 
 
@@ -64,16 +65,24 @@ def check_choice(obj: Any, name: str, choices: Iterable[Any]) -> None:
         _fail(obj, name, f"one of {list(choices)}", value)
 
 
-def check_names(obj: Any, name: str, optional: bool = True) -> None:
-    """None, a string (regex / suffix), or a list/set/tuple of strings (module names)."""
+def check_names(obj: Any, name: str, optional: bool = True, regex_items: bool = False) -> None:
+    """None, a string (a regex peft full-matches, or a suffix), or a list/set/tuple of module names
+    (``regex_items``: peft also splices each name into a regex, e.g. ``modules_to_save``)."""
     value = getattr(obj, name)
     if value is None and optional:
         return
     if isinstance(value, str) and value:
+        items, what = [value], "a valid regex"
+    elif isinstance(value, (list, set, tuple, frozenset)) and all(isinstance(v, str) and v for v in value):
+        items, what = (list(value) if regex_items else []), "names that are valid regex fragments"
+    else:
+        _fail(obj, name, "a non-empty string or a list of module names" + (" or None" if optional else ""), value)
         return
-    if isinstance(value, (list, set, tuple, frozenset)) and all(isinstance(v, str) and v for v in value):
-        return
-    _fail(obj, name, "a non-empty string or a list of module names" + (" or None" if optional else ""), value)
+    for item in items:
+        try:
+            re.compile(item)
+        except re.error as err:
+            _fail(obj, name, f"{what} ({err})", value)
 
 
 def check_layers(obj: Any, name: str) -> None:

@@ -65,7 +65,7 @@ OPTIMIZER_FIELDS = ["name", "rank", "update_proj_gap", "scale", "projector", "ta
                     "accumulation_steps", "optimizer_kwargs"]
 OPTIMIZER_VALUES = st.one_of(ANY, st.sampled_from(sorted(leantune.optim.OPTIMIZERS) + ["svd", "dct", "rsvd", "reset",
                                                                                        "rotate", "keep"]))
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _named(error: Exception, fields) -> bool:

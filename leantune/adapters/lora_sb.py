@@ -118,7 +118,15 @@ register_tuner(LeanTuneType.LORA_SB, LoraSBConfig, LoraSBModel)
 
 def targeted_modules(model: nn.Module, config: LowRankConfig) -> dict[str, nn.Module]:
     """The modules ``config`` would adapt, resolved exactly as peft resolves them (incl. ``"all-linear"``)."""
-    config = _maybe_include_all_linear_layers(copy.deepcopy(config), model)
+    config = copy.deepcopy(config)
+    if config.target_modules is None:  # peft's default targets for this architecture, as get_peft_model resolves them
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        defaults = LoraSBModel.target_module_mapping.get(model_type)
+        if defaults is None:
+            raise ValueError(f"LoraSBConfig.target_modules is None and peft has no default targets for model_type="
+                             f"{model_type!r}; pass target_modules.")
+        config.target_modules = set(defaults)
+    config = _maybe_include_all_linear_layers(config, model)
     found = {}
     for name, module in model.named_modules():
         if isinstance(module, BaseTunerLayer) or not name:

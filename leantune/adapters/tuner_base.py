@@ -18,10 +18,10 @@ def check_module_selection(config: PeftConfig) -> None:
     for name in ("target_modules", "exclude_modules", "layers_pattern"):
         check_names(config, name)
     check_layers(config, "layers_to_transform")
-    if config.modules_to_save is not None and not (isinstance(config.modules_to_save, (list, tuple, set)) and all(
-            isinstance(m, str) and m for m in config.modules_to_save)):
+    if config.modules_to_save is not None and not isinstance(config.modules_to_save, (list, tuple, set)):
         raise ValueError(f"{type(config).__name__}.modules_to_save must be a list of module names or None, got "
                          f"{config.modules_to_save!r}.")
+    check_names(config, "modules_to_save", regex_items=True)
 
 
 def normalize_module_selection(config: PeftConfig) -> None:
