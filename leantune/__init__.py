@@ -25,7 +25,8 @@ from .adapters import (
     get_lora_sb_model,
 )
 from .integrations.callback import LeanTuneCallback
-from .integrations.interop import LeanTuneError, export_to_lora, inspect_adapter, merge_to_directory
+from .integrations.checkpoints import LeanTuneError, load_adapter, save_adapter
+from .integrations.interop import export_to_lora, inspect_adapter, merge_to_directory
 
 __version__ = "0.1.0"
 
@@ -45,7 +46,9 @@ __all__ = [
     "export_to_lora",
     "get_lora_sb_model",
     "inspect_adapter",
+    "load_adapter",
     "merge_to_directory",
+    "save_adapter",
 ]
 
 _LAZY_SUBPACKAGES = ("optim", "memory", "kernels")

@@ -34,24 +34,35 @@ def normalize_module_selection(config: PeftConfig) -> None:
         raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`.")
 
 
-def check_checkpoint_shapes(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Raise a ``ValueError`` naming the first adapter tensor whose shape differs from the model's.
+def check_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, adapter_name: str) -> None:
+    """Raise a ``ValueError`` naming the first adapter tensor that cannot be loaded as it is.
 
-    This is what loading an adapter onto a different base model looks like; torch's own error would list
-    every mismatch of every layer at once.
+    * a shape that differs from the model's (the adapter was trained on a different base model);
+    * a floating-point tensor where the model holds an integer one, or the reverse (a corrupt or foreign file);
+    * an adapter tensor the checkpoint lacks (the file is from another method or incomplete) — peft would leave it at
+      its initial value and load "successfully".
+
+    torch's own error would list every mismatch of every layer at once, and peft ignores missing adapter keys.
     """
-    prefix = PEFT_PREFIX
     own = model.state_dict()
-    if not any(k.startswith(prefix) for k in own):
-        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    if not any(k.startswith(PEFT_PREFIX) for k in own):
+        state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
     for key, target in own.items():  # model order, so "first" means the earliest layer
         tensor = state_dict.get(key)
-        if tensor is not None and target.shape != tensor.shape:
+        if tensor is None:
+            if prefix in key and f".{adapter_name}" in f".{key}." and ".base_layer." not in key:
+                raise ValueError(f"The checkpoint has no {key.removeprefix(PEFT_PREFIX)!r}: it is from another method "
+                                 "or another adapter, or it is incomplete.")
+            continue
+        if target.shape != tensor.shape:
             raise ValueError(
-                f"This adapter was trained on a different base model: for {key.removeprefix(prefix)!r} the "
+                f"This adapter was trained on a different base model: for {key.removeprefix(PEFT_PREFIX)!r} the "
                 f"checkpoint has shape {tuple(tensor.shape)} but this model needs {tuple(target.shape)}. "
                 "Load it onto the base model it was trained with."
             )
+        if target.is_floating_point() != tensor.is_floating_point():
+            raise ValueError(f"The checkpoint's {key.removeprefix(PEFT_PREFIX)!r} is {tensor.dtype} where this model "
+                             f"holds {target.dtype}: the file is corrupt or from another method.")
 
 
 class LeanTuneTuner(BaseTuner):
@@ -87,5 +98,5 @@ class LeanTuneTuner(BaseTuner):
         cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_checkpoint_shapes(model, remapped)
+        check_checkpoint(model, remapped, cls.prefix, adapter_name)
         return remapped

@@ -2,22 +2,21 @@
 
 These are the functions behind ``leantune merge``, ``leantune export`` and ``leantune inspect``; a
 notebook user calls them directly. Every writer builds its output in a temporary folder next to the
-destination and renames it into place at the end, so a failure never leaves a half-written directory.
+destination and renames it into place at the end, so a failure (or a killed process) never leaves a half-written
+directory; every reader checks the adapter files first (:mod:`.checkpoints`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import ModulesToSaveWrapper
 from safetensors import safe_open
@@ -26,12 +25,13 @@ from tqdm.auto import tqdm
 import leantune.adapters  # noqa: F401  (registers the tuner types)
 from leantune._utils import PEFT_PREFIX
 from leantune.adapters.low_rank import LowRankLayer
+from leantune.integrations.checkpoints import (
+    ADAPTER_WEIGHTS, LeanTuneError, _require_dir, atomic_output_dir, load_adapter, read_adapter_config)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
     "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
 )
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # peft records no model class for task-typed adapters; these are the classes its task types wrap
 TASK_TYPE_TO_AUTO_CLASS = {
     "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -41,33 +41,6 @@ TASK_TYPE_TO_AUTO_CLASS = {
     "QUESTION_ANS": "AutoModelForQuestionAnswering",
     "FEATURE_EXTRACTION": "AutoModel",
 }
-
-
-class LeanTuneError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits with code 2."""
-
-
-# --- reading ---------------------------------------------------------------------------------------------
-def _require_dir(path: str | os.PathLike, what: str, must_have: str) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise LeanTuneError(f"{what} {str(p)!r} is not a directory")
-    if not (p / must_have).is_file():
-        raise LeanTuneError(f"{what} {str(p)!r} has no {must_have}")
-    return p
-
-
-def read_adapter_config(adapter_dir: str | os.PathLike) -> PeftConfig:
-    """The adapter's config (any peft or leantune type), with clear errors for wrong folders."""
-    path = _require_dir(adapter_dir, "adapter directory", "adapter_config.json")
-    if not (path / ADAPTER_WEIGHTS).is_file():
-        bins = list(path.glob("adapter_model.bin"))
-        hint = " (pickle .bin adapters are not read; re-save with safetensors)" if bins else ""
-        raise LeanTuneError(f"adapter directory {str(path)!r} has no {ADAPTER_WEIGHTS}{hint}")
-    try:
-        return PeftConfig.from_pretrained(str(path))
-    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as err:
-        raise LeanTuneError(f"{path / 'adapter_config.json'} is not a valid adapter config: {err}") from err
 
 
 def load_base_model(
@@ -130,33 +103,10 @@ def load_adapted_model(base_dir: str | os.PathLike, adapter_dir: str | os.PathLi
     labels = _saved_head_labels(Path(adapter_dir), base) if getattr(base.config, "num_labels", None) else None
     if labels:
         base = load_base_model(base_dir, model_class, num_labels=labels)
-    try:
-        return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    except (ValueError, RuntimeError, KeyError) as err:
-        raise LeanTuneError(str(err).splitlines()[0]) from err
+    return load_adapter(base, adapter_dir).eval()
 
 
 # --- writing ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``out_dir`` only if the block finishes without error."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise LeanTuneError(f"output {str(out)!r} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise LeanTuneError(f"output directory {str(out)!r} is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer files a model folder may hold; returns the names copied."""
     copied = []

@@ -12,6 +12,7 @@ or by name, in a ``transformers.Trainer``::
 """
 
 from leantune._utils import NonFiniteGradientWarning
+from leantune.optim.checkpoint import load_optimizer, save_optimizer
 from leantune.optim.config import OPTIMIZERS, OptimizerConfig, build_optimizer
 from leantune.optim.dct import DCTProjector, dct_matrix, shared_dct_basis
 from leantune.optim.fira import FiraAdamW
@@ -55,10 +56,12 @@ __all__ = [
     "find_layer_stack",
     "find_target_weights",
     "install_in_trainer",
+    "load_optimizer",
     "make_param_groups",
     "make_projector",
     "optimizer_cls_and_kwargs",
     "optimizer_state_bytes",
+    "save_optimizer",
     "shared_dct_basis",
     "storage_bytes",
     "subspace_distance",

@@ -46,6 +46,9 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     extra_group_keys: tuple[str, ...] = ("params", "rank", "proj_type")
     #: whether fp16 parameters work (Adam moments in fp16 underflow: ε = 1e-8 is 0 there, and m/√v turns NaN)
     supports_fp16: bool = False
+    #: per-parameter state keys this optimizer writes (a checkpoint with others is from another optimizer)
+    state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq", "proj_ortho", "proj_right", "proj_indices",
+                                   "proj_dim", "proj_dtype_ref")
 
     def __init__(
         self,
@@ -149,8 +152,8 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         if finite is None:  # per-layer mode: checked here, parameter by parameter
             finite = bool(torch.isfinite(grad).all())
         if not finite:
-            warnings.warn(f"{type(self).__name__}: the gradient of a parameter of shape {tuple(p.shape)} holds NaN/inf; "
-                          "its update was skipped this step (weights and optimizer state unchanged).",
+            warnings.warn(f"{type(self).__name__}: non-finite gradient (NaN/inf) for a parameter of shape "
+                          f"{tuple(p.shape)}; its update was skipped this step (weights and optimizer state unchanged).",
                           NonFiniteGradientWarning, stacklevel=3)
             return
         grad = self.working_grad(grad)
@@ -216,12 +219,57 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         saved tensors themselves are put back instead (moved to the parameter's device), so resuming is exact.
         """
         saved = state_dict["state"]
+        self._check_loaded_state(state_dict)  # before anything changes: a bad checkpoint leaves the optimizer as it was
         super().load_state_dict(state_dict)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in saved.get(pid, {}).items():
                     if isinstance(value, torch.Tensor) and key != "step":
                         self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
+        """Name what makes ``state_dict`` unusable for this optimizer and these parameters (``ValueError``)."""
+        name = type(self).__name__
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict) or len(groups) != len(
+                self.param_groups) or any(len(g.get("params", ())) != len(o["params"])
+                                          for g, o in zip(groups, self.param_groups)):
+            raise ValueError(f"{name}.load_state_dict: the checkpoint's parameter groups do not match this optimizer's "
+                             "(another model, target list or optimizer?)")
+        known = set(self.state_keys)
+        for saved_group, group in zip(groups, self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                state = state_dict["state"].get(pid, {})
+                unknown = sorted(set(state) - known)
+                if unknown:
+                    raise ValueError(f"{name}.load_state_dict: state keys {unknown} of parameter {pid} are not {name}'s "
+                                     f"(it writes {sorted(known)}): the checkpoint is from another optimizer")
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "step" and \
+                            not bool(torch.isfinite(value).all()):
+                        raise ValueError(f"{name}.load_state_dict: {key} of parameter {pid} holds NaN/inf")
+                expected = self._moment_shape(p, saved_group, state)
+                for key in ("exp_avg", "exp_avg_sq", "state1", "state2"):
+                    value = state.get(key)
+                    if isinstance(value, torch.Tensor) and expected is not None and tuple(value.shape) != expected:
+                        raise ValueError(f"{name}.load_state_dict: {key} of parameter {pid} has shape "
+                                         f"{tuple(value.shape)}, this parameter ({tuple(p.shape)}) needs {expected}: "
+                                         "the checkpoint is from another model or rank")
+                indices = state.get("proj_indices")
+                if isinstance(indices, torch.Tensor) and indices.numel() and (
+                        indices.is_floating_point() or int(indices.min()) < 0 or int(indices.max()) >= state["proj_dim"]):
+                    raise ValueError(f"{name}.load_state_dict: proj_indices of parameter {pid} are outside [0, "
+                                     f"{state.get('proj_dim')})")
+
+    def _moment_shape(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[int, ...] | None:
+        """The shape of the Adam moments of ``p``: the projected gradient's (None when it cannot be told)."""
+        if group.get("rank") is None or p.ndim != 2:
+            return tuple(p.shape)
+        if "proj_right" not in state:
+            return None
+        m, n = p.shape
+        rank = min(int(group["rank"]), m, n)
+        return (m, rank) if state["proj_right"] else (rank, n)
 
     # ---- helpers shared by the Adam family --------------------------------------------------------------------
     def shared_state_tensors(self) -> list[torch.Tensor]:

@@ -19,12 +19,15 @@ from typing import Any, Iterable
 
 import torch
 
+from leantune.optim.base import LowRankOptimizer
 from leantune.optim.galore_adamw import GaLoreAdamW, adam_direction
 
 
 class FiraAdamW(GaLoreAdamW):
     """GaLoreAdamW + Fira residual.  Extra args: ``gamma`` (limiter, 1.01), ``orthogonal_residual`` (False =
     fira 1.0.2 behaviour).  With ``reference_adam=True`` in fp32 it matches the ``fira`` package bitwise."""
+
+    state_keys = LowRankOptimizer.state_keys + ("fira_prev_norm",)
 
     def __init__(
         self, params: Iterable[Any], *args: Any, gamma: float = 1.01, orthogonal_residual: bool = False, **kwargs: Any

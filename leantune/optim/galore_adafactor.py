@@ -36,6 +36,8 @@ class GaLoreAdafactor(LowRankOptimizer):
     """Adafactor with GaLore projection for ``rank`` groups (defaults follow GaLore's pretraining scripts:
     ``relative_step=False, scale_parameter=False``; lr 1e-2)."""
 
+    state_keys = LowRankOptimizer.state_keys + ("exp_avg_sq_row", "exp_avg_sq_col", "RMS")
+
     moment_keys = ("exp_avg", "exp_avg_sq", "exp_avg_sq_row", "exp_avg_sq_col")
     supports_fp16 = True  # computes in fp32 and keeps fp32 state
     supports_rotate = False

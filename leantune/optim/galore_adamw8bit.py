@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import torch
 
+from leantune.optim.base import LowRankOptimizer
 from leantune.optim.galore_adamw import GaLoreAdamW, adam_direction, apply_update
 
 BLOCKSIZE = 256
@@ -33,6 +34,8 @@ def _bnb():
 class GaLoreAdamW8bit(GaLoreAdamW):
     """8-bit blockwise Adam states in the GaLore subspace.  ``reference_adam`` is not available (bitsandbytes
     implements torch-style Adam); eps defaults to 1e-8, weight_decay to 0.0."""
+
+    state_keys = LowRankOptimizer.state_keys + ("state1", "state2", "absmax1", "absmax2")
 
     moment_keys = ("exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2")
     supports_rotate = False

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 
 import torch
 
+from leantune.optim.base import LowRankOptimizer
 from leantune.optim.galore_adamw import GaLoreAdamW
 
 
@@ -44,6 +45,8 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
     Extra args: ``history_size`` s (>= 1, default 4), ``damping`` lambda (1e-3 as in the paper's code),
     ``history_dtype`` (None = gradient dtype).
     """
+
+    state_keys = LowRankOptimizer.state_keys + ("fisher_history", "fisher_count")
 
     moment_keys = ("exp_avg", "exp_avg_sq")
     fusable = False  # the fused step is not exercised on preconditioned gradients: keep the torch path

@@ -1,0 +1,176 @@
+"""Adapter files that survive faults: check before loading, undo a failed load, write atomically.
+
+* :func:`verify_adapter_files` reads ``adapter_config.json`` and the safetensors header only, and names what is wrong:
+  a truncated file (its data ends before the header says), tensors of another method than the config names, or
+  tensors of a non-floating dtype where weights belong.
+* :func:`load_adapter` is ``PeftModel.from_pretrained`` after that check; leantune's tuners also check shapes, dtypes
+  and completeness against the model while loading (``tuner_base.check_checkpoint``). If loading fails, the adapter
+  layers it injected are taken out again, so the model is left as it was, and one :class:`LeanTuneError` says why.
+* :func:`atomic_output_dir` / :func:`save_adapter`: outputs are written to a temporary folder beside the target and
+  renamed into place, so a process killed mid-write leaves the previous output intact (``leantune merge``,
+  ``leantune export`` and :func:`save_adapter` use it; peft's own ``save_pretrained`` writes in place).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import PeftConfig, PeftModel
+from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
+
+from leantune._utils import PEFT_PREFIX
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+
+
+class LeanTuneError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits with code 2."""
+
+
+def _require_dir(path: str | os.PathLike, what: str, must_have: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise LeanTuneError(f"{what} {str(p)!r} is not a directory")
+    if not (p / must_have).is_file():
+        raise LeanTuneError(f"{what} {str(p)!r} has no {must_have}")
+    return p
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> PeftConfig:
+    """The adapter's config (any peft or leantune type), with clear errors for wrong folders."""
+    path = _require_dir(adapter_dir, "adapter directory", "adapter_config.json")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        bins = list(path.glob("adapter_model.bin"))
+        hint = " (pickle .bin adapters are not read; re-save with safetensors)" if bins else ""
+        raise LeanTuneError(f"adapter directory {str(path)!r} has no {ADAPTER_WEIGHTS}{hint}")
+    try:
+        return PeftConfig.from_pretrained(str(path))
+    except (KeyError, ValueError, TypeError, json.JSONDecodeError) as err:
+        raise LeanTuneError(f"{path / 'adapter_config.json'} is not a valid adapter config: {err}") from err
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """The tensor entries of a safetensors file's header, after checking the file holds all the bytes it declares."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise LeanTuneError(f"{path} is truncated ({size} bytes): not a safetensors file")
+        (length,) = struct.unpack("<Q", raw)
+        if length > size - 8:
+            raise LeanTuneError(f"{path} is truncated: its header needs {length} bytes, the file has {size - 8}")
+        try:
+            header = json.loads(f.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LeanTuneError(f"{path} has a corrupt safetensors header ({err})") from err
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
+    if 8 + length + end > size:
+        raise LeanTuneError(f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has {size}")
+    return tensors
+
+
+def verify_adapter_files(adapter_dir: str | os.PathLike) -> PeftConfig:
+    """Check an adapter folder without loading it (module docstring); returns its config."""
+    config = read_adapter_config(adapter_dir)
+    tensors = safetensors_header(Path(adapter_dir) / ADAPTER_WEIGHTS)
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(config.peft_type)
+    prefix = getattr(tuner, "prefix", None)
+    own = [k for k in tensors if prefix and prefix in k]
+    foreign = sorted({p for k in tensors for t, p in _prefixes().items() if p != prefix and f".{p}" in f".{k}"
+                      and not (prefix and prefix in k)})
+    if prefix and not own:
+        found = f" (it holds {', '.join(foreign)} tensors)" if foreign else ""
+        raise LeanTuneError(f"{Path(adapter_dir) / ADAPTER_WEIGHTS} has no {prefix} tensors, but adapter_config.json "
+                            f"says {getattr(config.peft_type, 'value', config.peft_type)}{found}: the weights are from "
+                            "another method or another adapter")
+    for key in own:
+        if tensors[key]["dtype"] not in _FLOAT_DTYPES and not _is_integer_buffer(key):
+            raise LeanTuneError(f"{key} in {Path(adapter_dir) / ADAPTER_WEIGHTS} is {tensors[key]['dtype']}, not a "
+                                "floating-point weight: the file is corrupt or from another method")
+    return config
+
+
+def _prefixes() -> dict:
+    from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
+
+    return dict(PEFT_TYPE_TO_PREFIX_MAPPING)
+
+
+def _is_integer_buffer(key: str) -> bool:
+    return any(name in key for name in ("nola_seed", "nola_shape"))  # NOLA's seeds and base shapes are integers
+
+
+def strip_adapters(model: torch.nn.Module) -> None:
+    """Take injected adapter layers out of ``model`` again (each tuner layer back to its base layer)."""
+    for name, module in list(model.named_modules()):
+        if not name:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(module, BaseTunerLayer) and getattr(parent, child, None) is module:
+            setattr(parent, child, module.get_base_layer())
+        elif isinstance(module, ModulesToSaveWrapper) and getattr(parent, child, None) is module:
+            setattr(parent, child, module.original_module)
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        model.__dict__.pop(attr, None)
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, adapter_name: str = "default",
+                 is_trainable: bool = False) -> PeftModel:
+    """``PeftModel.from_pretrained`` that checks the files first and leaves ``model`` unchanged when it fails."""
+    verify_adapter_files(adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as err:
+        strip_adapters(model)
+        raise LeanTuneError(f"cannot load {str(adapter_dir)!r}: {str(err).splitlines()[0]}") from err
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that replaces ``out_dir`` only if the block finishes without error (a process
+    killed inside the block leaves ``out_dir`` as it was)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LeanTuneError(f"output {str(out)!r} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise LeanTuneError(f"output directory {str(out)!r} is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # swap: the old folder is moved aside before the new one takes its name
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "previous")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_adapter(model: PeftModel, out_dir: str | os.PathLike, **kwargs) -> Path:
+    """``model.save_pretrained(out_dir, **kwargs)``, atomically (a previous ``out_dir`` is replaced only once the
+    new files are complete)."""
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        model.save_pretrained(str(tmp), **kwargs)
+    return Path(out_dir)
+
+
+__all__ = ["ADAPTER_WEIGHTS", "LeanTuneError", "atomic_output_dir", "load_adapter", "read_adapter_config",
+           "safetensors_header", "save_adapter", "strip_adapters", "verify_adapter_files"]
