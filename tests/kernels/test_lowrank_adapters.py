@@ -67,3 +67,31 @@ def test_allora_keeps_its_custom_backward_under_the_kernels(triton_on):
             torch.testing.assert_close(p.grad, grads_ref[n])
     with torch.no_grad():  # inference: a plain product, so the fused kernel runs
         assert_close(model.base_model.model(x), inference_ref)
+
+
+def _saved_bytes(model, x) -> int:
+    from leantune._utils import storage_bytes
+
+    saved = []
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model.base_model.model(x)
+    out.sum().backward()
+    return storage_bytes(t for t in saved if t.untyped_storage().data_ptr() not in params)
+
+
+def test_nola_keeps_its_saving_under_the_fused_kernels(triton_on):
+    """Training NOLA under kernels.apply keeps its own function, which regenerates the k + l bases in backward: the
+    fused linear would differentiate the materialised factors and autograd would save every basis chunk."""
+    model = _model(la.NolaConfig(r=4, num_basis_A=64, num_basis_B=64, target_modules=["0", "2"]))
+    x = torch.randn(9, 24)
+    plain = _saved_bytes(model, x)
+    K.apply(model, enable=["lowrank_linear"])
+    fused = _saved_bytes(model, x)
+    assert fused == plain
+    bases = 4 * (64 * 4 * 24 + 64 * 20 * 4)  # the A and B bases of the first layer alone, fp32
+    assert fused < bases
+    with torch.no_grad():  # outside training the materialised factors are used (and fused)
+        assert all(layer.forward_factors("default") is not None for layer in model.modules()
+                   if isinstance(layer, la.LowRankLayer))
+    K.restore(model)
