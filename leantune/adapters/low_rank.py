@@ -194,7 +194,8 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
             weight = self.get_base_weight()
             merged = weight + self.get_delta_weight(adapter).detach().to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"Merging adapter {adapter!r} would put NaN/inf into the weights; nothing was merged.")
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken "
+                                 "(merging it would put NaN/inf into the weights); nothing was merged.")
             self.set_base_weight(merged)
             self.merged_adapters.append(adapter)
 

@@ -99,12 +99,25 @@ def offset_A0(seed: int, r: int, in_features: int) -> torch.Tensor:
 
 
 def basis_fingerprint(seed: int, r: int, in_features: int, out_features: int, k: int, l: int) -> torch.Tensor:
-    """A few values of A0 and of the first bases of A and B, saved to detect a changed generator on load."""
+    """A few values of A0 and of the first bases of A and B, saved to detect a changed generator on load.
+
+    Kept as the int32 bit patterns of the fp32 values: an integer buffer is never cast with the adapter (to bf16 and
+    back under ``autocast_adapter_dtype``), so it compares exactly on load."""
     a0 = offset_A0(seed, r, in_features).flatten()[: FINGERPRINT_SIZE // 2]
     _, a_first = next(basis_chunks(seed, "A", k, (r, in_features)))
     _, b_first = next(basis_chunks(seed, "B", l, (out_features, r)))
     tail = FINGERPRINT_SIZE - a0.numel()
-    return torch.cat([a0, a_first.flatten()[: tail // 2], b_first.flatten()[: tail - tail // 2]])
+    values = torch.cat([a0, a_first.flatten()[: tail // 2], b_first.flatten()[: tail - tail // 2]])
+    return values.contiguous().view(torch.int32).clone()
+
+
+def fingerprint_matches(saved: torch.Tensor, regenerated: torch.Tensor) -> bool:
+    """The saved fingerprint equals the regenerated bits (int32); a float fingerprint of an older save must equal the
+    regenerated values rounded to its dtype, or through bf16/fp16 and back (adapter dtype casts)."""
+    if not saved.is_floating_point():
+        return torch.equal(saved, regenerated)
+    values = regenerated.view(torch.float32)
+    return any(torch.equal(saved, values.to(d).to(saved.dtype)) for d in (saved.dtype, torch.bfloat16, torch.float16))
 
 
 ChunkSource = Callable[[str], Iterator[tuple[int, torch.Tensor]]]  # kind ("A"/"B") -> chunks on the right device
@@ -281,8 +294,8 @@ class NolaLayer(LowRankLayer):
             if seed_key in state_dict and print_key in state_dict:
                 seed = int(state_dict[seed_key].item())
                 saved = state_dict[print_key].detach().cpu()
-                regenerated = self._fingerprint(adapter, seed).to(saved.dtype)
-                if not torch.equal(saved, regenerated):
+                regenerated = self._fingerprint(adapter, seed)
+                if not fingerprint_matches(saved, regenerated):
                     raise RuntimeError(
                         f"NOLA module {prefix.rstrip('.')!r}, adapter {adapter!r}: the random bases regenerated from "
                         f"seed {seed} do not match the fingerprint saved with the adapter (saved {saved.tolist()}, "
@@ -301,6 +314,7 @@ class NolaModel(LowRankModel):
 
     prefix = "nola_"
     tuner_layer_cls = NolaLayer
+    any_dtype_keys = ("nola_fingerprint",)
 
 
 register_tuner(LeanTuneType.NOLA, NolaConfig, NolaModel)

@@ -34,7 +34,8 @@ def normalize_module_selection(config: PeftConfig) -> None:
         raise ValueError("`layers_pattern` only makes sense together with `layers_to_transform`.")
 
 
-def check_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, adapter_name: str) -> None:
+def check_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tensor], prefix: str, adapter_name: str,
+                     any_dtype: tuple[str, ...] = ()) -> None:
     """Raise a ``ValueError`` naming the first adapter tensor that cannot be loaded as it is.
 
     * a shape that differs from the model's (the adapter was trained on a different base model);
@@ -60,7 +61,7 @@ def check_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tensor], pref
                 f"checkpoint has shape {tuple(tensor.shape)} but this model needs {tuple(target.shape)}. "
                 "Load it onto the base model it was trained with."
             )
-        if target.is_floating_point() != tensor.is_floating_point():
+        if target.is_floating_point() != tensor.is_floating_point() and not any(k in key for k in any_dtype):
             raise ValueError(f"The checkpoint's {key.removeprefix(PEFT_PREFIX)!r} is {tensor.dtype} where this model "
                              f"holds {target.dtype}: the file is corrupt or from another method.")
 
@@ -70,6 +71,10 @@ class LeanTuneTuner(BaseTuner):
 
     Subclasses set ``prefix`` and ``tuner_layer_cls``; override :meth:`new_layer` to pass extra state.
     """
+
+    #: checkpoint entries whose dtype may differ from the model's (the layer checks them itself, e.g. NOLA's
+    #: fingerprint, int32 now and float in older saves)
+    any_dtype_keys: tuple[str, ...] = ()
 
     def new_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, module_name: str) -> nn.Module:
         """The tuner layer wrapping ``target`` (called once per target module)."""
@@ -98,5 +103,5 @@ class LeanTuneTuner(BaseTuner):
         cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_checkpoint(model, remapped, cls.prefix, adapter_name)
+        check_checkpoint(model, remapped, cls.prefix, adapter_name, cls.any_dtype_keys)
         return remapped

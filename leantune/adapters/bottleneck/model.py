@@ -89,6 +89,42 @@ class BottleneckModel(LeanTuneTuner):
         for name, rule in self._shared_rules().items():
             rule.requires_grad_(name in active and not inference_mode)
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """``X.bottleneck_adapter.<name>.down.weight`` → ``X.bottleneck_adapter.down.weight``: the adapter name sits
+        third from the end in this method's keys, where peft's rule does not look, so a checkpoint loads under any
+        adapter name."""
+        marker = f".bottleneck_adapter.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, ".bottleneck_adapter.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # checkpoints written before the rule above kept the saved adapter name: drop it
+        legacy = {}
+        for key, value in state_dict.items():
+            head, sep, tail = key.partition(".bottleneck_adapter.")
+            parts = tail.split(".")
+            if sep and len(parts) > 2 and parts[1] in ("down", "up"):
+                key = f"{head}.bottleneck_adapter.{'.'.join(parts[1:])}"
+            legacy[key] = value
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, legacy)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """peft casts the adapter layers; the shared PHM rule lives on the tuner and follows the same rule: fp32 for a
+        16-bit model under ``autocast_adapter_dtype``, else the dtype of the layers' base weights."""
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype)
+        rules = self._shared_rules()
+        layer = next((m for m in self.model.modules() if isinstance(m, BottleneckLayer)), None)
+        if adapter_name not in rules or layer is None:
+            return
+        base_dtype = layer.get_base_layer().weight.dtype
+        low = base_dtype in (torch.float16, torch.bfloat16)
+        target = torch.float32 if (autocast_adapter_dtype and low) else base_dtype
+        if rules[adapter_name].dtype != target:
+            rules[adapter_name].data = rules[adapter_name].data.to(target)
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         rules = self._shared_rules()
