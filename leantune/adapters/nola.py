@@ -314,7 +314,8 @@ class NolaModel(LowRankModel):
 
     prefix = "nola_"
     tuner_layer_cls = NolaLayer
-    any_dtype_keys = ("nola_fingerprint",)
+    any_dtype_keys = ("nola_fingerprint",)  # int32 bits now, float in older saves
+    integer_keys = ("nola_seed", "nola_shape", "nola_fingerprint")
 
 
 register_tuner(LeanTuneType.NOLA, NolaConfig, NolaModel)

@@ -75,6 +75,8 @@ class LeanTuneTuner(BaseTuner):
     #: checkpoint entries whose dtype may differ from the model's (the layer checks them itself, e.g. NOLA's
     #: fingerprint, int32 now and float in older saves)
     any_dtype_keys: tuple[str, ...] = ()
+    #: checkpoint entries that are integers by design (everything else of the method must be floating point)
+    integer_keys: tuple[str, ...] = ()
 
     def new_layer(self, target: nn.Module, adapter_name: str, config: PeftConfig, module_name: str) -> nn.Module:
         """The tuner layer wrapping ``target`` (called once per target module)."""

@@ -96,8 +96,9 @@ def verify_adapter_files(adapter_dir: str | os.PathLike) -> PeftConfig:
         raise LeanTuneError(f"{Path(adapter_dir) / ADAPTER_WEIGHTS} has no {prefix} tensors, but adapter_config.json "
                             f"says {getattr(config.peft_type, 'value', config.peft_type)}{found}: the weights are from "
                             "another method or another adapter")
+    integer = getattr(tuner, "integer_keys", ())
     for key in own:
-        if tensors[key]["dtype"] not in _FLOAT_DTYPES and not _is_integer_buffer(key):
+        if tensors[key]["dtype"] not in _FLOAT_DTYPES and not any(name in key for name in integer):
             raise LeanTuneError(f"{key} in {Path(adapter_dir) / ADAPTER_WEIGHTS} is {tensors[key]['dtype']}, not a "
                                 "floating-point weight: the file is corrupt or from another method")
     return config
@@ -107,10 +108,6 @@ def _prefixes() -> dict:
     from peft.mapping import PEFT_TYPE_TO_PREFIX_MAPPING
 
     return dict(PEFT_TYPE_TO_PREFIX_MAPPING)
-
-
-def _is_integer_buffer(key: str) -> bool:
-    return any(name in key for name in ("nola_seed", "nola_shape"))  # NOLA's seeds and base shapes are integers
 
 
 def strip_adapters(model: torch.nn.Module) -> None:
