@@ -57,54 +57,58 @@ def run(cells: list[Cell]) -> list[dict]:
 
 
 def _short(reason: str) -> str:
-    reason = re.sub(r"\(its trainable tensors have shapes .*?\), ", "", reason)
-    return reason if len(reason) < 140 else reason[:137] + "..."
+    reason = re.sub(r"^PeftModel\w* ", "a model that ", reason)
+    reason = re.sub(r" \(trainable tensor shapes: .*\)\.$", ".", reason)
+    reason = re.sub(r" \(its trainable tensors have shapes .*?norms\), so", ", so", reason)  # older wording
+    return reason if len(reason) < 200 else reason[:197] + "..."
 
 
 def table(rows: list[dict]) -> str:
-    """Adapters × every value of the other factors: ✓ (all its runs passed), refused (with a numbered reason) or
-    FAIL; a mix shows both with the number of runs."""
+    """Every value of every factor (rows) × adapter (columns): ✓ when all its runs passed, refused (numbered
+    reason) when all were refused at setup, both with run counts when mixed, FAIL when any failed."""
     reasons: list[str] = []
-    columns = [(f, v) for f in ("memory", "kernels", "optimizer", "dtype", "arch") for v in FACTORS[f]]
-    header = "| adapter | " + " | ".join(f"{v.replace('galore_adamw/layerwise', 'galore per-layer')}"
-                                          for _, v in columns) + " |"
-    lines = [header, "|---" * (len(columns) + 1) + "|"]
-    for adapter in FACTORS["adapter"]:
-        entries = []
-        for factor, value in columns:
-            runs = [r for r in rows if r["adapter"] == adapter and r[factor] == value]
-            counts = defaultdict(int)
-            for r in runs:
-                counts[r["status"]] += 1
-            parts = []
-            if counts["ok"]:
-                parts.append("✓" if len(counts) == 1 else f"✓{counts['ok']}")
-            for r in runs:
-                if r["status"] == "refused":
-                    reason = _short(r["detail"])
-                    if reason not in reasons:
-                        reasons.append(reason)
-            refused = sorted({reasons.index(_short(r["detail"])) + 1 for r in runs if r["status"] == "refused"})
-            if refused:
-                parts.append(f"refused{'/'.join(map(str, refused))}" + ("" if len(counts) == 1 else
-                                                                         f"×{counts['refused']}"))
-            if counts["FAIL"]:
-                parts.append(f"**FAIL×{counts['FAIL']}**")
-            entries.append(" ".join(parts) or "–")
-        lines.append(f"| {adapter} | " + " | ".join(entries) + " |")
+    adapters = FACTORS["adapter"]
+    lines = ["| factor: value | " + " | ".join(adapters) + " |", "|---" * (len(adapters) + 1) + "|"]
+    for factor in ("memory", "kernels", "optimizer", "dtype", "arch"):
+        for value in FACTORS[factor]:
+            entries = []
+            for adapter in adapters:
+                runs = [r for r in rows if r["adapter"] == adapter and r[factor] == value]
+                counts = defaultdict(int)
+                for r in runs:
+                    counts[r["status"]] += 1
+                    if r["status"] == "refused" and _short(r["detail"]) not in reasons:
+                        reasons.append(_short(r["detail"]))
+                numbers = sorted({reasons.index(_short(r["detail"])) + 1 for r in runs if r["status"] == "refused"})
+                refused = "refused" + ",".join(f"⁽{n}⁾" for n in numbers)
+                if counts["FAIL"]:
+                    entries.append(f"**FAIL {counts['FAIL']}/{len(runs)}**")
+                elif not runs:
+                    entries.append("–")
+                elif not counts["refused"]:
+                    entries.append("✓")
+                elif not counts["ok"]:
+                    entries.append(refused)
+                else:
+                    entries.append(f"✓ {counts['ok']} · {refused} {counts['refused']}")
+            lines.append(f"| {factor}: {value} | " + " | ".join(entries) + " |")
     lines.append("")
-    lines += [f"{i}. {reason}" for i, reason in enumerate(reasons, 1)]
+    lines += [f"⁽{i}⁾ {reason}" + "  " for i, reason in enumerate(reasons, 1)]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["product", "pairwise"], default="product")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table from the saved results")
     args = parser.parse_args()
-    cells = product_cells() if args.mode == "product" else pairwise_cells()
-    rows = run(cells)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"support_matrix_{args.mode}.json").write_text(json.dumps(rows, indent=1))
+    saved = RESULTS / f"support_matrix_{args.mode}.json"
+    if args.table_only:
+        rows = json.loads(saved.read_text())
+    else:
+        rows = run(product_cells() if args.mode == "product" else pairwise_cells())
+        RESULTS.mkdir(exist_ok=True)
+        saved.write_text(json.dumps(rows, indent=1))
     counts = defaultdict(int)
     for r in rows:
         counts[r["status"]] += 1

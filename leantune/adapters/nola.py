@@ -197,7 +197,7 @@ class NolaLayer(LowRankLayer):
         self.num_basis: dict[str, tuple[int, int]] = {}
         self.cache_bases: dict[str, bool] = {}
         self._basis_cache: dict[tuple, torch.Tensor] = {}  # only filled when cache_bases; never saved
-        self._factor_cache: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._factor_cache: dict[str, tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = {}
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
@@ -267,12 +267,13 @@ class NolaLayer(LowRankLayer):
             a0 = offset_A0(self._seed(adapter), self.r[adapter], self.in_features).to(alpha.device)
             source = self.chunk_source(adapter, alpha.device)
             return NolaFunction.apply(x, alpha, beta, a0, source, self.scaling[adapter], self.input_scale())
-        # inference: materialise A and B once, reuse them until the coefficients change
-        key = (alpha.data_ptr(), alpha._version, beta.data_ptr(), beta._version, alpha.device, alpha.dtype)
+        # inference: materialise A and B once, reuse them until the coefficients change. The cache is keyed on the
+        # coefficients' values (k + l numbers): version counters miss updates made through `.data` (as some
+        # optimizer wrappers do), which would silently serve stale factors.
         cached = self._factor_cache.get(adapter)
-        if cached is None or cached[0] != key:
+        if cached is None or not (torch.equal(cached[0][0], alpha) and torch.equal(cached[0][1], beta)):
             with torch.no_grad():
-                cached = (key, self.lowrank_factors(adapter))
+                cached = ((alpha.detach().clone(), beta.detach().clone()), self.lowrank_factors(adapter))
             self._factor_cache[adapter] = cached
         b_eff, a_eff = cached[1]
         return nn.functional.linear(self.input_linear(x, a_eff), b_eff)

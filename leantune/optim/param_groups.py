@@ -84,9 +84,9 @@ def find_target_weights(model: nn.Module, target_modules: str | Sequence[str] = 
         if not linear_names:
             shapes = sorted({tuple(p.shape) for p in model.parameters() if p.requires_grad}, key=len)[:6]
             raise ValueError(
-                f"{type(model).__name__} trains no 2-D linear weight (its trainable tensors have shapes {shapes}, "
-                "e.g. Compacter's 3-D PHM factors and 1-D norms), so a low-rank optimizer has nothing to project; "
-                "use the default AdamW (no optimizer=) or adapt linear layers.")
+                f"{type(model).__name__} trains no 2-D linear weight, so a low-rank optimizer has nothing to project "
+                f"(NOLA trains 1-D coefficients, Compacter 3-D PHM factors): use the default AdamW (no optimizer=) or "
+                f"adapt linear layers (trainable tensor shapes: {shapes}).")
         shown = ", ".join(linear_names[:12]) + (" ..." if len(linear_names) > 12 else "")
         raise ValueError(
             f"target_modules={target_modules!r} matched no trainable 2-D linear weight in {type(model).__name__}. "

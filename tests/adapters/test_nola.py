@@ -213,3 +213,24 @@ def test_checkpoint_holds_only_coefficients_seeds_shapes_and_fingerprints_and_re
 def test_config_validation():
     with pytest.raises(ValueError, match="num_basis_A"):
         NolaConfig(num_basis_A=0)
+
+
+def test_inference_cache_sees_updates_made_through_data():
+    """Optimizers that write through ``p.data`` leave the version counter alone; the cached inference factors must
+    still follow the coefficients (a stale cache served the initial adapter after Trainer training)."""
+    from tests.adapters.models import batch_for, tiny_model
+
+    model = get_peft_model(tiny_model("llama"), NolaConfig(r=4, num_basis_A=8, num_basis_B=8,
+                                                           target_modules=["q_proj"])).eval()
+    x = batch_for("llama")["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        for name, p in model.named_parameters():
+            if "nola_beta" in name:
+                p.data.add_(0.5)
+        after = model(input_ids=x).logits
+    assert not torch.allclose(before, after)
+    model.train()
+    with torch.enable_grad():
+        trained_path = model(input_ids=x).logits
+    torch.testing.assert_close(after, trained_path, atol=1e-5, rtol=1e-5)
