@@ -66,6 +66,13 @@ def adam_direction(R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
     return exp_avg / denom, step_size
 
 
+def init_moments(R: torch.Tensor, state: dict[str, Any]) -> None:
+    """Zero Adam moments shaped (and typed) like R, the first time."""
+    if "exp_avg" not in state:
+        state["exp_avg"] = torch.zeros_like(R)
+        state["exp_avg_sq"] = torch.zeros_like(R)
+
+
 def apply_update(p: torch.Tensor, update: torch.Tensor, step_size: float, group: dict[str, Any]) -> None:
     """p -= step_size * update, with decoupled weight decay before (torch) or after (reference) it."""
     wd = group["weight_decay"]
@@ -135,19 +142,23 @@ class GaLoreAdamW(LowRankOptimizer):
         """One step for ``p``, in the paper's order (module docstring): project, then moments → direction →
         back-projection → update with decoupled decay, by the torch code below or its fused kernel twin."""
         R = grad if projector is None else self.precondition(projector.project(grad), state, group)
-        if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(R)
-            state["exp_avg_sq"] = torch.zeros_like(R)
         state["step"] += 1
         kernel = kernel_for("galore_adam_step", p, grad) if self.fusable and projector is not None \
             and p.is_contiguous() else None
         if kernel is not None:
+            init_moments(R, state)
             self._fused_update(kernel, p, grad, R, state, group, projector)
             return
-        N, step_size = adam_direction(R, state, group)  # m, v ← Adam moments of R;  N = m̂ / (√v̂ + ε)
+        N, step_size = self.direction(R, state, group)  # m, v ← Adam moments of R;  N = m̂ / (√v̂ + ε)
         update = N if projector is None else projector.project_back(N) + self.residual(grad, R, N, state, group,
                                                                                        projector)
         apply_update(p, update, step_size, group)  # W ← W − η_t (α back(N) + S), decoupled decay
+
+    def direction(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        """Adam on R: update the moments (created at the first step) and return ``(N, step size)``
+        (8-bit optimizers keep the moments as bitsandbytes codes instead)."""
+        init_moments(R, state)
+        return adam_direction(R, state, group)
 
     def precondition(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> torch.Tensor:
         """Transform of the projected gradient before Adam (identity; Natural GaLore: F⁻¹ R)."""

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from leantune.optim.base import LowRankOptimizer
-from leantune.optim.galore_adamw import GaLoreAdamW, adam_direction, apply_update
+from leantune.optim.galore_adamw import GaLoreAdamW
 
 BLOCKSIZE = 256
 
@@ -39,6 +39,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     moment_keys = ("exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2")
     supports_rotate = False
+    fusable = False  # the fused kernel keeps fp32 moments
 
     def __init__(self, params: Iterable[Any], *args: Any, min_8bit_size: int = 4096, **kwargs: Any) -> None:
         if kwargs.get("reference_adam"):
@@ -70,25 +71,13 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             group["eps"], state["step"], lr, q1, q2, state["absmax1"], state["absmax2"], weight_decay=weight_decay,
         )
 
-    def update(self, p, grad, state, group, projector) -> None:
-        R = projector.project(grad) if projector is not None else grad
-        eight_bit = R.numel() >= group["min_8bit_size"]
-        if eight_bit and "state1" not in state:
+    def direction(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
+        """Adam on R with 8-bit blockwise moments (bitsandbytes, lr 1 and no decay into a buffer: the buffer is −N);
+        tensors below ``min_8bit_size`` keep fp32 moments, as bitsandbytes does."""
+        if R.numel() < group["min_8bit_size"]:
+            return super().direction(R, state, group)
+        if "state1" not in state:
             self._init_8bit(R, state)
-        if not eight_bit and "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(R)
-            state["exp_avg_sq"] = torch.zeros_like(R)
-        state["step"] += 1
-        if not eight_bit:
-            N, step_size = adam_direction(R, state, group)
-            update = projector.project_back(N) if projector is not None else N
-            apply_update(p, update, step_size, group)
-            return
-        if projector is None:  # full-rank 8-bit Adam straight into p (bnb applies decoupled decay)
-            self._bnb_adam(grad, p, state, group, group["lr"], group["weight_decay"])
-            return
         buf = torch.zeros(R.shape, dtype=torch.float32, device=R.device)
-        self._bnb_adam(R.float(), buf, state, group, 1.0, 0.0)  # buf = -N
-        if group["weight_decay"] > 0.0:  # decoupled decay before the update, as torch.optim.AdamW and bnb do
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        p.add_(projector.project_back(buf.to(p.dtype)), alpha=group["lr"])  # buf = -N
+        self._bnb_adam(R.float(), buf, state, group, 1.0, 0.0)
+        return buf.neg_().to(R.dtype), group["lr"]
