@@ -174,7 +174,9 @@ def optimizer_config(name: str):
     if name == "adamw":
         return None
     base, _, mode = name.partition("/")
-    return OptimizerConfig(base, rank=2, update_proj_gap=2, layerwise=mode == "layerwise")
+    from tests.optim.helpers import rank_options
+
+    return OptimizerConfig(base, **rank_options(base, 2), update_proj_gap=2, layerwise=mode == "layerwise")
 
 
 def make_trainer(cell: Cell, out: Path) -> T.Trainer:

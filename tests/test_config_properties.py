@@ -42,7 +42,7 @@ VALID = {
     "rank": st.integers(1, 64), "update_proj_gap": st.integers(1, 5), "lr": st.floats(0, 0.1),
     "weight_decay": st.floats(0, 0.5), "betas": st.tuples(st.floats(0, 0.99), st.floats(0, 0.999)),
     "eps": st.floats(0, 1e-3), "max_grad_norm_per_param": st.floats(0.01, 10), "accumulation_steps": st.integers(1, 3),
-    "moment_policy": st.sampled_from(["keep", "reset", "rotate"]), "projector": st.sampled_from(["svd", "rsvd", "dct"]),
+    "moment_policy": st.sampled_from(["keep", "reset", "rotate"]), "projector": st.sampled_from(list(leantune.optim.PROJECTOR_KINDS)),
     "name": st.sampled_from(sorted(leantune.optim.OPTIMIZERS)),
 }
 

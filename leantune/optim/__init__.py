@@ -12,13 +12,16 @@ or by name, in a ``transformers.Trainer``::
 """
 
 from leantune._utils import NonFiniteGradientWarning
+from leantune.optim.apollo import APOLLOAdamW, APOLLOMini
 from leantune.optim.checkpoint import load_optimizer, save_optimizer
-from leantune.optim.config import OPTIMIZERS, OptimizerConfig, build_optimizer
+from leantune.optim.conda import CondaAdamW
+from leantune.optim.config import OPTIMIZERS, OptimizerConfig, OptimizerSpec, build_optimizer
 from leantune.optim.dct import DCTProjector, dct_matrix, shared_dct_basis
 from leantune.optim.fira import FiraAdamW
 from leantune.optim.galore_adafactor import GaLoreAdafactor
 from leantune.optim.galore_adamw import GaLoreAdamW
 from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
+from leantune.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
 from leantune.optim.layerwise import assert_single_process
 from leantune.optim.lisa import LISACallback, find_layer_stack
 from leantune.optim.natural_galore import NaturalGaLoreAdamW, woodbury_inverse_fisher
@@ -27,7 +30,9 @@ from leantune.optim.projectors import (
     PROJECTOR_KINDS,
     Projector,
     RandomizedSVDProjector,
+    RandomProjector,
     SVDProjector,
+    TwoSidedSVDProjector,
     make_projector,
     subspace_distance,
 )
@@ -35,21 +40,29 @@ from leantune.optim.state_bytes import optimizer_state_bytes, storage_bytes
 from leantune.optim.trainer import LowRankOptimizerFactory, install_in_trainer, optimizer_cls_and_kwargs
 
 __all__ = [
+    "APOLLOAdamW",
+    "APOLLOMini",
     "OPTIMIZERS",
     "PROJECTOR_KINDS",
+    "CondaAdamW",
     "DCTProjector",
     "FiraAdamW",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",
+    "GradNormLoRPAdamW",
+    "GradNormLoRPAdamW8bit",
     "LISACallback",
     "LowRankOptimizerFactory",
     "NaturalGaLoreAdamW",
     "NonFiniteGradientWarning",
     "OptimizerConfig",
+    "OptimizerSpec",
     "Projector",
+    "RandomProjector",
     "RandomizedSVDProjector",
     "SVDProjector",
+    "TwoSidedSVDProjector",
     "assert_single_process",
     "build_optimizer",
     "dct_matrix",

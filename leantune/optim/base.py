@@ -43,12 +43,14 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     #: param-group keys of reference packages accepted as spellings of ours (e.g. Fira's ``alpha`` for ``scale``)
     group_aliases: dict[str, str] = {}
     #: keys accepted besides the defaults: the group's rank, and galore-torch/fira's projection type ("std" only)
-    extra_group_keys: tuple[str, ...] = ("params", "rank", "proj_type")
+    extra_group_keys: tuple[str, ...] = ("params", "param_names", "rank", "proj_type")
+    #: defaults of projected groups (a method without projector choice, e.g. Conda, narrows them)
+    low_rank_defaults: dict[str, Any] = LOW_RANK_DEFAULTS
     #: whether fp16 parameters work (Adam moments in fp16 underflow: ε = 1e-8 is 0 there, and m/√v turns NaN)
     supports_fp16: bool = False
     #: per-parameter state keys this optimizer writes (a checkpoint with others is from another optimizer)
     state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq", "proj_ortho", "proj_right", "proj_indices",
-                                   "proj_dim", "proj_dtype_ref")
+                                   "proj_dim", "proj_dtype_ref", "proj_seed", "proj_ortho_right")
 
     def __init__(
         self,
@@ -57,7 +59,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         layerwise: bool = False,
         accumulation_steps: int = 1,
     ) -> None:
-        defaults = {**LOW_RANK_DEFAULTS, **defaults}
+        defaults = {**self.low_rank_defaults, **defaults}
         super().__init__(params, defaults)
         self._param_seed: dict[torch.Tensor, int] = {}
         for gi, group in enumerate(self.param_groups):
@@ -97,26 +99,46 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                 f"{type(self).__name__} keeps its Adam moments in the parameters' dtype, and in fp16 they underflow "
                 "(ε = 1e-8 is 0 in fp16) and turn the update into NaN. Train fp16 with fp32 master weights "
                 "(Trainer(fp16=True) / torch.autocast), or use bf16 parameters, or galore_adafactor (fp32 inside).")
-        if "rank" not in group:
-            return
+        if "rank" in group:
+            self._validate_low_rank(index, group)
+
+    def _validate_low_rank(self, index: int, group: dict[str, Any]) -> None:
+        """Checks of a ``rank`` group: known projector and moment policy, and only 2-D targets with both sides
+        >= rank (each refusal names the parameter when the groups carry ``param_names``)."""
+        if not isinstance(group["rank"], int) or isinstance(group["rank"], bool) or group["rank"] < 1:
+            raise ValueError(f"param group {index}: rank must be an integer >= 1, got {group['rank']!r}")
         if group["projector"] not in PROJECTOR_KINDS:
             raise ValueError(f"param group {index}: projector={group['projector']!r}, expected one of {PROJECTOR_KINDS}")
         if group["moment_policy"] not in MOMENT_POLICIES:
             raise ValueError(
                 f"param group {index}: moment_policy={group['moment_policy']!r}, expected one of {MOMENT_POLICIES}"
             )
+        if group["moment_policy"] == "rotate" and group["projector"] == "svd2":
+            raise ValueError(f"param group {index}: the two-sided projector ('svd2') cannot rotate moments; use "
+                             "moment_policy='keep' or 'reset'")
         if group["moment_policy"] == "rotate" and not self.supports_rotate:
             raise ValueError(
                 f"{type(self).__name__} cannot rotate its moments (they are quantized or factored); "
                 "use moment_policy='keep' or 'reset'."
             )
-        for p in group["params"]:
+        for label, p in self._labelled(index, group):
+            if group["rank"] > min(p.shape):
+                raise ValueError(
+                    f"param group {index}: rank={group['rank']} exceeds the smaller side of {label} {tuple(p.shape)}; "
+                    f"use rank <= {min(p.shape)} for it (a rank-{min(p.shape)} projection is already full rank), or "
+                    "leave it out of target_modules.")
+
+    @staticmethod
+    def _labelled(index: int, group: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+        """(name, tensor) of a projected group's parameters; refuses anything that is not a matrix."""
+        names = group.get("param_names") or [f"parameter {i} of the group" for i in range(len(group["params"]))]
+        for name, p in zip(names, group["params"]):
             if p.ndim != 2:
-                warnings.warn(
-                    f"param group {index} has rank={group['rank']} but holds a {p.ndim}-D parameter of shape "
-                    f"{tuple(p.shape)}; it gets the plain full-rank update.",
-                    stacklevel=3,
-                )
+                raise ValueError(
+                    f"param group {index}: {name} is {p.ndim}-D {tuple(p.shape)}, and only 2-D matrices can be "
+                    "projected; put it in a group without 'rank' (make_param_groups does that), or leave it out of "
+                    "target_modules.")
+        return list(zip(names, group["params"]))
 
     @staticmethod
     def is_low_rank(group: dict[str, Any], p: torch.Tensor) -> bool:
@@ -169,10 +191,15 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         if self.is_low_rank(group, p):
             projector = make_projector(group["projector"], state, group, seed=self._param_seed.get(p, 0))
             if projector.needs_refresh(state["step"]):
-                ok = self._refresh(projector, grad, state, group)
+                ok = self._refresh(projector, self.projection_source(p, grad, state, group), state, group)
                 if not ok and (not projector.initialized or not bool(torch.isfinite(grad).all())):
                     return
         self.update(p, grad, state, group, projector)
+
+    def projection_source(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
+                          group: dict[str, Any]) -> torch.Tensor:
+        """The matrix whose subspace the projector tracks (the gradient; GradNormLoRP: the direction's gradient)."""
+        return grad
 
     def working_grad(self, grad: torch.Tensor) -> torch.Tensor:
         """The gradient as the update rule (and the projector refresh) sees it (identity; Adafactor: fp32)."""
@@ -269,6 +296,8 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             return None
         m, n = p.shape
         rank = min(int(group["rank"]), m, n)
+        if group.get("projector") == "svd2":
+            return (rank, rank)
         return (m, rank) if state["proj_right"] else (rank, n)
 
     # ---- helpers shared by the Adam family --------------------------------------------------------------------

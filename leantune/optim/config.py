@@ -10,24 +10,53 @@ from torch import nn
 
 from leantune._validation import check_bool, check_choice, check_int, check_names, check_number, is_number
 from leantune.optim.base import MOMENT_POLICIES
+from leantune.optim.apollo import APOLLOAdamW, APOLLOMini
+from leantune.optim.conda import CondaAdamW
 from leantune.optim.fira import FiraAdamW
 from leantune.optim.galore_adafactor import GaLoreAdafactor
 from leantune.optim.galore_adamw import GaLoreAdamW
 from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
+from leantune.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
 from leantune.optim.natural_galore import NaturalGaLoreAdamW
 from leantune.optim.param_groups import make_param_groups
 from leantune.optim.projectors import PROJECTOR_KINDS
 
-#: name -> (class, default projector, default scale alpha)
-OPTIMIZERS: dict[str, tuple[type, str, float]] = {
-    "galore_adamw": (GaLoreAdamW, "svd", 0.25),
-    "galore_adamw8bit": (GaLoreAdamW8bit, "svd", 0.25),
-    "galore_adafactor": (GaLoreAdafactor, "svd", 0.25),
-    "fira_adamw": (FiraAdamW, "svd", 0.25),
-    "natural_galore_adamw": (NaturalGaLoreAdamW, "svd", 0.25),
-    "dct_adamw": (GaLoreAdamW, "dct", 1.0),  # DCT-AdamW: no alpha in the reference
-    "dct_fira_adamw": (FiraAdamW, "dct", 1.0),
-    "rsvd_galore_adamw": (GaLoreAdamW, "rsvd", 0.25),
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What a name in :data:`OPTIMIZERS` builds: the class and the defaults of its projected group.
+
+    ``rank`` None means the method has no rank (Conda rotates into a full basis) and a rank given is refused, as is
+    another rank than a ``fixed_rank`` one (APOLLO-Mini is rank 1);
+    ``adam`` says whether Adam's betas/eps (and TrainingArguments' adam_*) apply.
+    """
+
+    cls: type
+    projector: str | None = "svd"
+    scale: float = 0.25
+    rank: int | None = 128
+    fixed_rank: bool = False
+    update_proj_gap: int = 200
+    options: dict[str, Any] = field(default_factory=dict)
+    adam: bool = True
+    summary: str = ""
+
+
+#: every optimizer name accepted by OptimizerConfig, the callback and optimizer_cls_and_kwargs
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "galore_adamw": OptimizerSpec(GaLoreAdamW, summary="GaLore: Adam in an SVD subspace"),
+    "galore_adamw8bit": OptimizerSpec(GaLoreAdamW8bit, summary="GaLore with 8-bit blockwise moments"),
+    "galore_adafactor": OptimizerSpec(GaLoreAdafactor, adam=False, summary="GaLore with factored Adafactor moments"),
+    "fira_adamw": OptimizerSpec(FiraAdamW, summary="GaLore + norm-scaled full-rank residual"),
+    "natural_galore_adamw": OptimizerSpec(NaturalGaLoreAdamW, summary="GaLore + Woodbury natural gradient"),
+    "dct_adamw": OptimizerSpec(GaLoreAdamW, "dct", 1.0, summary="GaLore with a shared DCT basis (no SVD)"),
+    "dct_fira_adamw": OptimizerSpec(FiraAdamW, "dct", 1.0, summary="Fira with a shared DCT basis"),
+    "rsvd_galore_adamw": OptimizerSpec(GaLoreAdamW, "rsvd", summary="GaLore with a randomized SVD"),
+    "apollo_adamw": OptimizerSpec(APOLLOAdamW, "random", 1.0, summary="APOLLO: channel-wise scaled SGD (rank r)"),
+    "apollo_mini": OptimizerSpec(APOLLOMini, "random", 128.0, rank=1, fixed_rank=True, summary="APOLLO-Mini: tensor-wise (rank 1)"),
+    "conda_adamw": OptimizerSpec(CondaAdamW, None, 1.0, rank=None, update_proj_gap=2000,
+                                 summary="Conda: column-normalized Adam (full-size state)"),
+    "gradnorm_lorp": OptimizerSpec(GradNormLoRPAdamW, summary="GradNormLoRP: weight-normalized GaLore"),
+    "gradnorm_lorp8bit": OptimizerSpec(GradNormLoRPAdamW8bit, summary="GradNormLoRP with 8-bit moments"),
 }
 
 
@@ -36,13 +65,16 @@ class OptimizerConfig:
     """Low-rank optimizer settings.  ``None`` fields take the optimizer's default or, inside a Trainer, the
     ``TrainingArguments`` value (learning_rate, weight_decay, adam_beta1/2, adam_epsilon).
 
-    Defaults follow GaLore's pretraining recipe (r 128, T 200, alpha 0.25).  For fine-tuning, LLaMA-Factory uses
-    r 16, alpha 2.  alpha multiplies the learning rate of projected weights.
+    ``rank``, ``update_proj_gap``, ``scale`` and ``projector`` default (None) to the named optimizer's
+    :class:`OptimizerSpec`: GaLore's pretraining recipe (r 128, T 200, alpha 0.25) for the GaLore family, rank 1 and
+    scale 128 for APOLLO-Mini, T 2000 for Conda.  For fine-tuning, LLaMA-Factory uses r 16, alpha 2.  alpha
+    multiplies the learning rate of projected weights.  A rank larger than a targeted matrix's smaller side is
+    refused when the optimizer is built.
     """
 
     name: str = "galore_adamw"
-    rank: int = 128
-    update_proj_gap: int = 200
+    rank: int | None = None
+    update_proj_gap: int | None = None
     scale: float | None = None
     projector: str | None = None
     target_modules: str | Sequence[str] = "all-linear"
@@ -63,8 +95,17 @@ class OptimizerConfig:
                              f"{sorted(OPTIMIZERS)}.")
         if self.projector is not None:
             check_choice(self, "projector", PROJECTOR_KINDS)
-        check_int(self, "rank", minimum=1)
-        check_int(self, "update_proj_gap", minimum=1)
+        spec = OPTIMIZERS[self.name]
+        check_int(self, "rank", minimum=1, optional=True)
+        if self.rank is not None and spec.rank is None:
+            raise ValueError(f"OptimizerConfig.rank: {self.name!r} has no rank ({spec.summary}); leave rank unset.")
+        if self.rank is not None and spec.fixed_rank and self.rank != spec.rank:
+            raise ValueError(f"OptimizerConfig.rank: {self.name!r} is rank {spec.rank} by definition; leave rank unset, "
+                             "or use 'apollo_adamw' with optimizer_kwargs={'scale_type': 'tensor'} for a rank-"
+                             f"{self.rank} tensor-wise APOLLO.")
+        if self.projector is not None and spec.projector is None:
+            raise ValueError(f"OptimizerConfig.projector: {self.name!r} has no projector choice; leave it unset.")
+        check_int(self, "update_proj_gap", minimum=1, optional=True)
         check_number(self, "scale", optional=True)
         check_names(self, "target_modules", optional=False)
         check_bool(self, "layerwise")
@@ -102,24 +143,28 @@ class OptimizerConfig:
 def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict[str, Any]):
     """Build the configured optimizer over all trainable parameters of ``model`` (targets low-rank, rest plain)."""
     config = OptimizerConfig.from_any(config)
-    cls, default_projector, default_scale = OPTIMIZERS[config.name]
+    spec = OPTIMIZERS[config.name]
+    cls = spec.cls
+    low_rank: dict[str, Any] = {
+        "update_proj_gap": spec.update_proj_gap if config.update_proj_gap is None else config.update_proj_gap,
+        "scale": spec.scale if config.scale is None else config.scale,
+        "max_grad_norm_per_param": config.max_grad_norm_per_param,
+    }
+    if spec.projector is not None:
+        low_rank.update(projector=config.projector or spec.projector, moment_policy=config.moment_policy)
     groups = make_param_groups(
         model,
         target_modules=config.target_modules,
-        rank=config.rank,
-        update_proj_gap=config.update_proj_gap,
-        scale=default_scale if config.scale is None else config.scale,
-        projector=config.projector or default_projector,
+        rank=(spec.rank if config.rank is None else config.rank) if spec.rank is not None else None,
         weight_decay=config.weight_decay or 0.0,
-        moment_policy=config.moment_policy,
-        max_grad_norm_per_param=config.max_grad_norm_per_param,
+        **low_rank,
     )
-    kwargs: dict[str, Any] = dict(config.optimizer_kwargs)
+    kwargs: dict[str, Any] = {**spec.options, **config.optimizer_kwargs}
     if config.lr is not None:
         kwargs["lr"] = config.lr
     if config.weight_decay is not None:
         kwargs["weight_decay"] = config.weight_decay
-    if cls is not GaLoreAdafactor:
+    if spec.adam:
         if config.betas is not None:
             kwargs["betas"] = config.betas
         if config.eps is not None:

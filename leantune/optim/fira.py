@@ -59,12 +59,21 @@ class FiraAdamW(GaLoreAdamW):
         if dim == 1:
             phi = phi.unsqueeze(1)
         residual = (grad - removed) * phi
-        gamma = group["gamma"]
-        if "fira_prev_norm" in state:
-            norm = torch.norm(residual)
-            limiter = max(norm / (state["fira_prev_norm"] + 1e-8), gamma) / gamma
-            residual = residual / limiter
-            state["fira_prev_norm"] = norm / limiter
-        else:
-            state["fira_prev_norm"] = torch.norm(residual)
-        return residual
+        return limit_norm_growth(residual, state, "fira_prev_norm", group["gamma"])
+
+
+def limit_norm_growth(S: torch.Tensor, state: dict[str, Any], key: str, gamma: float = 1.01) -> torch.Tensor:
+    """Fira's norm-growth limiter: S_t <- S_t / max(||S_t|| / (||S_{t-1}|| + 1e-8), gamma) * gamma.
+
+    ``state[key]`` holds ||S_{t-1}|| after limiting (a 0-d tensor); the first call only records it. The ratio is
+    compared on the device (no host sync), and the result is bitwise the references' ``max(ratio, gamma) / gamma``:
+    ratio / gamma when ratio >= gamma, exactly 1 otherwise.
+    """
+    norm = torch.linalg.vector_norm(S)
+    if key not in state:
+        state[key] = norm
+        return S
+    ratio = norm / (state[key] + 1e-8)
+    limiter = torch.where(ratio >= gamma, ratio / gamma, torch.ones_like(ratio))
+    state[key] = norm / limiter
+    return S / limiter

@@ -50,11 +50,17 @@ def check_betas(betas: tuple[float, float]) -> None:
 
 def adam_direction(R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
     """Update the moments with R (``state['step']`` already incremented) and return (N, step_size)."""
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     beta1, beta2 = group["betas"]
-    step = state["step"]
-    exp_avg.mul_(beta1).add_(R, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+    state["exp_avg"].mul_(beta1).add_(R, alpha=1.0 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
+    return adam_normalize(state["exp_avg"], state["exp_avg_sq"], state["step"], group)
+
+
+def adam_normalize(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
+                   group: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    """(N, step size) from the moments at ``step`` (1-based): N = m / (√v + ε) with the bias correction in the step
+    size (``reference_adam``), or N = (m / bc1) / (√(v / bc2) + ε) folded as torch's AdamW does."""
+    beta1, beta2 = group["betas"]
     bc1 = 1.0 - beta1**step if group["correct_bias"] else 1.0
     bc2 = 1.0 - beta2**step if group["correct_bias"] else 1.0
     if group["reference_adam"]:
@@ -130,7 +136,7 @@ class GaLoreAdamW(LowRankOptimizer):
             "projector": projector,
             "moment_policy": moment_policy,
             "max_grad_norm_per_param": max_grad_norm_per_param,
-            **(_extra_defaults or {}),  # a subclass's own hyper-parameters (Fira's gamma, ...)
+            **(_extra_defaults or {}),  # subclasses' own hyper-parameters (Fira's gamma, ...), merged along the MRO
         }
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 
@@ -144,7 +150,7 @@ class GaLoreAdamW(LowRankOptimizer):
         R = grad if projector is None else self.precondition(projector.project(grad), state, group)
         state["step"] += 1
         kernel = kernel_for("galore_adam_step", p, grad) if self.fusable and projector is not None \
-            and p.is_contiguous() else None
+            and projector.one_sided and p.is_contiguous() else None
         if kernel is not None:
             init_moments(R, state)
             self._fused_update(kernel, p, grad, R, state, group, projector)

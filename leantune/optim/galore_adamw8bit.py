@@ -47,7 +47,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         F = _bnb()
         self._qmap1 = F.create_dynamic_map(signed=True)
         self._qmap2 = F.create_dynamic_map(signed=False)
-        super().__init__(params, *args, _extra_defaults={"min_8bit_size": min_8bit_size}, **kwargs)
+        extra = {**(kwargs.pop("_extra_defaults", None) or {}), "min_8bit_size": min_8bit_size}
+        super().__init__(params, *args, _extra_defaults=extra, **kwargs)
 
     def _qmaps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         if self._qmap1.device != device:

@@ -98,19 +98,24 @@ def find_target_weights(model: nn.Module, target_modules: str | Sequence[str] = 
 def make_param_groups(
     model: nn.Module,
     target_modules: str | Sequence[str] = "all-linear",
-    rank: int = 128,
+    rank: int | None = 128,
     update_proj_gap: int = 200,
     scale: float = 0.25,
-    projector: str = "svd",
+    projector: str | None = None,
     weight_decay: float = 0.0,
     low_rank_weight_decay: float | None = None,
     **low_rank_options: Any,
 ) -> list[dict[str, Any]]:
     """Param groups for the low-rank optimizers: [decay, no-decay, low-rank] (empty groups dropped).
 
-    ``low_rank_options`` (e.g. ``moment_policy``, ``max_grad_norm_per_param``) go into the low-rank group only.
+    Parameters are given as ``(name, tensor)`` pairs, so the groups carry torch's ``param_names`` and errors about a
+    parameter name it.
+
+    ``low_rank_options`` (e.g. ``moment_policy``, ``max_grad_norm_per_param``) go into the low-rank group only;
+    ``projector`` None leaves the optimizer's default, ``rank`` None marks the group for methods without a rank
+    (Conda).
     """
-    if rank < 1:
+    if rank is not None and rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     targets = find_target_weights(model, target_modules)
     target_ids = {id(p) for p in targets.values()}
@@ -119,17 +124,17 @@ def make_param_groups(
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))  # tied weights appear once
-        (no_decay if (p.ndim < 2 or name.endswith("bias")) else decay).append(p)
+        (no_decay if (p.ndim < 2 or name.endswith("bias")) else decay).append((name, p))
     groups: list[dict[str, Any]] = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
         {
-            "params": list(targets.values()),
+            "params": list(targets.items()),
             "weight_decay": weight_decay if low_rank_weight_decay is None else low_rank_weight_decay,
             "rank": rank,
             "update_proj_gap": update_proj_gap,
             "scale": scale,
-            "projector": projector,
+            **({} if projector is None else {"projector": projector}),
             **low_rank_options,
         },
     ]

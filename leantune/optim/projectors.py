@@ -10,7 +10,7 @@ gradient every T = ``update_proj_gap`` optimizer steps (at per-parameter step 0,
 increment, exactly like galore-torch).
 
 A projector is a thin view on the optimizer's per-parameter state dict: everything it keeps lives there as
-tensors (``proj_ortho`` for SVD kinds, ``proj_indices`` for DCT) plus the group's plain config, so
+tensors (``proj_ortho`` for SVD kinds, ``proj_indices`` for DCT, only a seed for "random") plus the group's plain config, so
 ``optimizer.state_dict()`` loads with ``torch.load(weights_only=True)`` (ms-swift #10161 was bitten by pickled
 projector objects).
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-PROJECTOR_KINDS = ("svd", "rsvd", "dct")
+PROJECTOR_KINDS = ("svd", "rsvd", "dct", "random", "svd2")
 
 
 class Projector:
@@ -37,6 +37,8 @@ class Projector:
     """
 
     kind = "base"
+    #: one-sided (P on one side of G), so the fused optimizer kernel and moment rotation apply
+    one_sided = True
 
     def __init__(self, state: dict[str, Any], rank: int, update_proj_gap: int, scale: float) -> None:
         if rank < 1:
@@ -124,7 +126,7 @@ def compact_like(t: torch.Tensor) -> torch.Tensor:
 
 def _grad_as_fp32(grad: torch.Tensor) -> torch.Tensor:
     # galore-torch: SVD of grad.float(), reuse the tensor itself when it is already fp32 (bitwise parity)
-    return grad if grad.dtype == torch.float32 else grad.float()
+    return grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
 
 
 class StoredBasisProjector(Projector):
@@ -204,8 +206,89 @@ class RandomizedSVDProjector(StoredBasisProjector):
         return self._accept(grad, new.to(dtype=grad.dtype).contiguous(), "non-finite singular vectors")
 
 
+class TwoSidedSVDProjector(StoredBasisProjector):
+    """Both sides (GradNormLoRP's D̃ = U ρ(Uᵀ D V) Vᵀ, Huang et al. 2025): R = U_rᵀ G V_r (r x r core),
+    back(N) = alpha U_r N V_rᵀ, with U_r, V_r the top-r singular vectors of G (refreshed every T steps).
+
+    Stores U_r (m x r) in ``proj_ortho`` and V_rᵀ (r x n) in ``proj_ortho_right``: the moments shrink to r x r.
+    """
+
+    kind = "svd2"
+    one_sided = False
+
+    def refresh(self, grad: torch.Tensor, step: int) -> bool:
+        self.state["proj_right"] = self.is_right(grad.shape)
+        if not bool(torch.isfinite(grad).all()):
+            return self._accept(grad, None, "non-finite gradient")
+        try:
+            U, _, Vh = torch.linalg.svd(_grad_as_fp32(grad), full_matrices=False)
+        except RuntimeError as err:
+            return self._accept(grad, None, f"torch.linalg.svd raised: {err}")
+        left = U[:, : self.rank].to(grad.dtype).contiguous()
+        right = Vh[: self.rank].to(grad.dtype).contiguous()
+        if not bool(torch.isfinite(right).all()):
+            return self._accept(grad, None, "non-finite singular vectors")
+        ok = self._accept(grad, left, "non-finite singular vectors")
+        if ok:
+            self.state["proj_ortho_right"] = right
+        return ok
+
+    def project(self, grad: torch.Tensor) -> torch.Tensor:
+        return self.state["proj_ortho"].t() @ grad @ self.state["proj_ortho_right"].t()
+
+    def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
+        return (self.state["proj_ortho"] @ low_rank @ self.state["proj_ortho_right"]) * self.scale
+
+
+def next_seed(seed: int, draws: int = 15) -> int:
+    """The seed after ``seed``: the last of ``draws`` int64 draws in [0, 2^63 - 1) of a CPU generator seeded with it
+    (APOLLO's rule, so a sequence of random projections is reproducible from its first seed)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return int(torch.randint(0, torch.iinfo(torch.int64).max, (draws,), generator=gen)[-1])
+
+
+class RandomProjector(Projector):
+    """Gaussian random projection regenerated from a seed (APOLLO, Zhu et al. 2025, arXiv 2412.05270).
+
+    P has i.i.d. N(0, 1/r) entries: r x n (right side, m >= n) or m x r (left side), drawn in fp32 by a generator of
+    the gradient's device seeded with ``proj_seed`` and cast to the gradient's dtype. Only the seed is stored
+    (``proj_seed``; ``proj_dim`` and the 0-element ``proj_dtype_ref`` say the shape, dtype and device), and P is
+    regenerated at every use: the state holds no r x min(m, n) matrix (the paper's memory accounting), at the cost of
+    one ``randn`` of r * min(m, n) numbers per step. The draws are those of apollo-torch 1.0.3, so results match it
+    bitwise; like it, the same seed gives a different P on CUDA than on CPU (each device's generator).
+
+    Refresh (every T steps): the first P uses the parameter's seed, each later one ``next_seed`` of the previous.
+    """
+
+    kind = "random"
+
+    def __init__(self, state: dict[str, Any], rank: int, update_proj_gap: int, scale: float, seed: int = 1):
+        super().__init__(state, rank, update_proj_gap, scale)
+        self.seed = seed
+
+    @property
+    def initialized(self) -> bool:
+        return "proj_seed" in self.state
+
+    def refresh(self, grad: torch.Tensor, step: int) -> bool:
+        right = self.is_right(grad.shape)
+        self.state["proj_seed"] = next_seed(self.state["proj_seed"]) if self.initialized else int(self.seed)
+        self.state["proj_right"] = right
+        self.state["proj_dim"] = grad.shape[1] if right else grad.shape[0]
+        self.state["proj_dtype_ref"] = torch.empty(0, dtype=grad.dtype, device=grad.device)
+        return True
+
+    def matrix(self) -> torch.Tensor:
+        ref, d = self.state["proj_dtype_ref"], self.state["proj_dim"]
+        shape = (self.rank, d) if self.state["proj_right"] else (d, self.rank)
+        gen = torch.Generator(device=ref.device).manual_seed(self.state["proj_seed"])
+        P = torch.randn(shape, generator=gen, device=ref.device, dtype=torch.float32) / math.sqrt(self.rank)
+        return P if ref.dtype == torch.float32 else P.to(ref.dtype)
+
+
 def make_projector(kind: str, state: dict[str, Any], group: dict[str, Any], seed: int = 0) -> Projector:
-    """Build the projector named by ``kind`` ("svd" | "rsvd" | "dct") from a param group's config."""
+    """Build the projector named by ``kind`` ("svd" | "rsvd" | "dct" | "random") from a param group's config
+    (``seed``: the parameter's 0-based position in the optimizer; "random" starts from ``seed + 1``, as APOLLO)."""
     rank, gap, scale = group["rank"], group["update_proj_gap"], group["scale"]
     if kind == "svd":
         return SVDProjector(state, rank, gap, scale)
@@ -217,6 +300,10 @@ def make_projector(kind: str, state: dict[str, Any], group: dict[str, Any], seed
         from leantune.optim.dct import DCTProjector
 
         return DCTProjector(state, rank, gap, scale, norm_ord=group.get("dct_norm_ord", 1))
+    if kind == "random":
+        return RandomProjector(state, rank, gap, scale, seed=seed + 1)
+    if kind == "svd2":
+        return TwoSidedSVDProjector(state, rank, gap, scale)
     raise ValueError(f"Unknown projector {kind!r}; choose one of {PROJECTOR_KINDS}.")
 
 

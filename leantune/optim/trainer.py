@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from leantune.optim.config import OptimizerConfig, build_optimizer
+from leantune.optim.config import OPTIMIZERS, OptimizerConfig, build_optimizer
 from leantune.optim.layerwise import assert_single_process
 
 
@@ -38,7 +38,7 @@ def _with_training_args(config: OptimizerConfig, args: Any) -> OptimizerConfig:
         updates["lr"] = args.learning_rate
     if config.weight_decay is None:
         updates["weight_decay"] = args.weight_decay
-    if config.name != "galore_adafactor":
+    if OPTIMIZERS[config.name].adam:
         if config.betas is None:
             updates["betas"] = (args.adam_beta1, args.adam_beta2)
         if config.eps is None and not config.reference_adam:

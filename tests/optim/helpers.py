@@ -62,3 +62,11 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data, scheduler=None, ac
 
 def params_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def rank_options(name: str, rank: int) -> dict:
+    """``{"rank": rank}`` for optimizer names that take a rank (not Conda, not the rank-1 APOLLO-Mini)."""
+    from leantune.optim import OPTIMIZERS
+
+    spec = OPTIMIZERS[name]
+    return {} if spec.rank is None or spec.fixed_rank else {"rank": rank}

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from leantune.optim import OPTIMIZERS, FiraAdamW, GaLoreAdamW, OptimizerConfig, build_optimizer
-from tests.optim.helpers import batches, galore_groups, loss_fn, make_net, params_equal
+from tests.optim.helpers import batches, galore_groups, loss_fn, make_net, params_equal, rank_options
 
 
 class WideNet(nn.Module):
@@ -33,8 +33,8 @@ def _net(dtype):
 
 
 def _optimizer(name, model, layerwise=False):
-    config = OptimizerConfig(name, rank=8, update_proj_gap=3, lr=1e-3, layerwise=layerwise,
-                             optimizer_kwargs={"min_8bit_size": 64} if name == "galore_adamw8bit" else {})
+    config = OptimizerConfig(name, **rank_options(name, 6), update_proj_gap=3, lr=1e-3, layerwise=layerwise,
+                             optimizer_kwargs={"min_8bit_size": 64} if name.endswith("8bit") else {})
     return build_optimizer(model, config)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from leantune.optim import OPTIMIZERS, NonFiniteGradientWarning, OptimizerConfig, build_optimizer
-from tests.optim.helpers import batches, loss_fn, make_net
+from tests.optim.helpers import batches, loss_fn, make_net, rank_options
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
@@ -17,7 +17,7 @@ from tests.optim.helpers import batches, loss_fn, make_net
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_nan_gradient_skips_the_parameter_and_the_rest_trains(name, bad_step, layerwise):
     model = make_net()
-    opt = build_optimizer(model, OptimizerConfig(name, rank=4, update_proj_gap=2, lr=1e-2, layerwise=layerwise,
+    opt = build_optimizer(model, OptimizerConfig(name, **rank_options(name, 4), update_proj_gap=2, lr=1e-2, layerwise=layerwise,
                                                  target_modules=["up", "mid", "down"]))
     poisoned = model.mid.weight
     for step, xy in enumerate(batches(4)):

@@ -1,0 +1,86 @@
+"""GradNormLoRP: gradient- and weight-normalized low-rank projection (Huang et al., AAAI 2025, arXiv 2412.19616).
+
+Each targeted W ∈ R^{m×n} ([out, in]) is trained in weight-normalized form, one magnitude per output row:
+
+    W = g ⊙ V / ‖V‖_row          g ∈ R^m (magnitude), V ∈ R^{m×n} (direction), ĥ_i = v_i / ‖v_i‖ = w_i / g_i
+    ∇g_i = ĥ_i · ∇w_i                                     (exact weight-norm gradients from ∇W)
+    ∇v_i = (g_i / ‖v_i‖) (∇w_i − (ĥ_i · ∇w_i) ĥ_i)
+    D̃    = back(ρ(project(∇V)))     ρ = Adam on the projection; projector refreshed every T steps on ∇V:
+            one-sided GaLore (r × max(m, n), default) or the paper's two-sided U_r ρ(U_rᵀ ∇V V_r) V_rᵀ
+            (``projector="svd2"``, r × r moments)
+    V ← V − η_t D̃,   g ← g − η_t Adam(∇g) (decoupled weight decay on g),   W ← g ⊙ V / ‖V‖_row
+
+The model is not modified: the optimizer keeps g and ν = ‖V‖_row (fp32, m each) and recovers V = ν ⊙ W / g, so
+no copy of the weight is stored (the official code keeps one) and the forward pass is unchanged at the start
+(g = ν = ‖W‖_row). State per matrix: GaLore's (2·r·max(m, n) + r·min(m, n), or 8-bit) + 4m. Other parameters get
+AdamW (the official code weight-normalizes them too). Weight decay acts on the magnitude g only: decaying V would
+not change W. Rows with g = 0 keep a zero direction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from leantune._utils import upcast
+from leantune.optim.base import LowRankOptimizer
+from leantune.optim.galore_adamw import GaLoreAdamW, adam_normalize, apply_update
+from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
+from leantune.optim.projectors import Projector
+
+WN_KEYS = ("wn_g", "wn_nu", "wn_g_exp_avg", "wn_g_exp_avg_sq")
+
+
+def weight_norm_grads(W: torch.Tensor, grad: torch.Tensor, g: torch.Tensor,
+                      nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(∇g, ∇V, ĥ) in fp32 (fp64 for fp64) for W = g ⊙ V/‖V‖_row, ‖V‖_row = ``nu`` (module docstring)."""
+    Wf, Gf = upcast(W), upcast(grad)
+    h = torch.where(g[:, None] != 0, Wf / g[:, None], torch.zeros_like(Wf))
+    grad_g = (h * Gf).sum(dim=1)
+    grad_v = (g / nu.clamp_min(torch.finfo(nu.dtype).tiny))[:, None] * (Gf - grad_g[:, None] * h)
+    return grad_g, grad_v, h
+
+
+class GradNormLoRPAdamW(GaLoreAdamW):
+    """GradNormLoRP with Adam moments (module docstring); args as GaLoreAdamW's."""
+
+    state_keys = LowRankOptimizer.state_keys + WN_KEYS
+    fusable = False
+
+    def _wn_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
+        if "wn_g" not in state:
+            norms = torch.linalg.vector_norm(upcast(p), dim=1)
+            state["wn_g"], state["wn_nu"] = norms, norms.clone()
+            state["wn_g_exp_avg"], state["wn_g_exp_avg_sq"] = torch.zeros_like(norms), torch.zeros_like(norms)
+
+    def projection_source(self, p, grad, state, group) -> torch.Tensor:
+        self._wn_state(p, state)
+        return weight_norm_grads(p, grad, state["wn_g"], state["wn_nu"])[1].to(grad.dtype)
+
+    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+               projector: Projector | None) -> None:
+        if projector is None:
+            return super().update(p, grad, state, group, None)  # plain AdamW
+        self._wn_state(p, state)
+        g, nu = state["wn_g"], state["wn_nu"]
+        grad_g, grad_v, h = weight_norm_grads(p, grad, g, nu)
+        R = projector.project(grad_v.to(grad.dtype))
+        state["step"] += 1
+        N, step_size = self.direction(R, state, group)  # ρ: Adam (or 8-bit Adam) on the projected ∇V
+        V = h * nu[:, None] - step_size * upcast(projector.project_back(N))
+        beta1, beta2 = group["betas"]
+        state["wn_g_exp_avg"].mul_(beta1).add_(grad_g, alpha=1.0 - beta1)
+        state["wn_g_exp_avg_sq"].mul_(beta2).addcmul_(grad_g, grad_g, value=1.0 - beta2)
+        N_g, g_step_size = adam_normalize(state["wn_g_exp_avg"], state["wn_g_exp_avg_sq"], state["step"], group)
+        apply_update(g, N_g, g_step_size, group)  # g ← g − η_t Adam(∇g), decoupled decay on g
+        nu.copy_(torch.linalg.vector_norm(V, dim=1))
+        row = torch.where(nu > 0, g / nu.clamp_min(torch.finfo(nu.dtype).tiny), torch.zeros_like(g))
+        p.copy_(row[:, None] * V)
+
+
+class GradNormLoRPAdamW8bit(GradNormLoRPAdamW, GaLoreAdamW8bit):
+    """GradNormLoRP whose projected direction moments are 8-bit blockwise (bitsandbytes; torch-style Adam). The
+    magnitude's moments (m values) stay fp32."""
+
+    state_keys = GaLoreAdamW8bit.state_keys + WN_KEYS
