@@ -31,7 +31,9 @@ FACTORS: dict[str, list[str]] = {
     "memory": ["off", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "all"],
     "kernels": ["off", "on"],
     "optimizer": ["adamw", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "fira_adamw",
-                  "natural_galore_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw", "galore_adamw/layerwise"],
+                  "natural_galore_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw", "apollo_adamw",
+                  "apollo_mini", "conda_adamw", "gradnorm_lorp", "gradnorm_lorp8bit", "galore_adamw/layerwise",
+                  "galore_adamw/reset"],
     "dtype": ["fp32", "bf16"],
     "arch": ["llama", "gpt2", "bert", "t5"],
 }
@@ -176,7 +178,8 @@ def optimizer_config(name: str):
     base, _, mode = name.partition("/")
     from tests.optim.helpers import rank_options
 
-    return OptimizerConfig(base, **rank_options(base, 2), update_proj_gap=2, layerwise=mode == "layerwise")
+    restarts = {"reset_every": 2, "recovery_steps": 1} if mode == "reset" else {}
+    return OptimizerConfig(base, **rank_options(base, 2), update_proj_gap=2, layerwise=mode == "layerwise", **restarts)
 
 
 def make_trainer(cell: Cell, out: Path) -> T.Trainer:

@@ -42,6 +42,8 @@ VALID = {
     "rank": st.integers(1, 64), "update_proj_gap": st.integers(1, 5), "lr": st.floats(0, 0.1),
     "weight_decay": st.floats(0, 0.5), "betas": st.tuples(st.floats(0, 0.99), st.floats(0, 0.999)),
     "eps": st.floats(0, 1e-3), "max_grad_norm_per_param": st.floats(0.01, 10), "accumulation_steps": st.integers(1, 3),
+    "reset_every": st.integers(1, 3), "reset_moments": st.sampled_from(["all", "first"]),
+    "recovery_steps": st.integers(0, 3), "refactorize": st.booleans(),
     "moment_policy": st.sampled_from(["keep", "reset", "rotate"]), "projector": st.sampled_from(list(leantune.optim.PROJECTOR_KINDS)),
     "name": st.sampled_from(sorted(leantune.optim.OPTIMIZERS)),
 }
@@ -62,7 +64,8 @@ MEMORY_FIELDS = ["ms_norms", "approx_activations", "fused_gated_mlp", "velora", 
                  "velora_scale", "fold_final_norm", "untie_embeddings", "keep_original_weights"]
 OPTIMIZER_FIELDS = ["name", "rank", "update_proj_gap", "scale", "projector", "target_modules", "layerwise",
                     "moment_policy", "lr", "weight_decay", "betas", "eps", "reference_adam", "max_grad_norm_per_param",
-                    "accumulation_steps", "optimizer_kwargs"]
+                    "accumulation_steps", "reset_every", "reset_moments", "recovery_steps", "refactorize",
+                    "optimizer_kwargs"]
 OPTIMIZER_VALUES = st.one_of(ANY, st.sampled_from(sorted(leantune.optim.OPTIMIZERS) + ["svd", "dct", "rsvd", "reset",
                                                                                        "rotate", "keep"]))
 SETTINGS = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

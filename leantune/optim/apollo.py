@@ -31,7 +31,7 @@ from typing import Any, Iterable
 import torch
 
 from leantune.optim.base import LowRankOptimizer
-from leantune.optim.fira import limit_norm_growth
+from leantune.optim.fira import growth_limiter, limit_norm_growth
 from leantune.optim.galore_adamw import GaLoreAdamW, apply_update
 from leantune.optim.projectors import Projector
 
@@ -81,15 +81,37 @@ class APOLLOAdamW(GaLoreAdamW):
         R = projector.project(grad)
         state["step"] += 1
         N, step_size = self.direction(R, state, group)  # Adam on R: N = M / (√V + ε)
-        S = grad * scaling_factor(N, R, group["scale_type"])  # the raw gradient, rescaled
+        s = scaling_factor(N, R, group["scale_type"])
         alpha = math.sqrt(group["scale"])
-        if group["scale_front"]:
-            S.mul_(alpha)
+        if group["reference_adam"]:  # apollo-torch's op order (bitwise parity)
+            S = grad * s  # the raw gradient, rescaled
+            if group["scale_front"]:
+                S.mul_(alpha)
+            if not group["disable_nl"]:
+                S = limit_norm_growth(S, state, "limiter_norm")
+            if not group["scale_front"]:
+                S.mul_(alpha)
+            apply_update(p, S, step_size, group)
+            return
+        # the same update without forming S: ‖G ⊙ s‖ from G's channel norms, then one fused pass into W
+        factor = s * alpha
         if not group["disable_nl"]:
-            S = limit_norm_growth(S, state, "limiter_norm")
-        if not group["scale_front"]:
-            S.mul_(alpha)
-        apply_update(p, S, step_size, group)
+            limiter = growth_limiter(self._scaled_norm(grad, s) * (alpha if group["scale_front"] else 1.0), state,
+                                     "limiter_norm")
+            if limiter is not None:
+                factor = factor / limiter
+        if group["weight_decay"] > 0.0:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.addcmul_(grad, factor.to(p.dtype), value=-step_size)
+
+    @staticmethod
+    def _scaled_norm(G: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """‖G ⊙ s‖_F for s a scalar, a column (one per row) or a row vector (one per column), from G's norms."""
+        if s.dim() == 0:
+            return s * torch.linalg.vector_norm(G)
+        if s.dim() == 2:  # (m, 1): one per row
+            return torch.linalg.vector_norm(s.squeeze(1) * torch.linalg.vector_norm(G, dim=1))
+        return torch.linalg.vector_norm(s * torch.linalg.vector_norm(G, dim=0))
 
 
 class APOLLOMini(APOLLOAdamW):

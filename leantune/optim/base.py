@@ -43,7 +43,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     #: param-group keys of reference packages accepted as spellings of ours (e.g. Fira's ``alpha`` for ``scale``)
     group_aliases: dict[str, str] = {}
     #: keys accepted besides the defaults: the group's rank, and galore-torch/fira's projection type ("std" only)
-    extra_group_keys: tuple[str, ...] = ("params", "param_names", "rank", "proj_type")
+    extra_group_keys: tuple[str, ...] = ("params", "param_names", "rank", "proj_type", "cycle_step")
     #: defaults of projected groups (a method without projector choice, e.g. Conda, narrows them)
     low_rank_defaults: dict[str, Any] = LOW_RANK_DEFAULTS
     #: whether fp16 parameters work (Adam moments in fp16 underflow: ε = 1e-8 is 0 there, and m/√v turns NaN)
@@ -66,6 +66,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             self._validate_group(gi, group)
             for p in group["params"]:
                 self._param_seed[p] = len(self._param_seed)
+        self.restarts = None  # momentum reset / refactorization cycles (enable_restarts)
         self._init_layerwise(layerwise, accumulation_steps)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -155,15 +156,26 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                 loss = closure()
         if self.layerwise:  # updates already happened inside backward; only flush partial windows
             self._flush_layerwise()
-            return loss
-        todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not todo:
-            return loss
-        norms = torch._foreach_norm([p.grad for p, _ in todo])  # one pass and one sync for the finiteness check
-        finite = torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).tolist()
-        for (p, group), ok in zip(todo, finite):
-            self._step_param(p, group, finite=ok)
+        else:
+            todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+            if todo:
+                norms = torch._foreach_norm([p.grad for p, _ in todo])  # one pass and one sync for the finiteness check
+                finite = torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).tolist()
+                for (p, group), ok in zip(todo, finite):
+                    self._step_param(p, group, finite=ok)
+        if self.restarts is not None:
+            self.restarts.end_of_step(self)
         return loss
+
+    def enable_restarts(self, every: int, moments: str = "all", recovery_steps: int = 10,
+                        pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]] | None = None) -> None:
+        """Momentum reset every ``every`` steps, with LR recovery and (given ``pairs``, see
+        :func:`leantune.optim.restarts.low_rank_pairs`) weight refactorization; see ``restarts.py``."""
+        from leantune.optim.restarts import Restarts
+
+        self.restarts = Restarts(every, moments, recovery_steps, pairs)
+        for group in self.param_groups:
+            group.setdefault("cycle_step", 0)
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any], finite: bool | None = None) -> None:
         """What comes before every update rule: the non-finite guard, per-parameter clipping, the state, the
@@ -179,6 +191,8 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                           NonFiniteGradientWarning, stacklevel=3)
             return
         grad = self.working_grad(grad)
+        if self.restarts is not None and (factor := self.restarts.lr_factor(group)) != 1.0:
+            group = {**group, "lr": group["lr"] * factor}  # LR recovery after a momentum reset
         max_norm = group.get("max_grad_norm_per_param")
         if max_norm:
             # same coefficient as torch.nn.utils.clip_grad_norm_, but per parameter

@@ -20,6 +20,7 @@ from leantune.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bi
 from leantune.optim.natural_galore import NaturalGaLoreAdamW
 from leantune.optim.param_groups import make_param_groups
 from leantune.optim.projectors import PROJECTOR_KINDS
+from leantune.optim.restarts import RESET_MOMENTS, low_rank_pairs
 
 @dataclass(frozen=True)
 class OptimizerSpec:
@@ -87,6 +88,10 @@ class OptimizerConfig:
     reference_adam: bool = False
     max_grad_norm_per_param: float | None = None
     accumulation_steps: int = 1
+    reset_every: int | None = None  # momentum reset every K optimizer steps (restarts.py)
+    reset_moments: str = "all"
+    recovery_steps: int = 10
+    refactorize: bool = False  # rebalance LoRA/ALLoRA factor pairs at each reset
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"history_size": 4} or {"gamma": 1.01}
 
     def __post_init__(self) -> None:
@@ -116,6 +121,13 @@ class OptimizerConfig:
         check_bool(self, "reference_adam")
         check_number(self, "max_grad_norm_per_param", minimum=0, strict=True, optional=True)
         check_int(self, "accumulation_steps", minimum=1)
+        check_int(self, "reset_every", minimum=1, optional=True)
+        check_choice(self, "reset_moments", RESET_MOMENTS)
+        check_int(self, "recovery_steps", minimum=0)
+        check_bool(self, "refactorize")
+        if self.refactorize and self.reset_every is None:
+            raise ValueError("OptimizerConfig.refactorize: weight refactorization runs at each momentum reset; set "
+                             "reset_every=K as well (the paper uses one cycle length for both).")
         if self.betas is not None:
             betas = self.betas
             if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(is_number(b) and 0 <= b < 1
@@ -176,7 +188,16 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict[str, 
     if unknown:
         raise ValueError(f"OptimizerConfig.optimizer_kwargs: {unknown} are not options of {cls.__name__} "
                          f"({config.name!r}); accepted: {sorted(optimizer_options(cls))}")
-    return cls(groups, layerwise=config.layerwise, accumulation_steps=config.accumulation_steps, **kwargs)
+    optimizer = cls(groups, layerwise=config.layerwise, accumulation_steps=config.accumulation_steps, **kwargs)
+    if config.reset_every is not None:
+        pairs = None
+        if config.refactorize:
+            pairs = low_rank_pairs(model)
+            if not pairs:
+                raise ValueError("OptimizerConfig.refactorize: the model has no trainable low-rank factor pair B A "
+                                 "(peft LoRA or ALLoRA) to refactorize; set refactorize=False.")
+        optimizer.enable_restarts(config.reset_every, config.reset_moments, config.recovery_steps, pairs)
+    return optimizer
 
 
 def optimizer_options(cls: type) -> list[str]:

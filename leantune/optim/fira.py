@@ -40,25 +40,32 @@ class FiraAdamW(GaLoreAdamW):
     group_aliases = {"alpha": "scale"}  # the fira package's name for the GaLore scale
 
     def fused_residual(self, grad, R, state, group, projector) -> torch.Tensor:
-        # The kernel updates the moments itself; preview N = m/(√v + ε) from copies to build the residual, and
-        # rescale it from the eager step size to the kernel's η_t (they differ by √bc2 in torch-style arithmetic).
+        # The kernel updates the moments itself; preview N from copies to build the residual, and express it in the
+        # kernel's units: it applies η_t S with η_t = η √bc2 / bc1, where the eager path applies η S (torch-style
+        # arithmetic) or η_t S (reference arithmetic).
         preview = {"exp_avg": state["exp_avg"].clone(), "exp_avg_sq": state["exp_avg_sq"].clone(), "step": state["step"]}
         N, _ = adam_direction(R, preview, group)
         residual = self.residual(grad, R, N, state, group, projector)
         if group["reference_adam"] or not group["correct_bias"]:
-            return residual  # the kernel's η_t is the eager step size
-        return residual / math.sqrt(1.0 - group["betas"][1] ** state["step"])  # η_t = step size · √bc2
+            return residual
+        beta1, beta2 = group["betas"]
+        bc1, bc2 = 1.0 - beta1 ** state["step"], 1.0 - beta2 ** state["step"]
+        return residual * (bc1 / math.sqrt(bc2))
 
     def residual(self, grad, R, N, state, group, projector) -> torch.Tensor:
         """S = (G − α back(R)) · φ, with the growth limiter (module docstring); updates ``fira_prev_norm``."""
-        removed = projector.project_back(R)
-        if group["orthogonal_residual"] and projector.scale != 0:
-            removed = removed / projector.scale
         dim = 0 if N.shape[0] < N.shape[1] else 1
         phi = torch.norm(N, dim=dim) / (torch.norm(R, dim=dim) + 1e-8)
         if dim == 1:
             phi = phi.unsqueeze(1)
-        residual = (grad - removed) * phi
+        if group["reference_adam"]:  # the fira package's op order (bitwise parity)
+            removed = projector.project_back(R)
+            if group["orthogonal_residual"] and projector.scale != 0:
+                removed = removed / projector.scale
+            residual = (grad - removed) * phi
+        else:  # G − α back(R) as one GEMM, scaled in place
+            alpha = 1.0 if group["orthogonal_residual"] and projector.scale != 0 else projector.scale
+            residual = projector.subtract_back(grad, R, alpha).mul_(phi)
         return limit_norm_growth(residual, state, "fira_prev_norm", group["gamma"])
 
 
@@ -69,11 +76,17 @@ def limit_norm_growth(S: torch.Tensor, state: dict[str, Any], key: str, gamma: f
     compared on the device (no host sync), and the result is bitwise the references' ``max(ratio, gamma) / gamma``:
     ratio / gamma when ratio >= gamma, exactly 1 otherwise.
     """
-    norm = torch.linalg.vector_norm(S)
+    limiter = growth_limiter(torch.linalg.vector_norm(S), state, key, gamma)
+    return S if limiter is None else S / limiter
+
+
+def growth_limiter(norm: torch.Tensor, state: dict[str, Any], key: str, gamma: float = 1.01) -> torch.Tensor | None:
+    """The divisor λ of :func:`limit_norm_growth` for an update of norm ``norm`` (None at the first call, which
+    only records the norm); updates ``state[key]`` to norm / λ."""
     if key not in state:
         state[key] = norm
-        return S
+        return None
     ratio = norm / (state[key] + 1e-8)
     limiter = torch.where(ratio >= gamma, ratio / gamma, torch.ones_like(ratio))
     state[key] = norm / limiter
-    return S / limiter
+    return limiter

@@ -8,8 +8,8 @@ For a targeted W in R^{m x n} with gradient G_t (projector P, rank r, scale alph
     W_t = W_{t-1} - eta * alpha * back(N_t)             (+ decoupled weight decay)
 
 Two arithmetic modes:
-* default (torch-style, like ``torch.optim.AdamW``): N = (M/bc1) / (sqrt(V/bc2) + eps), decay
-  W <- W (1 - eta wd) before the update, eps default 1e-8.
+* default (torch-style, like ``torch.optim.AdamW``): N = (M/bc1) / (sqrt(V/bc2) + eps), step size eta, decay
+  W <- W (1 - eta wd) before the update, eps default 1e-8; back-projection, decay and update are one GEMM into W.
 * ``reference_adam=True`` (galore-torch 1.0 / fira 1.0.2 / old HF AdamW): eps added to sqrt(V) un-corrected, the
   bias correction folded into the step size eta_t = eta sqrt(bc2)/bc1, decay W <- W - eta wd W applied *after*
   the update, eps default 1e-6.  With this flag and fp32 the results match galore-torch bitwise.
@@ -49,9 +49,15 @@ def check_betas(betas: tuple[float, float]) -> None:
 
 
 def adam_direction(R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
-    """Update the moments with R (``state['step']`` already incremented) and return (N, step_size)."""
+    """Update the moments with R (``state['step']`` already incremented) and return (N, step_size).
+
+    The first moment is b1 m + (1 − b1) R as the references write it (``reference_adam``), or one ``lerp_`` as
+    torch's AdamW computes it (same value up to rounding, one pass instead of two)."""
     beta1, beta2 = group["betas"]
-    state["exp_avg"].mul_(beta1).add_(R, alpha=1.0 - beta1)
+    if group["reference_adam"]:
+        state["exp_avg"].mul_(beta1).add_(R, alpha=1.0 - beta1)
+    else:
+        state["exp_avg"].lerp_(R, 1.0 - beta1)
     state["exp_avg_sq"].mul_(beta2).addcmul_(R, R, value=1.0 - beta2)
     return adam_normalize(state["exp_avg"], state["exp_avg_sq"], state["step"], group)
 
@@ -59,7 +65,9 @@ def adam_direction(R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]
 def adam_normalize(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
                    group: dict[str, Any]) -> tuple[torch.Tensor, float]:
     """(N, step size) from the moments at ``step`` (1-based): N = m / (√v + ε) with the bias correction in the step
-    size (``reference_adam``), or N = (m / bc1) / (√(v / bc2) + ε) folded as torch's AdamW does."""
+    size η √bc2 / bc1 (``reference_adam``), or the paper's N = m̂ / (√v̂ + ε) = (m / bc1) / (√(v / bc2) + ε) with step
+    size η, as torch's AdamW computes it. Rules that scale something by ‖N‖ (Fira, APOLLO) thus see the
+    bias-corrected direction in the default mode."""
     beta1, beta2 = group["betas"]
     bc1 = 1.0 - beta1**step if group["correct_bias"] else 1.0
     bc2 = 1.0 - beta2**step if group["correct_bias"] else 1.0
@@ -67,9 +75,9 @@ def adam_normalize(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int,
         denom = exp_avg_sq.sqrt().add_(group["eps"])
         step_size = group["lr"] * math.sqrt(bc2) / bc1
     else:
-        denom = (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(group["eps"])
-        step_size = group["lr"] / bc1
-    return exp_avg / denom, step_size
+        denom = exp_avg_sq.sqrt().div_(math.sqrt(bc2)).add_(group["eps"]).mul_(bc1)
+        step_size = group["lr"]
+    return torch.div(exp_avg, denom, out=denom), step_size
 
 
 def init_moments(R: torch.Tensor, state: dict[str, Any]) -> None:
@@ -156,9 +164,18 @@ class GaLoreAdamW(LowRankOptimizer):
             self._fused_update(kernel, p, grad, R, state, group, projector)
             return
         N, step_size = self.direction(R, state, group)  # m, v ← Adam moments of R;  N = m̂ / (√v̂ + ε)
-        update = N if projector is None else projector.project_back(N) + self.residual(grad, R, N, state, group,
-                                                                                       projector)
-        apply_update(p, update, step_size, group)  # W ← W − η_t (α back(N) + S), decoupled decay
+        if projector is None:
+            apply_update(p, N, step_size, group)
+            return
+        residual = self.residual(grad, R, N, state, group, projector)
+        if group["reference_adam"]:  # the references' op order (bitwise parity): back-project, add, update, decay
+            update = projector.project_back(N)
+            apply_update(p, update if isinstance(residual, float) else update + residual, step_size, group)
+            return
+        # W ← (1 − η wd) W − η_t α back(N) as one GEMM into W (no full-size temporary), then the residual if any
+        projector.add_back(p, N, alpha=-step_size, beta=1.0 - group["lr"] * group["weight_decay"])
+        if not isinstance(residual, float):
+            p.add_(residual, alpha=-step_size)
 
     def direction(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
         """Adam on R: update the moments (created at the first step) and return ``(N, step size)``

@@ -14,7 +14,8 @@ The model is not modified: the optimizer keeps g and ν = ‖V‖_row (fp32, m e
 no copy of the weight is stored (the official code keeps one) and the forward pass is unchanged at the start
 (g = ν = ‖W‖_row). State per matrix: GaLore's (2·r·max(m, n) + r·min(m, n), or 8-bit) + 4m. Other parameters get
 AdamW (the official code weight-normalizes them too). Weight decay acts on the magnitude g only: decaying V would
-not change W. Rows with g = 0 keep a zero direction.
+not change W. A zero row (g = 0, e.g. LoRA's B at init) has no direction: it takes ĥ = ∇w/‖∇w‖ (‖V‖ = 1) at that
+step, so its magnitude moves it along the steepest descent direction; from then on ĥ = w/g again.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def weight_norm_grads(W: torch.Tensor, grad: torch.Tensor, g: torch.Tensor,
                       nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(∇g, ∇V, ĥ) in fp32 (fp64 for fp64) for W = g ⊙ V/‖V‖_row, ‖V‖_row = ``nu`` (module docstring)."""
     Wf, Gf = upcast(W), upcast(grad)
-    h = torch.where(g[:, None] != 0, Wf / g[:, None], torch.zeros_like(Wf))
+    # a zero row (g = 0, e.g. LoRA's B at init) has no direction: take the steepest one, ∇w/‖∇w‖, so that g moves
+    steepest = Gf / torch.linalg.vector_norm(Gf, dim=1, keepdim=True).clamp_min(torch.finfo(Gf.dtype).tiny)
+    h = torch.where(g[:, None] != 0, Wf / g[:, None], steepest)
     grad_g = (h * Gf).sum(dim=1)
     grad_v = (g / nu.clamp_min(torch.finfo(nu.dtype).tiny))[:, None] * (Gf - grad_g[:, None] * h)
     return grad_g, grad_v, h
@@ -51,7 +54,7 @@ class GradNormLoRPAdamW(GaLoreAdamW):
     def _wn_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         if "wn_g" not in state:
             norms = torch.linalg.vector_norm(upcast(p), dim=1)
-            state["wn_g"], state["wn_nu"] = norms, norms.clone()
+            state["wn_g"], state["wn_nu"] = norms, torch.where(norms > 0, norms, torch.ones_like(norms))
             state["wn_g_exp_avg"], state["wn_g_exp_avg_sq"] = torch.zeros_like(norms), torch.zeros_like(norms)
 
     def projection_source(self, p, grad, state, group) -> torch.Tensor:

@@ -86,6 +86,21 @@ class Projector:
             full = torch.matmul(P, low_rank)
         return full * self.scale
 
+    def add_back(self, target: torch.Tensor, low_rank: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
+        """target ← beta · target + alpha · back(low_rank), as one GEMM into ``target`` (``addmm_``)."""
+        P = self.matrix()
+        if self.state["proj_right"]:
+            target.addmm_(low_rank.to(P.dtype), P, beta=beta, alpha=alpha * self.scale)
+        else:
+            target.addmm_(P, low_rank.to(P.dtype), beta=beta, alpha=alpha * self.scale)
+
+    def subtract_back(self, full: torch.Tensor, low_rank: torch.Tensor, alpha: float) -> torch.Tensor:
+        """full − alpha · back(low_rank) / scale (the unscaled back-projection), as one GEMM into a new tensor."""
+        P = self.matrix()
+        if self.state["proj_right"]:
+            return torch.addmm(full, low_rank.to(P.dtype), P, alpha=-alpha)
+        return torch.addmm(full, P, low_rank.to(P.dtype), alpha=-alpha)
+
     def transition(self, old_matrix: torch.Tensor) -> torch.Tensor:
         """Change of basis that carries a low-rank state from the old subspace into the new one.
 
@@ -238,6 +253,13 @@ class TwoSidedSVDProjector(StoredBasisProjector):
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
         return (self.state["proj_ortho"] @ low_rank @ self.state["proj_ortho_right"]) * self.scale
+
+    def add_back(self, target: torch.Tensor, low_rank: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
+        target.addmm_(self.state["proj_ortho"] @ low_rank, self.state["proj_ortho_right"], beta=beta,
+                      alpha=alpha * self.scale)
+
+    def subtract_back(self, full: torch.Tensor, low_rank: torch.Tensor, alpha: float) -> torch.Tensor:
+        return torch.addmm(full, self.state["proj_ortho"] @ low_rank, self.state["proj_ortho_right"], alpha=-alpha)
 
 
 def next_seed(seed: int, draws: int = 15) -> int:

@@ -230,3 +230,18 @@ def test_gradnorm_lorp_state_holds_no_weight_copy(cls):
     measured = optimizer_state_bytes(opt)
     assert measured == galore + extra
     assert measured < w.numel() * 4  # less than one copy of the weight
+
+
+def test_gradnorm_lorp_trains_zero_initialized_rows():
+    """LoRA's B starts at 0: g = 0 has no direction, so the first step moves each zero row along −∇w (sign-Adam on g)
+    instead of leaving it at 0 forever."""
+    w = nn.Parameter(torch.zeros(8, 4, dtype=torch.float64))
+    G = torch.randn(8, 4, dtype=torch.float64)
+    opt = GradNormLoRPAdamW([{"params": [w], "rank": 2}], lr=0.1, eps=1e-12, reference_adam=True)
+    w.grad = G.clone()
+    opt.step()
+    expected = -0.1 * G / G.norm(dim=1, keepdim=True)  # g = −η (first Adam step of ∇g = ‖∇w‖ > 0), direction ∇w
+    torch.testing.assert_close(w.detach(), expected, rtol=1e-9, atol=1e-12)
+    w.grad = torch.randn_like(w)
+    opt.step()  # and then trains as weight-normalized rows
+    assert torch.isfinite(w).all() and not torch.allclose(w.detach(), expected)

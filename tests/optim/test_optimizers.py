@@ -9,6 +9,11 @@ import pytest
 import torch
 
 from leantune.optim import (
+    APOLLOAdamW,
+    APOLLOMini,
+    CondaAdamW,
+    GradNormLoRPAdamW,
+    GradNormLoRPAdamW8bit,
     FiraAdamW,
     GaLoreAdafactor,
     GaLoreAdamW,
@@ -31,13 +36,19 @@ OPTIMIZERS = {
     "dct_adamw": (GaLoreAdamW, {"projector": "dct", "scale": 1.0}, {"lr": 3e-3}),
     "rsvd_galore_rotate": (GaLoreAdamW, {"projector": "rsvd", "moment_policy": "rotate"}, {"lr": 3e-3}),
     "galore_reset": (GaLoreAdamW, {"moment_policy": "reset"}, {"lr": 3e-3}),
+    "apollo_adamw": (APOLLOAdamW, {"projector": "random", "scale": 1.0}, {"lr": 3e-3}),
+    "apollo_mini": (APOLLOMini, {"projector": "random", "scale": 128.0, "rank": 1}, {"lr": 3e-3}),
+    "conda_adamw": (CondaAdamW, {"rank": None}, {"lr": 3e-3}),
+    "gradnorm_lorp": (GradNormLoRPAdamW, {}, {"lr": 3e-3}),
+    "gradnorm_lorp_two_sided": (GradNormLoRPAdamW, {"projector": "svd2"}, {"lr": 3e-3}),
+    "gradnorm_lorp8bit": (GradNormLoRPAdamW8bit, {}, {"lr": 3e-3, "min_8bit_size": 64}),
 }
 
 
 def build(name: str, model, layerwise: bool = False, accumulation_steps: int = 1, **extra):
     cls, group_opts, kwargs = OPTIMIZERS[name]
-    groups = make_param_groups(model, target_modules=TARGETS, rank=4, update_proj_gap=3, **{"scale": 0.25, **group_opts},
-                               **extra)
+    groups = make_param_groups(model, target_modules=TARGETS, **{"rank": 4, "update_proj_gap": 3, "scale": 0.25,
+                                                                 **group_opts}, **extra)
     return cls(groups, layerwise=layerwise, accumulation_steps=accumulation_steps, **kwargs)
 
 
@@ -61,7 +72,8 @@ def test_resume_equals_uninterrupted(name, layerwise):
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)  # only tensors and plain values, projectors included
-    assert any(k.startswith("proj_") for st in ckpt["opt"]["state"].values() for k in st)
+    projection_keys = ("proj_", "conda_basis")  # a projector's state (Conda: its basis)
+    assert any(k.startswith(projection_keys) for st in ckpt["opt"]["state"].values() for k in st)
 
     resumed = make_net(seed=99)
     resumed.load_state_dict(ckpt["model"])
