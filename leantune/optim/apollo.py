@@ -78,7 +78,7 @@ class APOLLOAdamW(GaLoreAdamW):
                projector: Projector | None) -> None:
         if projector is None:
             return super().update(p, grad, state, group, None)  # plain AdamW
-        R = projector.project(grad)
+        R = self.project(projector, grad)
         state["step"] += 1
         N, step_size = self.direction(R, state, group)  # Adam on R: N = M / (√V + ε)
         s = scaling_factor(N, R, group["scale_type"])

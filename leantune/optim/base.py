@@ -25,6 +25,10 @@ from leantune.optim.projectors import PROJECTOR_KINDS, Projector, make_projector
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 
 
+class _NonFiniteProjection(Exception):
+    """Raised by :meth:`LowRankOptimizer.project` to skip a parameter whose projected gradient is not finite."""
+
+
 LOW_RANK_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
     "scale": 0.25,
@@ -158,11 +162,13 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             self._flush_layerwise()
         else:
             todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-            if todo:
-                norms = torch._foreach_norm([p.grad for p, _ in todo])  # one pass and one sync for the finiteness check
-                finite = torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).tolist()
-                for (p, group), ok in zip(todo, finite):
-                    self._step_param(p, group, finite=ok)
+            plain = [p.grad for p, group in todo if not self.is_low_rank(group, p)]
+            finite = iter([])
+            if plain:  # one pass and one sync for the finiteness check (projected ones: see _step_param)
+                norms = torch._foreach_norm(plain)
+                finite = iter(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).tolist())
+            for p, group in todo:
+                self._step_param(p, group, finite=None if self.is_low_rank(group, p) else next(finite))
         if self.restarts is not None:
             self.restarts.end_of_step(self)
         return loss
@@ -179,17 +185,18 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
 
     def _step_param(self, p: torch.Tensor, group: dict[str, Any], finite: bool | None = None) -> None:
         """What comes before every update rule: the non-finite guard, per-parameter clipping, the state, the
-        projector (refreshed every T steps); then :meth:`update`. ``finite``: already checked by :meth:`step`."""
+        projector (refreshed every T steps); then :meth:`update`. ``finite``: already checked by :meth:`step`.
+
+        A projected parameter's gradient is not scanned here: a NaN/inf in G reaches its projection R, which
+        :meth:`project` checks (r x max(m, n) instead of m x n numbers); refresh steps check G before the SVD."""
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)}).")
-        if finite is None:  # per-layer mode: checked here, parameter by parameter
+        projected = self.is_low_rank(group, p)
+        if finite is None and not projected:  # per-layer mode, or a projected group's plain parameter
             finite = bool(torch.isfinite(grad).all())
-        if not finite:
-            warnings.warn(f"{type(self).__name__}: non-finite gradient (NaN/inf) for a parameter of shape "
-                          f"{tuple(p.shape)}; its update was skipped this step (weights and optimizer state unchanged).",
-                          NonFiniteGradientWarning, stacklevel=3)
-            return
+        if finite is False:
+            return self._skip(p)
         grad = self.working_grad(grad)
         if self.restarts is not None and (factor := self.restarts.lr_factor(group)) != 1.0:
             group = {**group, "lr": group["lr"] * factor}  # LR recovery after a momentum reset
@@ -199,16 +206,37 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             coef = (max_norm / (torch.linalg.vector_norm(grad) + 1e-6)).clamp(max=1.0)
             grad = grad * coef
         state = self.state[p]
-        if "step" not in state:
-            state["step"] = 0
         projector = None
-        if self.is_low_rank(group, p):
+        if projected:
             projector = make_projector(group["projector"], state, group, seed=self._param_seed.get(p, 0))
-            if projector.needs_refresh(state["step"]):
-                ok = self._refresh(projector, self.projection_source(p, grad, state, group), state, group)
-                if not ok and (not projector.initialized or not bool(torch.isfinite(grad).all())):
+            if projector.needs_refresh(state.get("step", 0)):
+                source = self.projection_source(p, grad, state, group)
+                if not bool(torch.isfinite(source).all()):
+                    return self._skip(p)
+                state.setdefault("step", 0)
+                if not self._refresh(projector, source, state, group) and not projector.initialized:
                     return
-        self.update(p, grad, state, group, projector)
+        state.setdefault("step", 0)
+        try:
+            self.update(p, grad, state, group, projector)
+        except _NonFiniteProjection:
+            self._skip(p)
+
+    def project(self, projector: Projector, X: torch.Tensor) -> torch.Tensor:
+        """R = projector.project(X), refused (the parameter skipped) when it holds NaN/inf: call it before the
+        update changes any state."""
+        R = projector.project(X)
+        # one reduction instead of isfinite's four passes; a non-finite sum (NaN/inf inside, or an overflow of the
+        # sum itself) is confirmed element-wise
+        if not bool(torch.isfinite(R.sum(dtype=torch.float64 if R.dtype == torch.float64 else torch.float32))) and \
+                not bool(torch.isfinite(R).all()):
+            raise _NonFiniteProjection
+        return R
+
+    def _skip(self, p: torch.Tensor) -> None:
+        warnings.warn(f"{type(self).__name__}: non-finite gradient (NaN/inf) for a parameter of shape "
+                      f"{tuple(p.shape)}; its update was skipped this step (weights and optimizer state unchanged).",
+                      NonFiniteGradientWarning, stacklevel=4)
 
     def projection_source(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any],
                           group: dict[str, Any]) -> torch.Tensor:

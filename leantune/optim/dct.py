@@ -57,8 +57,10 @@ class DCTProjector(Projector):
         return shared_dct_basis(self.state["proj_dim"], self.state["proj_dtype_ref"].dtype, self.state["proj_indices"].device)
 
     def matrix(self) -> torch.Tensor:
-        cols = self.basis().index_select(1, self.state["proj_indices"].long())  # d x r
-        return cols.t() if self.state["proj_right"] else cols
+        if getattr(self, "_P", None) is None:  # a projector object lives for one step: gather once per step
+            cols = self.basis().index_select(1, self.state["proj_indices"].long())  # d x r
+            self._P = cols.t() if self.state["proj_right"] else cols
+        return self._P
 
     def scores(self, grad: torch.Tensor) -> torch.Tensor:
         right = self.is_right(grad.shape)
@@ -69,6 +71,7 @@ class DCTProjector(Projector):
         return torch.linalg.vector_norm(Q.t() @ grad, ord=self.norm_ord, dim=1)
 
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
+        self._P = None
         right = self.is_right(grad.shape)
         self.state["proj_right"] = right
         if not bool(torch.isfinite(grad).all()):

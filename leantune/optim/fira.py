@@ -52,21 +52,35 @@ class FiraAdamW(GaLoreAdamW):
         bc1, bc2 = 1.0 - beta1 ** state["step"], 1.0 - beta2 ** state["step"]
         return residual * (bc1 / math.sqrt(bc2))
 
+    def add_residual(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
+        """The default-arithmetic W ← W − η_t S without forming S: S₀ = G − α back(R) as one GEMM, ‖S₀ ⊙ φ‖ from
+        S₀'s channel norms, then W += −η_t S₀ φ / λ in one pass (``addcdiv_``)."""
+        phi = _channel_ratio(N, R)
+        alpha = 1.0 if group["orthogonal_residual"] and projector.scale != 0 else projector.scale
+        S0 = projector.subtract_back(grad, R, alpha)
+        if phi.dim() == 2:  # (m, 1): one per row
+            norm = torch.linalg.vector_norm(phi.squeeze(1) * torch.linalg.vector_norm(S0, dim=1))
+        else:
+            norm = torch.linalg.vector_norm(phi * torch.linalg.vector_norm(S0, dim=0))
+        limiter = growth_limiter(norm, state, "fira_prev_norm", group["gamma"])
+        divisor = 1.0 / phi if limiter is None else limiter / phi  # S = S₀ φ / λ
+        p.addcdiv_(S0, divisor.to(p.dtype), value=-step_size)
+
     def residual(self, grad, R, N, state, group, projector) -> torch.Tensor:
         """S = (G − α back(R)) · φ, with the growth limiter (module docstring); updates ``fira_prev_norm``."""
-        dim = 0 if N.shape[0] < N.shape[1] else 1
-        phi = torch.norm(N, dim=dim) / (torch.norm(R, dim=dim) + 1e-8)
-        if dim == 1:
-            phi = phi.unsqueeze(1)
-        if group["reference_adam"]:  # the fira package's op order (bitwise parity)
-            removed = projector.project_back(R)
-            if group["orthogonal_residual"] and projector.scale != 0:
-                removed = removed / projector.scale
-            residual = (grad - removed) * phi
-        else:  # G − α back(R) as one GEMM, scaled in place
-            alpha = 1.0 if group["orthogonal_residual"] and projector.scale != 0 else projector.scale
-            residual = projector.subtract_back(grad, R, alpha).mul_(phi)
+        phi = _channel_ratio(N, R)
+        removed = projector.project_back(R)
+        if group["orthogonal_residual"] and projector.scale != 0:
+            removed = removed / projector.scale
+        residual = (grad - removed) * phi
         return limit_norm_growth(residual, state, "fira_prev_norm", group["gamma"])
+
+
+def _channel_ratio(N: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """φ = ‖N‖_c / (‖R‖_c + 1e-8) per channel of the larger side: (m, 1) when R is tall (m x r), (n,) when wide."""
+    dim = 0 if N.shape[0] < N.shape[1] else 1
+    phi = torch.norm(N, dim=dim) / (torch.norm(R, dim=dim) + 1e-8)
+    return phi.unsqueeze(1) if dim == 1 else phi
 
 
 def limit_norm_growth(S: torch.Tensor, state: dict[str, Any], key: str, gamma: float = 1.01) -> torch.Tensor:

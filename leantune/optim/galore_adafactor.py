@@ -106,7 +106,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         return grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
 
     def update(self, p, grad, state, group, projector) -> None:
-        R = projector.project(grad) if projector is not None else grad
+        R = self.project(projector, grad) if projector is not None else grad
         factored = R.ndim >= 2
         if "RMS" not in state:
             if group["beta1"] is not None:

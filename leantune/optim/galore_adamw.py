@@ -155,7 +155,7 @@ class GaLoreAdamW(LowRankOptimizer):
                projector: Projector | None) -> None:
         """One step for ``p``, in the paper's order (module docstring): project, then moments → direction →
         back-projection → update with decoupled decay, by the torch code below or its fused kernel twin."""
-        R = grad if projector is None else self.precondition(projector.project(grad), state, group)
+        R = grad if projector is None else self.precondition(self.project(projector, grad), state, group)
         state["step"] += 1
         kernel = kernel_for("galore_adam_step", p, grad) if self.fusable and projector is not None \
             and projector.one_sided and p.is_contiguous() else None
@@ -167,15 +167,14 @@ class GaLoreAdamW(LowRankOptimizer):
         if projector is None:
             apply_update(p, N, step_size, group)
             return
-        residual = self.residual(grad, R, N, state, group, projector)
         if group["reference_adam"]:  # the references' op order (bitwise parity): back-project, add, update, decay
+            residual = self.residual(grad, R, N, state, group, projector)
             update = projector.project_back(N)
             apply_update(p, update if isinstance(residual, float) else update + residual, step_size, group)
             return
         # W ← (1 − η wd) W − η_t α back(N) as one GEMM into W (no full-size temporary), then the residual if any
         projector.add_back(p, N, alpha=-step_size, beta=1.0 - group["lr"] * group["weight_decay"])
-        if not isinstance(residual, float):
-            p.add_(residual, alpha=-step_size)
+        self.add_residual(p, grad, R, N, state, group, projector, step_size)
 
     def direction(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
         """Adam on R: update the moments (created at the first step) and return ``(N, step size)``
@@ -190,6 +189,12 @@ class GaLoreAdamW(LowRankOptimizer):
     def residual(self, grad, R, N, state, group, projector) -> torch.Tensor | float:
         """Full-rank term S added to the back-projected update (0; Fira: its scaled residual)."""
         return 0.0
+
+    def add_residual(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
+        """W ← W − η_t S for :meth:`residual`'s S, in the default arithmetic (a subclass may fuse it)."""
+        residual = self.residual(grad, R, N, state, group, projector)
+        if not isinstance(residual, float):
+            p.add_(residual, alpha=-step_size)
 
     def _fused_update(self, kernel, p, grad, R, state, group, projector: Projector) -> None:
         """The same "moments + direction + back-projection + update" as one pass over W

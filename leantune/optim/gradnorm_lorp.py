@@ -34,15 +34,25 @@ WN_KEYS = ("wn_g", "wn_nu", "wn_g_exp_avg", "wn_g_exp_avg_sq")
 
 
 def weight_norm_grads(W: torch.Tensor, grad: torch.Tensor, g: torch.Tensor,
-                      nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(∇g, ∇V, ĥ) in fp32 (fp64 for fp64) for W = g ⊙ V/‖V‖_row, ‖V‖_row = ``nu`` (module docstring)."""
+                      nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(∇g, ∇V, zero-row directions) in fp32 (fp64 for fp64) for W = g ⊙ V/‖V‖_row, ‖V‖_row = ``nu``.
+
+    With ĥ = W/g: ∇g = (W·∇W)_row / g and ∇V = (g/ν) ∇W − (∇g/ν) W, each row a combination of two full rows (no
+    ĥ materialized). A zero row (g = 0) takes ĥ = ∇w/‖∇w‖, so ∇g = ‖∇w‖ and ∇V = 0 there; the third value holds
+    those ĥ rows (None when there is no zero row, the usual case).
+    """
     Wf, Gf = upcast(W), upcast(grad)
-    # a zero row (g = 0, e.g. LoRA's B at init) has no direction: take the steepest one, ∇w/‖∇w‖, so that g moves
-    steepest = Gf / torch.linalg.vector_norm(Gf, dim=1, keepdim=True).clamp_min(torch.finfo(Gf.dtype).tiny)
-    h = torch.where(g[:, None] != 0, Wf / g[:, None], steepest)
-    grad_g = (h * Gf).sum(dim=1)
-    grad_v = (g / nu.clamp_min(torch.finfo(nu.dtype).tiny))[:, None] * (Gf - grad_g[:, None] * h)
-    return grad_g, grad_v, h
+    zero = g == 0
+    grad_g = torch.linalg.vecdot(Wf, Gf, dim=1) / torch.where(zero, torch.ones_like(g), g)
+    steepest = None
+    if bool(zero.any()):  # e.g. LoRA's B at init
+        rows = Gf[zero]
+        norms = torch.linalg.vector_norm(rows, dim=1)
+        grad_g[zero] = norms
+        steepest = rows / norms.clamp_min(torch.finfo(norms.dtype).tiny)[:, None]
+    grad_v = Gf * (g / nu)[:, None]
+    grad_v.addcmul_(Wf, (-grad_g / nu)[:, None])  # zero rows: W_i = 0 adds nothing, and g_i/ν_i = 0
+    return grad_g, grad_v, steepest
 
 
 class GradNormLoRPAdamW(GaLoreAdamW):
@@ -51,27 +61,37 @@ class GradNormLoRPAdamW(GaLoreAdamW):
     state_keys = LowRankOptimizer.state_keys + WN_KEYS
     fusable = False
 
-    def _wn_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
-        if "wn_g" not in state:
-            norms = torch.linalg.vector_norm(upcast(p), dim=1)
-            state["wn_g"], state["wn_nu"] = norms, torch.where(norms > 0, norms, torch.ones_like(norms))
-            state["wn_g_exp_avg"], state["wn_g_exp_avg_sq"] = torch.zeros_like(norms), torch.zeros_like(norms)
+    @staticmethod
+    def _magnitudes(p: torch.Tensor, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g, ‖V‖_row): the stored ones, or at the first step ‖W‖_row for both (1 for a zero row's ‖V‖)."""
+        if "wn_g" in state:
+            return state["wn_g"], state["wn_nu"]
+        norms = torch.linalg.vector_norm(upcast(p), dim=1)
+        return norms, torch.where(norms > 0, norms, torch.ones_like(norms))
 
     def projection_source(self, p, grad, state, group) -> torch.Tensor:
-        self._wn_state(p, state)
-        return weight_norm_grads(p, grad, state["wn_g"], state["wn_nu"])[1].to(grad.dtype)
+        return weight_norm_grads(p, grad, *self._magnitudes(p, state))[1].to(grad.dtype)
 
     def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                projector: Projector | None) -> None:
         if projector is None:
             return super().update(p, grad, state, group, None)  # plain AdamW
-        self._wn_state(p, state)
-        g, nu = state["wn_g"], state["wn_nu"]
-        grad_g, grad_v, h = weight_norm_grads(p, grad, g, nu)
-        R = projector.project(grad_v.to(grad.dtype))
+        g, nu = self._magnitudes(p, state)
+        grad_g, grad_v, steepest = weight_norm_grads(p, grad, g, nu)
+        R = self.project(projector, grad_v.to(grad.dtype))  # (a non-finite R skips the parameter here)
+        if "wn_g" not in state:
+            state["wn_g"], state["wn_nu"] = g, nu
+            state["wn_g_exp_avg"], state["wn_g_exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
         state["step"] += 1
         N, step_size = self.direction(R, state, group)  # ρ: Adam (or 8-bit Adam) on the projected ∇V
-        V = h * nu[:, None] - step_size * upcast(projector.project_back(N))
+        zero = g == 0
+        V = upcast(p) * (nu / torch.where(zero, torch.ones_like(g), g))[:, None]  # V = ν ĥ = (ν/g) W
+        if steepest is not None:
+            V[zero] = nu[zero][:, None] * steepest
+        if V.dtype == N.dtype:
+            projector.add_back(V, N, alpha=-step_size)  # V ← V − η_t α back(N), one GEMM into V
+        else:  # 16-bit moments, fp32 direction
+            V.sub_(upcast(projector.project_back(N)), alpha=step_size)
         beta1, beta2 = group["betas"]
         state["wn_g_exp_avg"].mul_(beta1).add_(grad_g, alpha=1.0 - beta1)
         state["wn_g_exp_avg_sq"].mul_(beta2).addcmul_(grad_g, grad_g, value=1.0 - beta2)
@@ -79,7 +99,10 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         apply_update(g, N_g, g_step_size, group)  # g ← g − η_t Adam(∇g), decoupled decay on g
         nu.copy_(torch.linalg.vector_norm(V, dim=1))
         row = torch.where(nu > 0, g / nu.clamp_min(torch.finfo(nu.dtype).tiny), torch.zeros_like(g))
-        p.copy_(row[:, None] * V)
+        if V.dtype == p.dtype:
+            torch.mul(V, row[:, None], out=p)  # W = g ⊙ V/‖V‖
+        else:
+            p.copy_(V.mul_(row[:, None]))
 
 
 class GradNormLoRPAdamW8bit(GradNormLoRPAdamW, GaLoreAdamW8bit):

@@ -29,13 +29,16 @@ def woodbury_inverse_fisher(g: torch.Tensor, history: torch.Tensor, damping: flo
     H = history.to(dtype)  # s x d; G in the formula is H^T
     gf = g.to(dtype)
     s = H.shape[0]
-    S = torch.eye(s, dtype=H.dtype, device=H.device) + (H @ H.t()) / damping
-    y = H @ gf
+    # the s x s system in float64: with λ small and nearly equal history rows, I + H Hᵀ/λ has a condition number
+    # far beyond fp32's (Cholesky and solve fail there), while it is SPD and cheap to solve in float64
+    S = torch.eye(s, dtype=torch.float64, device=H.device) + (H @ H.t()).double() / damping
+    y = (H @ gf).double()
     L, info = torch.linalg.cholesky_ex(S)
     if int(info) == 0:
         z = torch.cholesky_solve(y.unsqueeze(1), L).squeeze(1)
-    else:  # S is SPD in exact arithmetic; fall back to a general solve if rounding broke that
-        z = torch.linalg.solve(S, y)
+    else:  # SPD in exact arithmetic; least squares if rounding still broke that
+        z = torch.linalg.lstsq(S, y.unsqueeze(1)).solution.squeeze(1)
+    z = z.to(dtype)
     return (gf / damping - (H.t() @ z) / damping**2).to(g.dtype)
 
 

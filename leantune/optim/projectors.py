@@ -293,6 +293,7 @@ class RandomProjector(Projector):
         return "proj_seed" in self.state
 
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
+        self._P = None
         right = self.is_right(grad.shape)
         self.state["proj_seed"] = next_seed(self.state["proj_seed"]) if self.initialized else int(self.seed)
         self.state["proj_right"] = right
@@ -301,6 +302,11 @@ class RandomProjector(Projector):
         return True
 
     def matrix(self) -> torch.Tensor:
+        if getattr(self, "_P", None) is None:  # a projector object lives for one step: draw P once per step
+            self._P = self._draw()
+        return self._P
+
+    def _draw(self) -> torch.Tensor:
         ref, d = self.state["proj_dtype_ref"], self.state["proj_dim"]
         shape = (self.rank, d) if self.state["proj_right"] else (d, self.rank)
         gen = torch.Generator(device=ref.device).manual_seed(self.state["proj_seed"])

@@ -118,3 +118,18 @@ def test_target_modules_selection_and_errors():
     assert any(p is model.norm.weight for _, p in no_decay) and any(p is model.up.bias for _, p in no_decay)
     with pytest.raises(ValueError, match="matched no trainable 2-D linear weight.*up"):
         make_param_groups(model, target_modules=["q_proj"])
+
+
+def test_woodbury_survives_nearly_equal_history_rows():
+    """Equal gradients with a large norm and λ = 1e-3 make I + H Hᵀ/λ ill-conditioned beyond fp32 (Cholesky and solve
+    failed there, raising mid-training); the s x s system is solved in float64 and matches the direct formula."""
+    torch.manual_seed(0)
+    g = torch.randn(50_000) * 3
+    history = g.repeat(4, 1)
+    out = woodbury_inverse_fisher(g, history, 1e-3)
+    direct = torch.linalg.solve(1e-3 * torch.eye(4, dtype=torch.float64) + history.double() @ history.double().T,
+                                history.double() @ g.double())  # (λI + H Hᵀ)⁻¹ H g, then F⁻¹ g = (g − Hᵀ ·)/λ
+    expected = (g.double() - history.double().T @ direct) / 1e-3
+    assert torch.isfinite(out).all()
+    # g lies in the span of H, so F⁻¹g is g/λ minus a nearly equal term: fp32 keeps it to ~1e-7 of the terms' size
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6 * g.abs().max().item() / 1e-3)
