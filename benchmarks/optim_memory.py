@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from leantune.optim import (FiraAdamW, GaLoreAdamW, GaLoreAdamW8bit, NaturalGaLoreAdamW, optimizer_state_bytes,
+from leantune.optim import (APOLLOAdamW, APOLLOMini, CondaAdamW, FiraAdamW, GaLoreAdamW, GaLoreAdamW8bit,
+                            GradNormLoRPAdamW, GradNormLoRPAdamW8bit, NaturalGaLoreAdamW, optimizer_state_bytes,
                             storage_bytes)
 from leantune.optim.state_bytes import _tensors
 
@@ -65,6 +66,21 @@ def build(method: str, ps: list[nn.Parameter], rank: int):
         return NaturalGaLoreAdamW(low, lr=1e-3, history_size=4)
     if method == "DCT":
         return GaLoreAdamW([{**low[0], "projector": "dct", "scale": 1.0}], lr=1e-3)
+    if method == "APOLLO":
+        return APOLLOAdamW([{**low[0], "scale": 1.0}], lr=1e-3)
+    if method == "APOLLO-Mini":
+        return APOLLOMini([{"params": ps, "rank": 1}], lr=1e-3)
+    if method == "apollo-torch 1.0.3 (Mini)":
+        import apollo_torch
+
+        return apollo_torch.APOLLOAdamW([{"params": ps, "rank": 1, "proj": "random", "scale_type": "tensor",
+                                          "scale": 128.0, "update_proj_gap": 200, "proj_type": "std"}], lr=1e-3)
+    if method == "Conda":
+        return CondaAdamW([{"params": ps, "rank": None}], lr=1e-3)
+    if method == "GradNormLoRP":
+        return GradNormLoRPAdamW(low, lr=1e-3)
+    if method == "8-bit GradNormLoRP":
+        return GradNormLoRPAdamW8bit(low, lr=1e-3)
     raise ValueError(method)
 
 
@@ -75,9 +91,11 @@ def state_bytes(opt) -> int:
 
 
 def formula_bytes(method: str, d: int, f: int, r: int) -> float:
-    """Paper formulas (elements x bytes) for one layer: Adam 2mn; GaLore mr + 2nr (m <= n); 8-bit: 2nr (1+4/256)."""
+    """Paper formulas (elements x bytes) for one layer: Adam 2mn; GaLore mr + 2nr (m <= n); 8-bit: 2nr (1+4/256);
+    APOLLO 2nr + 2 and APOLLO-Mini 2n + 2 (P regenerated from its seed, paper accounting); apollo-torch keeps P:
+    2n + m + 1; Conda 2mn + m²; GradNormLoRP GaLore + 4 per output row (g, ‖V‖ and g's two moments)."""
     total = 0.0
-    for m, n in [(d, d)] * 4 + [(d, f)] * 3:  # m = min side, n = max side
+    for (m, n), out in zip([(d, d)] * 4 + [(d, f)] * 3, [d] * 4 + [f, f, d]):  # m = min side, n = max side
         if method in ("AdamW",):
             total += 2 * m * n * 4
         elif method == "8-bit AdamW":
@@ -90,10 +108,23 @@ def formula_bytes(method: str, d: int, f: int, r: int) -> float:
             total += (m * r + 2 * n * r + 4 * n * r) * 4
         elif method == "DCT":
             total += 2 * n * r * 4 + r * 4
+        elif method == "APOLLO":
+            total += (2 * n * r + 2) * 4
+        elif method == "APOLLO-Mini":
+            total += (2 * n + 2) * 4
+        elif method == "apollo-torch 1.0.3 (Mini)":
+            total += (2 * n + m + 1) * 4
+        elif method == "Conda":
+            total += (2 * m * n + m * m) * 4
+        elif method == "GradNormLoRP":
+            total += (m * r + 2 * n * r + 4 * out) * 4
+        elif method == "8-bit GradNormLoRP":
+            total += m * r * 4 + 2 * n * r * (1 + 4 / 256) + 4 * out * 4
     return total
 
 
-METHODS = ["AdamW", "8-bit AdamW", "galore-torch 1.0", "GaLore", "8-bit GaLore", "Fira", "Natural GaLore (s=4)", "DCT"]
+METHODS = ["AdamW", "8-bit AdamW", "galore-torch 1.0", "GaLore", "8-bit GaLore", "Fira", "Natural GaLore (s=4)", "DCT",
+           "APOLLO", "APOLLO-Mini", "apollo-torch 1.0.3 (Mini)", "Conda", "GradNormLoRP", "8-bit GradNormLoRP"]
 
 
 def gradient_peak(layerwise: bool) -> tuple[int, int]:

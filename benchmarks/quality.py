@@ -1,7 +1,10 @@
-"""Quality benchmark: fine-tune the real pretrained MiniLM on the shipped sentiment set with every method.
+"""Quality benchmark: fine-tune the real pretrained MiniLM on real text with every method.
 
-Methods: head only, full fine-tuning, peft LoRA, and every leantune adapter (LoRA-XS, LoRA-SB, ALLoRA,
-DyLoRA, NOLA, Compacter, Compacter++). Same data, same number of steps and batch for all; a small
+Data (``--data``): ``shakespeare`` (default) — which kind of play (First Folio: comedy / history / tragedy) a speech
+comes from, Shakespeare's public-domain texts (``make bench-deps``), split inside each play by position
+(``recipes/common.py::load_shakespeare_genre``); ``sentiment`` — the shipped generated 2-way set (saturates near 100%).
+Methods: head only, full fine-tuning, peft LoRA (also with LoRA-GGPO), and every leantune adapter (LoRA-XS,
+LoRA-SB, ALLoRA, DyLoRA, NOLA, Compacter, Compacter++). Same data, same number of steps and batch for all; a small
 learning-rate sweep per method picked on a validation split carved from train (mean over seeds), test
 accuracy reported for the chosen rate as mean ± std over the seeds. The classifier head trains in every
 method (peft ``task_type="SEQ_CLS"`` puts it in ``modules_to_save``; checked for every run).
@@ -31,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
-from recipes.common import load_minilm_classifier, load_sentiment  # noqa: E402
+from recipes.common import load_minilm_classifier, load_sentiment, load_shakespeare_genre  # noqa: E402
 
 LINEAR_TARGETS = ["query", "key", "value", "dense"]  # every Linear of the encoder (and the pooler)
 
@@ -46,6 +49,8 @@ def _peft_configs() -> dict[str, Callable[[], Any]]:
     t = dict(task_type="SEQ_CLS")
     return {
         "LoRA r=8 (peft)": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LINEAR_TARGETS, lora_dropout=0.0, **t),
+        "LoRA r=8 + GGPO (peft)": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LINEAR_TARGETS,
+                                                     lora_dropout=0.0, **t),
         "LoRA r=1 (peft)": lambda: LoraConfig(r=1, lora_alpha=2, target_modules=LINEAR_TARGETS, lora_dropout=0.0, **t),
         "LoRA-XS r=16": lambda: LoraXSConfig(r=16, lora_alpha=16, target_modules=LINEAR_TARGETS, **t),
         "LoRA-SB r=16": lambda: LoraSBConfig(r=16, target_modules=LINEAR_TARGETS, **t),
@@ -64,6 +69,7 @@ LR_GRID = {  # first entry: the rate used with --one-lr (our best guess for shor
     "head only": [1e-2, 3e-3],
     "full fine-tuning": [1e-4, 3e-5],
     "LoRA r=8 (peft)": [2e-3, 5e-4],
+    "LoRA r=8 + GGPO (peft)": [2e-3, 5e-4],
     "LoRA r=1 (peft)": [4e-3, 1e-3],
     "LoRA-XS r=16": [1e-2, 3e-2],
     "LoRA-SB r=16": [2e-3, 1e-2],
@@ -76,9 +82,13 @@ LR_GRID = {  # first entry: the rate used with --one-lr (our best guess for shor
 }
 
 
+NUM_LABELS = {"sentiment": 2, "shakespeare": 3}
+DATA = {"name": "shakespeare"}  # set by main(); build() reads the label count from it
+
+
 def build(method: str, seed: int, batches: list[dict], lr: float, warmup: int) -> torch.nn.Module:
     """The model for ``method`` with exactly the parameters that method trains set trainable."""
-    model, _ = load_minilm_classifier(num_labels=2, seed=seed)
+    model, _ = load_minilm_classifier(num_labels=NUM_LABELS[DATA["name"]], seed=seed)
     if method == "head only":
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier."))
@@ -154,7 +164,7 @@ def trim(batch: dict) -> dict:
     return {k: (v[:, :length] if v.dim() == 2 else v) for k, v in batch.items()}
 
 
-def run_one(method: str, lr: float, seed: int, data: dict, args: argparse.Namespace) -> dict:
+def run_one(method: str, lr: float, seed: int, data: dict, args: argparse.Namespace, keep_model: bool = False) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
     train = data["train"]
@@ -173,16 +183,25 @@ def run_one(method: str, lr: float, seed: int, data: dict, args: argparse.Namesp
     activation_bytes = saved_activation_bytes(model, batches[0])
     trainable_bytes = sum(p.numel() * p.element_size() for p in params)
     param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    ggpo = None
+    if "GGPO" in method:
+        from leantune.adapters.ggpo import GGPO
+
+        ggpo = GGPO(model, seed=seed)
     start = time.perf_counter()
     losses = []
     for batch in batches:
         loss = model(**batch).loss
         loss.backward()
+        if ggpo is not None:
+            ggpo.after_backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     wall = time.perf_counter() - start
+    if ggpo is not None:
+        ggpo.remove()
     return {
         "method": method,
         "lr": lr,
@@ -195,12 +214,18 @@ def run_one(method: str, lr: float, seed: int, data: dict, args: argparse.Namesp
         "wall_s": wall,
         # params + grads + AdamW state (2×) of the trainable tensors + activations saved for backward
         "train_mem_bytes": param_bytes + 3 * trainable_bytes + activation_bytes,
+        **({"model": model} if keep_model else {}),
     }
 
 
 def load_data(args: argparse.Namespace) -> dict:
+    columns = ["input_ids", "attention_mask", "labels"]
     _, tokenizer = load_minilm_classifier(num_labels=2, seed=0)
-    ds = load_sentiment(tokenizer, max_length=32).with_format("torch", columns=["input_ids", "attention_mask", "labels"])
+    if DATA["name"] == "shakespeare":
+        ds = load_shakespeare_genre(tokenizer, max_length=64, train_size=args.train_size,
+                                    eval_size=args.test_size or 1500).with_format("torch", columns=columns)
+        return {"train": ds["train"], "val": ds["val"], "test": ds["test"]}
+    ds = load_sentiment(tokenizer, max_length=32).with_format("torch", columns=columns)
     split = ds["train"].train_test_split(test_size=args.val_size, seed=1234)
     test = ds["test"] if args.test_size is None else ds["test"].select(range(args.test_size))
     return {"train": split["train"], "val": split["test"], "test": test}
@@ -254,6 +279,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+DATA_TITLES = {"sentiment": "the shipped sentiment set (2-way)",
+               "shakespeare": "Shakespeare speeches → First Folio genre (3-way, real text)"}
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -270,7 +299,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (adapter + LayerNorm + classifier head), log scale")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("MiniLM-L6 on the shipped sentiment set")
+    ax.set_title("MiniLM-L6: " + DATA_TITLES[DATA["name"]])
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -282,6 +311,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--methods", nargs="+", default=None, help="subset of methods (default: all)")
+    parser.add_argument("--data", choices=list(NUM_LABELS), default="shakespeare",
+                        help="shakespeare: real text, 3 genres (default); sentiment: the shipped 2-way set")
+    parser.add_argument("--train-size", type=int, default=6000, help="training speeches (shakespeare)")
     parser.add_argument("--val-size", type=int, default=300)
     parser.add_argument("--test-size", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
@@ -291,6 +323,7 @@ def main() -> None:
     parser.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    DATA["name"] = args.data
     if args.quick:
         args.steps, args.seeds, args.one_lr, args.tag = 3, [0], True, f"{args.tag}_quick"
         args.val_size, args.test_size = 32, 64
@@ -302,7 +335,8 @@ def main() -> None:
         raise SystemExit(f"Unknown methods {unknown}; choose from {list(LR_GRID)}.")
     RESULTS.mkdir(parents=True, exist_ok=True)
     cache_path = RESULTS / f"{args.tag}_runs.json"
-    setting = {"steps": args.steps, "batch": args.batch, "val_size": args.val_size, "test_size": args.test_size}
+    setting = {"steps": args.steps, "batch": args.batch, "val_size": args.val_size, "test_size": args.test_size,
+               "data": args.data, "train_size": args.train_size}
     cache = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
     if cache.get("setting") != setting:
         cache = {"setting": setting, "runs": {}}
@@ -330,9 +364,10 @@ def write_report(cache: dict, jobs: list, methods: list[str], data: dict, args: 
     done = f"{len(runs)} of {len(jobs)} runs finished." if len(runs) < len(jobs) else "All runs finished."
     (RESULTS / f"{args.tag}.md").write_text(
         f"# Quality benchmark\n\nCommand: `{command.strip()}`\n\n"
-        f"MiniLM-L6 (all-MiniLM-L6-v2, pretrained) + new 2-way head, shipped sentiment data: "
+        f"MiniLM-L6 (all-MiniLM-L6-v2, pretrained) + new head, {DATA_TITLES[args.data]}: "
         f"{len(data['train'])} train / {len(data['val'])} validation (carved from train) / {len(data['test'])} test; "
-        f"{args.steps} AdamW steps, batch {args.batch}, sequence length ≤ 32, linear schedule with 6% warmup, "
+        f"{args.steps} AdamW steps, batch {args.batch}, sequence length ≤ {64 if args.data == 'shakespeare' else 32}, "
+        f"linear schedule with 6% warmup, "
         f"seeds {args.seeds}. Learning rate chosen per method by mean validation accuracy; test accuracy of that lr. "
         f"{done}\n\n{table}\n\n![accuracy vs trainable parameters]({args.tag}.png)\n"
     )

@@ -19,6 +19,8 @@ from .adapters import (
     DyLoRAConfig,
     LoraSBConfig,
     LoraXSConfig,
+    LostConfig,
+    SLTrainConfig,
     NolaConfig,
     count_trainable,
     estimate_first_step,
@@ -27,10 +29,13 @@ from .adapters import (
 from .integrations.callback import LeanTuneCallback
 from .integrations.checkpoints import LeanTuneError, load_adapter, save_adapter
 from .integrations.interop import export_to_lora, inspect_adapter, merge_to_directory
+from .compress import compress_adapter, decompress_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "compress_adapter",
+    "decompress_adapter",
     "ALLoRAConfig",
     "BottleneckConfig",
     "CompacterConfig",
@@ -42,6 +47,8 @@ __all__ = [
     "LeanTuneError",
     "LoraSBConfig",
     "LoraXSConfig",
+    "LostConfig",
+    "SLTrainConfig",
     "estimate_first_step",
     "export_to_lora",
     "get_lora_sb_model",

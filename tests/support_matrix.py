@@ -27,7 +27,7 @@ import transformers as T
 
 FACTORS: dict[str, list[str]] = {
     "adapter": ["peft LoRA", "LoRA-XS", "LoRA-SB", "ALLoRA", "DyLoRA", "NOLA", "Bottleneck", "Compacter",
-                "Compacter++"],
+                "Compacter++", "SLTrain", "LOST"],
     "memory": ["off", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "all"],
     "kernels": ["off", "on"],
     "optimizer": ["adamw", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "fira_adamw",
@@ -40,6 +40,7 @@ FACTORS: dict[str, list[str]] = {
 MERGEABLE = {"peft LoRA", "LoRA-XS", "LoRA-SB", "ALLoRA", "DyLoRA", "NOLA"}
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
 LR = {"LoRA-XS": 3e-2, "NOLA": 3e-2}  # r² / k + l parameters move slowly; the rest (LoRA-SB starts moved) 1e-2
+OPTIMIZER_LR = {"apollo_mini": 0.1}  # APOLLO-Mini multiplies the step by √128 ≈ 11 (its recipe's lr is that much lower)
 
 
 @dataclass
@@ -149,6 +150,10 @@ def adapter_config(name: str, arch: str):
         return leantune.DyLoRAConfig(**low)
     if name == "NOLA":
         return leantune.NolaConfig(num_basis_A=16, num_basis_B=16, **low)
+    if name == "SLTrain":
+        return leantune.SLTrainConfig(sparsity=0.1, lora_alpha=8, **low)
+    if name == "LOST":
+        return leantune.LostConfig(channel_ratio=0.25, **low)
     bottleneck = dict(reduction_factor=8, task_type=task)
     if name == "Bottleneck":
         return leantune.BottleneckConfig(placement="houlsby", **bottleneck)
@@ -187,7 +192,8 @@ def make_trainer(cell: Cell, out: Path) -> T.Trainer:
     import leantune
 
     args = T.TrainingArguments(
-        output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=LR.get(cell.adapter, 1e-2),
+        output_dir=str(out), max_steps=4, per_device_train_batch_size=4,
+        learning_rate=LR.get(cell.adapter, 1e-2) * OPTIMIZER_LR.get(cell.optimizer, 1.0),
         lr_scheduler_type="constant", save_strategy="steps", save_steps=2, logging_steps=1, report_to=[],
         use_cpu=True, disable_tqdm=True, seed=0, data_seed=0, max_grad_norm=1.0,
     )

@@ -22,6 +22,7 @@ from .lora_xs import LoraXSConfig, LoraXSModel
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
 from .nola import NolaConfig, NolaModel
 from .registration import LeanTuneType
+from .sparse_lowrank import LostConfig, LostModel, SLTrainConfig, SLTrainModel
 
 __all__ = [
     "ALLoRAConfig",
@@ -43,6 +44,10 @@ __all__ = [
     "LowRankConfig",
     "LowRankLayer",
     "LowRankModel",
+    "LostConfig",
+    "LostModel",
+    "SLTrainConfig",
+    "SLTrainModel",
     "estimate_first_step",
     "get_lora_sb_model",
 ]

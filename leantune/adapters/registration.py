@@ -42,6 +42,8 @@ class LeanTuneType(str, enum.Enum):
     NOLA = "NOLA"
     BOTTLENECK = "BOTTLENECK"
     COMPACTER = "COMPACTER"
+    SLTRAIN = "SLTRAIN"
+    LOST = "LOST"
 
 
 def register_tuner(peft_type: LeanTuneType, config_cls: type, model_cls: type) -> None:

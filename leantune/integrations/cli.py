@@ -3,6 +3,8 @@
     leantune merge   --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR   -> leantune.merge_to_directory
     leantune export  ADAPTER_DIR --to lora OUT_DIR [--base MODEL_DIR]     -> leantune.export_to_lora
     leantune inspect ADAPTER_DIR [--json]                                  -> leantune.inspect_adapter
+    leantune compress ADAPTER_DIR OUT_DIR --density 0.1 [--scale auto]     -> leantune.compress_adapter
+    leantune compress --full BASE_DIR TUNED_DIR OUT_DIR --density 0.1      -> leantune.compress.compress_full
     leantune profile ...                                                   -> leantune.memory.profile
 
 User errors (bad paths, wrong files, mismatched bases) print one line ``leantune: error: …`` and exit 2.
@@ -31,6 +33,15 @@ def _print_inspect(info: dict) -> None:
         ("frozen adapter parameters", f"{info['frozen_adapter_parameters']:,}"),
         ("modules_to_save parameters", f"{info['modules_to_save_parameters']:,}"),
     ]
+    packed = info.get("compression")
+    if packed:
+        rows += [
+            ("ComPEFT", f"density {packed['density']}, scale {packed['alpha']}, {packed['scope']} scope, "
+                        f"{packed['encoding']} positions"),
+            ("compressed update", f"{packed['original_bytes'] / 2**20:.3f} MiB -> {packed['stored_bytes'] / 2**20:.3f} "
+                                  f"MiB ({packed['ratio']:.1f}x; {packed['ratio_vs_fp16']:.1f}x vs fp16)"),
+            ("kept exactly", f"{len(packed['kept_tensors'])} tensors, {packed['kept_bytes'] / 2**20:.3f} MiB"),
+        ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -56,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="print method, targets, ranks and parameter counts of an adapter")
     inspect.add_argument("adapter", help="adapter folder")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    compress = sub.add_parser("compress", help="ComPEFT: sparsify + ternarize an adapter (or a full fine-tuning delta)")
+    compress.add_argument("paths", nargs="+", metavar="DIR",
+                          help="ADAPTER_DIR OUT_DIR, or OUT_DIR alone with --full BASE_DIR TUNED_DIR")
+    compress.add_argument("--full", nargs=2, metavar=("BASE_DIR", "TUNED_DIR"), help="compress tuned - base")
+    compress.add_argument("--density", type=float, default=0.1, help="fraction of entries kept (default 0.1)")
+    compress.add_argument("--scale", default="auto", help="alpha: a number, or 'auto' (default)")
+    compress.add_argument("--scope", choices=["tensor", "global"], default="tensor")
+    compress.add_argument("--encoding", choices=["golomb", "bitmask"], default="golomb")
+    compress.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
     try:
         from leantune.memory.cli import add_profile_subcommand
@@ -84,6 +105,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(json.dumps(info, indent=2, default=str))
             else:
                 _print_inspect(info)
+        elif args.command == "compress":
+            from leantune.compress import compress_adapter, compress_full
+
+            try:
+                alpha = args.scale if args.scale == "auto" else float(args.scale)
+            except ValueError:
+                raise LeanTuneError(f"--scale must be 'auto' or a number, got {args.scale!r}") from None
+            options = dict(density=args.density, alpha=alpha, scope=args.scope, encoding=args.encoding,
+                           overwrite=args.overwrite)
+            if args.full:
+                if len(args.paths) != 1:
+                    raise LeanTuneError("with --full BASE_DIR TUNED_DIR give one OUT_DIR")
+                info = compress_full(*args.full, args.paths[0], **options)
+            else:
+                if len(args.paths) != 2:
+                    raise LeanTuneError("give ADAPTER_DIR OUT_DIR (or --full BASE_DIR TUNED_DIR OUT_DIR)")
+                info = compress_adapter(*args.paths, **options)
+            print(f"compressed {info['compressed_elements']:,} numbers to {info['stored_bytes'] / 2**20:.3f} MiB "
+                  f"({info['ratio']:.1f}x; {info['ratio_vs_fp16']:.1f}x vs fp16), kept {len(info['kept_tensors'])} "
+                  f"tensors exactly; written to {args.paths[-1]}")
         elif hasattr(args, "func"):  # subcommands registered by other packages (leantune profile)
             return int(args.func(args) or 0)
     except LeanTuneError as err:

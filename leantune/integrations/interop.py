@@ -278,4 +278,11 @@ def inspect_adapter(adapter_dir: str | os.PathLike) -> dict[str, Any]:
         "frozen_adapter_parameters": frozen,
         "modules_to_save_parameters": head,
         "config": {k: v for k, v in config.to_dict().items() if v not in (None, {}, [], "")},
+        "compression": _compression(adapter_dir),
     }
+
+
+def _compression(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
+    from leantune.compress import compression_info
+
+    return compression_info(adapter_dir)

@@ -141,6 +141,6 @@ class GaLoreAdafactor(LowRankOptimizer):
             update = projector.project_back(update)
         if group["weight_decay"] != 0:
             p32.add_(p32, alpha=-group["weight_decay"] * eta)
-        p32.add_(-update)
+        p32.sub_(update)  # = add_(-update) bit for bit, without the negated copy
         if p32 is not p:
             p.copy_(p32)
