@@ -61,7 +61,9 @@ def prepare(name: str, dtype_name: str, variant: str):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     model, batch = build(name, dtype)
     if variant == "grad_ckpt":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from leantune.memory import enable_checkpointing
+
+        enable_checkpointing(model)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"),
                            autocast_adapter_dtype=False)
     model.train()

@@ -5,6 +5,7 @@
     leantune inspect ADAPTER_DIR [--json]                                  -> leantune.inspect_adapter
     leantune compress ADAPTER_DIR OUT_DIR --density 0.1 [--scale auto]     -> leantune.compress_adapter
     leantune compress --full BASE_DIR TUNED_DIR OUT_DIR --density 0.1      -> leantune.compress.compress_full
+    leantune plan MODEL [--seq --batch --adapter --optimizer --memory --quant --gpu --search]  -> leantune.plan
     leantune profile ...                                                   -> leantune.memory.profile
 
 User errors (bad paths, wrong files, mismatched bases) print one line ``leantune: error: …`` and exit 2.
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--encoding", choices=["golomb", "bitmask"], default="golomb")
     compress.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
+    from leantune.plan.cli import add_plan_subcommand
+
+    add_plan_subcommand(sub)
     try:
         from leantune.memory.cli import add_profile_subcommand
     except ImportError:  # the memory package is optional for the other subcommands

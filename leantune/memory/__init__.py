@@ -23,10 +23,11 @@ from leantune.kernels.velora import VeLoRAFunction, VeLoRAProjection
 from leantune.patching.folding import save_unfolded_adapter, unfold_delta
 
 from .config import MemoryConfig
-from .patching import SUPPORTED_MODEL_TYPES, MemoryHandle, SharingWarning, apply, restore
+from .patching import SUPPORTED_MODEL_TYPES, MemoryHandle, SharingWarning, apply, enable_checkpointing, restore
 from .profiler import CATEGORIES, MemoryProfile, profile
 
 __all__ = [
+    "enable_checkpointing",
     "ApproxActivation", "ApproxActivationFunction", "CATEGORIES", "GatedMLPFunction", "GatedMLPSpec", "MSNormFunction",
     "MemoryConfig", "MemoryHandle", "MemoryProfile", "SUPPORTED_MODEL_TYPES", "SharingWarning", "VeLoRAFunction",
     "VeLoRAProjection", "apply", "fused_gated_mlp", "ms_layernorm", "ms_norm", "ms_norm_affine", "ms_rmsnorm",

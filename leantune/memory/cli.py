@@ -85,7 +85,9 @@ def make_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict:
 def _prepare(args: argparse.Namespace, config: MemoryConfig | None) -> nn.Module:
     model = load_model(args.model, DTYPES[args.dtype])
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from leantune.memory import enable_checkpointing
+
+        enable_checkpointing(model)
     if args.lora_rank > 0:
         from peft import LoraConfig, get_peft_model
 

@@ -96,6 +96,15 @@ def apply(model: nn.Module, config: MemoryConfig | None = None) -> MemoryHandle:
     return handle
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing (the mode folded norms need), through transformers' current API
+    (``activation_checkpointing_enable``; ``gradient_checkpointing_enable`` before transformers 5.x)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def reentrant_checkpointing(model: nn.Module) -> bool:
     """Whether some module of ``model`` runs transformers' gradient checkpointing in reentrant mode."""
     for module in model.modules():

@@ -75,6 +75,11 @@ class FoldRecord:
     created_bias: bool
 
 
+def _host(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """A CPU copy of ``t`` for the record; meta tensors (``leantune plan`` builds models on meta) stay meta."""
+    return t.detach() if t.is_meta else t.detach().to("cpu", copy=copy)
+
+
 def fold_into_linear(name: str, module: nn.Module, gamma: torch.Tensor, beta: torch.Tensor | None,
                      keep_original: bool = True) -> FoldRecord:
     """Replace ``W, b`` of ``module``'s base layer by ``W diag(γ), b + W β`` (float64 math, cast back)."""
@@ -86,13 +91,13 @@ def fold_into_linear(name: str, module: nn.Module, gamma: torch.Tensor, beta: to
     new_w = g[:, None] * w64 if conv else w64 * g[None, :]
     old_bias = layer.bias
     new_b = None
-    if bt is not None and bool(bt.any()):
+    if bt is not None and (bt.is_meta or bool(bt.any())):  # meta (leantune plan): values unknown
         shift = bt @ w64 if conv else w64 @ bt
         new_b = shift if old_bias is None else old_bias.detach().to(torch.float64) + shift
     record = FoldRecord(
-        linear_name=name, gamma=gamma.detach().cpu(), beta=None if beta is None else beta.detach().cpu(),
-        original_weight=weight.detach().to("cpu", copy=True) if keep_original else None,
-        original_bias=None if old_bias is None or not keep_original else old_bias.detach().to("cpu", copy=True),
+        linear_name=name, gamma=_host(gamma), beta=None if beta is None else _host(beta),
+        original_weight=_host(weight, copy=True) if keep_original else None,
+        original_bias=None if old_bias is None or not keep_original else _host(old_bias, copy=True),
         created_bias=old_bias is None and new_b is not None,
     )
     with torch.no_grad():

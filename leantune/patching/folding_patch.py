@@ -34,8 +34,9 @@ from .state import rebind
 
 
 def _tied(model: nn.Module, weight: torch.Tensor) -> bool:
-    ptr = weight.untyped_storage().data_ptr()
-    return sum(p.untyped_storage().data_ptr() == ptr for _, p in model.named_parameters(remove_duplicate=False)) > 1
+    # storage identity, not data_ptr: every meta tensor (leantune plan) has data_ptr 0
+    key = weight.untyped_storage()._cdata
+    return sum(p.untyped_storage()._cdata == key for _, p in model.named_parameters(remove_duplicate=False)) > 1
 
 
 def _adapter_reason(name: str, consumer: nn.Module, beta_nonzero: bool) -> str:
@@ -75,11 +76,12 @@ def fold_check(state, site) -> str:
     if norm.weight.requires_grad or (getattr(norm, "bias", None) is not None and norm.bias.requires_grad):
         return "norm is trainable, cannot fold its affine; left unchanged"
     gamma, beta = norm_affine(norm, site.kind)
-    if bool((gamma.abs() < GAMMA_TOLERANCE).any()):
+    # On the meta device (leantune plan) values are unknown: assume γ invertible and β possibly nonzero.
+    if not gamma.is_meta and bool((gamma.abs() < GAMMA_TOLERANCE).any()):
         return f"some |γ| < {GAMMA_TOLERANCE}; folding would not be invertible; skipped"
     if site.is_final and not config.fold_final_norm:
         return "final norm not folded (fold_final_norm=False)"
-    beta_nonzero = beta is not None and bool(beta.any())
+    beta_nonzero = beta is not None and (beta.is_meta or bool(beta.any()))
     for cname, consumer in site.consumers:
         layer = base_layer(consumer)
         if not (type(layer) is nn.Linear or is_conv1d(layer)):
@@ -173,7 +175,8 @@ def _live_affine(applied, norm: nn.Module, kind: str) -> tuple[torch.Tensor, tor
         applied.undo.append(lambda: norm._buffers.pop("leantune_gamma", None))
         gamma = norm.leantune_gamma
     beta = getattr(norm, "bias", None)
-    return gamma, (beta.detach() if beta is not None and bool(beta.detach().any()) else None)
+    keep_beta = beta is not None and (beta.is_meta or bool(beta.detach().any()))  # meta: values unknown, keep
+    return gamma, (beta.detach() if keep_beta else None)
 
 
 def patch_norm_folded(state, applied, site) -> bool:
@@ -197,7 +200,7 @@ def patch_norm_folded(state, applied, site) -> bool:
     last = {"public": None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x.device.type) and torch.is_grad_enabled():
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type) and torch.is_grad_enabled():
             state.warn_once(name, "autocast", f"leantune.memory: autocast is on around {name}: the next linear "
                             "saves its cast copy, so the norm output is not shared (consider running the model "
                             "in the autocast dtype instead)")

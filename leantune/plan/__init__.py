@@ -1,0 +1,263 @@
+"""``leantune plan``: will a fine-tuning job fit, and with which stack? Predicted per GPU, with nothing allocated.
+
+The model is built from its config on the ``meta`` device, with the adapter, memory options and gradient
+checkpointing it will train with; then
+
+* weights: every parameter in its dtype, bitsandbytes 4/8-bit bases by their storage formula (``estimate.py``);
+* adapter parameters and gradients: the trainable tensors (per-layer updates: one parameter's gradient at a time);
+* optimizer state: each optimizer's layout (``estimate.py``; the same figure ``optimizer_state_bytes`` measures);
+* saved activations: one forward traced on ``meta`` (``trace.py``), as ``leantune.memory.profile`` measures a step;
+* peak: weights + optimizer state + the larger of (saved activations + the fp32 logits and their gradient) and
+  (all gradients + the optimizer step's temporaries), the two moments a step's memory is highest.
+
+With ``processes=N, fsdp=True`` weights, gradients and optimizer state are divided by N (FSDP shards them); saved
+activations are not. Validated against measurement on the CPU (``tests/plan/test_plan.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from leantune.plan.estimate import optimizer_state_bytes, weight_bytes
+from leantune.plan.presets import PRESETS, config_from
+from leantune.plan.trace import saved_bytes
+
+MEMORY_OPTIONS = ("none", "checkpointing", "leantune", "leantune+checkpointing")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+__all__ = ["MEMORY_OPTIONS", "PRESETS", "Plan", "plan", "parse_spec"]
+
+
+@dataclass
+class Plan:
+    """Predicted bytes per GPU of one training configuration; ``str()`` is a table, :meth:`to_json` the numbers."""
+
+    model: str
+    setting: dict[str, Any]
+    weights: int
+    quantized_weights: int
+    trainable_parameters: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    transient: int
+    peak: int
+    gpu_bytes: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_bytes is None else self.peak <= self.gpu_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "fits": self.fits}
+
+    def __str__(self) -> str:
+        gib = 2**30
+        rows = [("weights", self.weights), ("  of which quantized bases", self.quantized_weights),
+                ("gradients", self.gradients), ("optimizer state", self.optimizer_state),
+                ("saved activations", self.activations), ("logits + loss transient", self.transient),
+                ("peak", self.peak)]
+        out = [f"{self.model}: " + ", ".join(f"{k}={v}" for k, v in self.setting.items()),
+               f"trainable parameters: {self.trainable_parameters:,}", "", "| component | GiB |", "|---|---:|"]
+        out += [f"| {name} | {value / gib:.2f} |" for name, value in rows]
+        if self.gpu_bytes is not None:
+            verdict = "fits" if self.fits else "does NOT fit"
+            out.append(f"\n{verdict} in {self.gpu_bytes / 1e9:.0f} GB per GPU (peak {self.peak / 1e9:.1f} GB)")
+        out += [f"note: {n}" for n in self.notes]
+        return "\n".join(out)
+
+
+def parse_spec(spec: str | None) -> tuple[str | None, dict[str, Any]]:
+    """``"name:key=value,key=value"`` → ``(name, {key: value})`` with ints, floats, bools and lists (a|b) parsed."""
+    if spec is None or spec in ("", "none"):
+        return None, {}
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{spec!r}: options are key=value, got {item!r}")
+        options[key.strip()] = _value(value.strip())
+    return name.strip(), options
+
+
+def _value(text: str) -> Any:
+    if "|" in text:
+        return [_value(v) for v in text.split("|")]
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _adapter_config(name: str, options: dict[str, Any], task: str):
+    import peft
+
+    import leantune
+
+    configs = {"lora": peft.LoraConfig, "lora_xs": leantune.LoraXSConfig, "lora_sb": leantune.LoraSBConfig,
+               "allora": leantune.ALLoRAConfig, "dylora": leantune.DyLoRAConfig, "nola": leantune.NolaConfig,
+               "bottleneck": leantune.BottleneckConfig, "compacter": leantune.CompacterConfig,
+               "sltrain": leantune.SLTrainConfig, "lost": leantune.LostConfig}
+    if name not in configs:
+        raise ValueError(f"unknown adapter {name!r}; choose one of {sorted(configs)}")
+    options = {"target_modules": "all-linear", **options} if name not in ("bottleneck", "compacter") else options
+    if name == "lora":
+        options.setdefault("lora_dropout", 0.0)
+    return configs[name](task_type=task, **options)
+
+
+def build_model(config, dtype: torch.dtype, task: str, device: str = "meta"):
+    import transformers
+
+    auto = {"CAUSAL_LM": transformers.AutoModelForCausalLM, "SEQ_CLS": transformers.AutoModelForSequenceClassification}
+    with torch.device(device):
+        try:
+            return auto[task].from_config(config, dtype=dtype)
+        except ValueError as err:
+            raise ValueError(f"model type {config.model_type!r} has no {task} head in transformers "
+                             f"({str(err).splitlines()[0]})") from None
+
+
+def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16", adapter: str | None = None,
+         optimizer: str = "adamw", memory: str = "none", quant: str | None = None, gpu: str | float | None = None,
+         processes: int = 1, fsdp: bool = False, task: str | None = None, device: str = "cuda") -> Plan:
+    """Predict the memory of one training step (module docstring). ``adapter``/``optimizer``: ``name:key=value,…``
+    (``lora:r=16``, ``galore_adamw:rank=256,layerwise=true``); ``memory``: one of :data:`MEMORY_OPTIONS`;
+    ``quant``: None, "4bit" or "8bit" (needs an adapter: the base is frozen); ``gpu``: "24GB" or bytes;
+    ``device``: "cuda" (torch's AdamW steps all tensors at once there, with temporaries the size of all gradients)
+    or "cpu" (one tensor at a time)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if memory not in MEMORY_OPTIONS:
+        raise ValueError(f"memory must be one of {MEMORY_OPTIONS}, got {memory!r}")
+    if quant not in (None, "4bit", "8bit"):
+        raise ValueError(f"quant must be 4bit or 8bit, got {quant!r}")
+    if quant and adapter is None:
+        raise ValueError("a quantized base cannot be trained: give an adapter (e.g. lora:r=16) with --quant")
+    for name, value in (("seq", seq), ("batch", batch), ("processes", processes)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    net, config, task = prepare(model, dtype, adapter, memory, task)
+    optimizer_name, optimizer_options = parse_spec(optimizer)
+    notes = []
+    _check_possible(net, adapter, optimizer_name, optimizer_options, quant)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    weights, quantized = weight_bytes(net, quant)
+    grads = sum(p.numel() * p.element_size() for p in trainable)
+    layerwise = bool(optimizer_options.pop("layerwise", False))
+    if layerwise:
+        grads = max((p.numel() * p.element_size() for p in trainable), default=0)
+    state = _optimizer_state(net, optimizer_name or "adamw", optimizer_options, trainable)
+    ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
+    inputs = {"input_ids": ids, "labels": ids if task == "CAUSAL_LM" else torch.zeros(batch, dtype=torch.long,
+                                                                                      device="meta")}
+    activations = saved_bytes(net, inputs, device=device)
+    vocab = getattr(config, "vocab_size", 0) if task == "CAUSAL_LM" else 0
+    transient = 2 * batch * seq * vocab * 4  # the fp32 logits the loss upcasts, and their gradient
+    shard = processes if fsdp else 1
+    weights_s, grads_s, state_s = weights // shard, grads // shard, state // shard
+    largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+    step_temporaries = grads_s if optimizer_name in (None, "adamw") and device == "cuda" else largest
+    peak = weights_s + state_s + max(activations + transient + (grads_s if layerwise else 0),
+                                     (0 if layerwise else grads_s) + step_temporaries)
+    if processes > 1 and not fsdp:
+        notes.append("DDP keeps a full replica per GPU (and a gradient-bucket copy, not counted)")
+    setting = {"seq": seq, "batch": batch, "dtype": dtype, "adapter": adapter or "none (full fine-tuning)",
+               "optimizer": optimizer, "memory": memory, "quant": quant or "none", "processes": processes,
+               "fsdp": fsdp}
+    return Plan(str(model), setting, weights_s, quantized // shard, sum(p.numel() for p in trainable), grads_s,
+                state_s, activations, transient, peak, _gpu_bytes(gpu), notes)
+
+
+def prepare(model: str | dict, dtype: str = "bf16", adapter: str | None = None, memory: str = "none",
+            task: str | None = None, device: str = "meta"):
+    """``(model, config, task)``: the model as it will train — from its config on ``device`` (meta for planning),
+    with the adapter, leantune memory options and gradient checkpointing, in training mode."""
+    from peft import get_peft_model
+
+    config = config_from(model)
+    task = task or ("SEQ_CLS" if any("SequenceClassification" in a for a in (config.architectures or []))
+                    else "CAUSAL_LM")
+    net = build_model(config, DTYPES[dtype], task, device)
+    adapter_name, adapter_options = parse_spec(adapter)
+    if adapter_name:
+        with torch.device(device):  # adapters created where the model is (meta: nothing allocated, any rank)
+            net = get_peft_model(net, _adapter_config(adapter_name, adapter_options, task))
+    if memory.startswith("leantune"):
+        from leantune.memory import MemoryConfig, apply
+
+        apply(net, MemoryConfig(keep_original_weights=False))
+    if memory.endswith("checkpointing"):
+        from leantune.memory import enable_checkpointing
+
+        enable_checkpointing(net)
+    net.train()
+    return net, config, task
+
+
+def _check_possible(net, adapter: str | None, optimizer: str | None, options: dict[str, Any],
+                    quant: str | None) -> None:
+    """Refuse what cannot be built: a rank above a targeted matrix's smaller side, 4/8-bit bases without a
+    quantizable nn.Linear."""
+    from torch import nn
+
+    _, adapter_options = parse_spec(adapter)
+    r = adapter_options.get("r")
+    if isinstance(r, int):
+        for name, module in net.named_modules():
+            base = getattr(module, "base_layer", None)
+            if base is not None and hasattr(base, "weight") and base.weight.ndim == 2 and r > min(base.weight.shape):
+                raise ValueError(f"adapter rank r={r} exceeds the smaller side of {name} {tuple(base.weight.shape)}")
+    if optimizer and "rank" in options:
+        from leantune.optim.param_groups import find_target_weights
+
+        for name, p in find_target_weights(net, options.get("target_modules", "all-linear")).items():
+            if options["rank"] > min(p.shape):
+                raise ValueError(f"optimizer rank={options['rank']} exceeds the smaller side of {name} {tuple(p.shape)}")
+    if quant and not any(isinstance(m, nn.Linear) and not m.weight.requires_grad for m in net.modules()):
+        raise ValueError(f"--quant {quant}: bitsandbytes quantizes frozen nn.Linear layers and this model has none "
+                         "(e.g. GPT-2's Conv1D)")
+
+
+def _optimizer_state(net, name: str, options: dict[str, Any], trainable: list[torch.Tensor]) -> int:
+    from leantune.optim import OPTIMIZERS
+    from leantune.optim.param_groups import find_target_weights
+
+    if name in ("adamw", "adamw8bit"):
+        return optimizer_state_bytes(name, trainable, set())
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose adamw, adamw8bit or one of {sorted(OPTIMIZERS)}")
+    spec = OPTIMIZERS[name]
+    rank = options.get("rank", spec.rank)
+    targets = find_target_weights(net, options.get("target_modules", "all-linear"))
+    return optimizer_state_bytes(name, trainable, {id(p) for p in targets.values()}, rank=rank,
+                                 history_size=options.get("history_size", 4))
+
+
+def _gpu_bytes(gpu: str | float | None) -> int | None:
+    if gpu is None:
+        return None
+    if isinstance(gpu, (int, float)):
+        return int(gpu)
+    text = gpu.strip().upper().replace("IB", "B")
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise ValueError(f"gpu must look like '24GB' or '80GB', got {gpu!r}")
+
+
+def to_json(result: Plan) -> str:
+    return json.dumps(result.to_json(), indent=2)

@@ -1,0 +1,99 @@
+"""``leantune plan MODEL …``: the planner on the command line, with ``--search`` over common stacks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from leantune.plan import MEMORY_OPTIONS, Plan, plan
+
+#: rough step-time factors against a plain bf16 full fine-tuning step (rules of thumb, not measurements of your GPU):
+#: checkpointing recomputes the forward (+1/3), a frozen base skips the weight-gradient GEMMs (~2/3 of the backward),
+#: dequantizing 4/8-bit bases costs ~20% / ~40%, leantune's memory options ~5% (benchmarks/memory.py), low-rank
+#: optimizers ~0–5% at this scale (benchmarks/optim_speed.py).
+OVERHEAD = {"memory": {"none": 1.0, "leantune": 1.05, "checkpointing": 1.33, "leantune+checkpointing": 1.38},
+            "quant": {None: 1.0, "8bit": 1.4, "4bit": 1.2}, "adapter": 0.75, "low_rank_optimizer": 1.05}
+
+
+def add_plan_subcommand(sub) -> None:
+    p = sub.add_parser("plan", help="predict per-GPU memory of a training job (nothing is allocated)")
+    p.add_argument("model", help="model folder, config.json, or a preset (llama-2-7b, llama-3-8b, mistral-7b, …)")
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1, help="micro-batch per GPU")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--adapter", default=None, help="e.g. lora:r=16 or lora_xs:r=32,target_modules=q_proj|v_proj")
+    p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, or a leantune optimizer with options, "
+                                                        "e.g. galore_adamw8bit:rank=1024,layerwise=true")
+    p.add_argument("--memory", default="none", choices=MEMORY_OPTIONS)
+    p.add_argument("--quant", default=None, choices=["4bit", "8bit"], help="bitsandbytes base (with an adapter)")
+    p.add_argument("--gpu", default=None, help="memory per GPU, e.g. 24GB")
+    p.add_argument("--processes", type=int, default=1)
+    p.add_argument("--fsdp", action="store_true", help="FSDP: shard weights, gradients and optimizer state")
+    p.add_argument("--json", action="store_true", help="the numbers as JSON (bytes)")
+    p.add_argument("--search", action="store_true", help="list the cheapest stacks that fit in --gpu")
+    p.set_defaults(func=run_plan)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(seq=args.seq, batch=args.batch, dtype=args.dtype, processes=args.processes, fsdp=args.fsdp,
+                gpu=args.gpu)
+
+
+def candidates(model_plan: Plan) -> list[dict[str, Any]]:
+    """Stacks worth trying, from plain full fine-tuning to QLoRA-style."""
+    out = []
+    for memory in MEMORY_OPTIONS:
+        for optimizer in ("adamw", "adamw8bit", "galore_adamw8bit:rank=256,layerwise=true", "apollo_mini"):
+            out.append(dict(adapter=None, optimizer=optimizer, memory=memory, quant=None))
+        for quant in (None, "8bit", "4bit"):
+            out.append(dict(adapter="lora:r=16", optimizer="adamw", memory=memory, quant=quant))
+    return out
+
+
+def overhead(stack: dict[str, Any]) -> float:
+    factor = OVERHEAD["memory"][stack["memory"]] * OVERHEAD["quant"][stack["quant"]]
+    if stack["adapter"]:
+        factor *= OVERHEAD["adapter"]
+    if stack["optimizer"] not in ("adamw", "adamw8bit"):
+        factor *= OVERHEAD["low_rank_optimizer"]
+    return factor
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from leantune.integrations.checkpoints import LeanTuneError
+
+    try:
+        if args.search:
+            if args.gpu is None:
+                raise ValueError("--search needs --gpu (the memory per GPU to fit in)")
+            base = _options(args)
+            rows = []
+            for stack in candidates(None):
+                try:
+                    result = plan(args.model, **base, **stack)
+                except ValueError:
+                    continue
+                if result.fits:
+                    rows.append((overhead(stack), result.peak, stack))
+            if not rows:
+                raise ValueError(f"no stack fits in {args.gpu} at seq {args.seq}, batch {args.batch}: lower them, or "
+                                 "add GPUs (--processes N --fsdp)")
+            rows.sort(key=lambda r: (r[0], r[1]))
+            if args.json:
+                print(json.dumps([{"overhead": o, "peak": p, **s} for o, p, s in rows], indent=2))
+                return 0
+            print(f"Stacks that fit in {args.gpu} ({args.model}, seq {args.seq}, batch {args.batch}), cheapest "
+                  "first (step-time factor vs bf16 full fine-tuning, a rule of thumb):\n")
+            print("| step-time factor | peak GB | adapter | optimizer | memory | base |")
+            print("|---:|---:|---|---|---|---|")
+            for o, p, s in rows[:12]:
+                print(f"| {o:.2f} | {p / 1e9:.1f} | {s['adapter'] or 'full'} | {s['optimizer']} | {s['memory']} | "
+                      f"{s['quant'] or args.dtype} |")
+            return 0
+        result = plan(args.model, adapter=args.adapter, optimizer=args.optimizer, memory=args.memory,
+                      quant=args.quant, **_options(args))
+    except (ValueError, KeyError) as err:
+        raise LeanTuneError(str(err).splitlines()[0]) from None
+    print(json.dumps(result.to_json(), indent=2) if args.json else result)
+    return 0

