@@ -25,7 +25,8 @@ def add_plan_subcommand(sub) -> None:
     p.add_argument("--adapter", default=None, help="e.g. lora:r=16 or lora_xs:r=32,target_modules=q_proj|v_proj")
     p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, or a leantune optimizer with options, "
                                                         "e.g. galore_adamw8bit:rank=1024,layerwise=true")
-    p.add_argument("--memory", default="none", choices=MEMORY_OPTIONS)
+    p.add_argument("--memory", default="none", choices=MEMORY_OPTIONS + ("all",),
+                   help="memory option, or 'all' for one column per option")
     p.add_argument("--quant", default=None, choices=["4bit", "8bit"], help="bitsandbytes base (with an adapter)")
     p.add_argument("--gpu", default=None, help="memory per GPU, e.g. 24GB")
     p.add_argument("--processes", type=int, default=1)
@@ -60,6 +61,26 @@ def overhead(stack: dict[str, Any]) -> float:
     return factor
 
 
+def _print_all_memory(args: argparse.Namespace) -> int:
+    """One plan per memory option, side by side (``--memory all``)."""
+    results = {m: plan(args.model, adapter=args.adapter, optimizer=args.optimizer, memory=m, quant=args.quant,
+                       **_options(args)) for m in MEMORY_OPTIONS}
+    if args.json:
+        print(json.dumps({m: r.to_json() for m, r in results.items()}, indent=2))
+        return 0
+    first = next(iter(results.values()))
+    print(f"{first.model}: " + ", ".join(f"{k}={v}" for k, v in first.setting.items() if k != "memory") + "\n")
+    print("| GiB | " + " | ".join(MEMORY_OPTIONS) + " |")
+    print("|---|" + "---:|" * len(MEMORY_OPTIONS))
+    for label, attr in (("weights", "weights"), ("gradients", "gradients"), ("optimizer state", "optimizer_state"),
+                        ("saved activations", "activations"), ("logits + loss transient", "transient"),
+                        ("peak", "peak")):
+        print(f"| {label} | " + " | ".join(f"{getattr(r, attr) / 2**30:.2f}" for r in results.values()) + " |")
+    if first.gpu_bytes is not None:
+        print("| fits | " + " | ".join("yes" if r.fits else "no" for r in results.values()) + " |")
+    return 0
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from leantune.integrations.checkpoints import LeanTuneError
 
@@ -91,6 +112,8 @@ def run_plan(args: argparse.Namespace) -> int:
                 print(f"| {o:.2f} | {p / 1e9:.1f} | {s['adapter'] or 'full'} | {s['optimizer']} | {s['memory']} | "
                       f"{s['quant'] or args.dtype} |")
             return 0
+        if args.memory == "all":
+            return _print_all_memory(args)
         result = plan(args.model, adapter=args.adapter, optimizer=args.optimizer, memory=args.memory,
                       quant=args.quant, **_options(args))
     except (ValueError, KeyError) as err:

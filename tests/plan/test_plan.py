@@ -99,6 +99,18 @@ def test_fsdp_shards_and_json(capsys):
     assert {"weights", "gradients", "optimizer_state", "activations", "peak", "fits"} <= set(data)
 
 
+def test_memory_all_compares_every_option(capsys):
+    from leantune.integrations.cli import main as cli
+    from leantune.plan import MEMORY_OPTIONS
+
+    assert cli(["plan", "qwen2.5-0.5b", "--seq", "1024", "--memory", "all", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert list(data) == list(MEMORY_OPTIONS)
+    saved = {m: data[m]["activations"] for m in data}
+    assert saved["checkpointing"] < saved["leantune"] < saved["none"]
+    assert len({data[m]["weights"] for m in data}) == 1
+
+
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
     from leantune.integrations.cli import main as cli
 
