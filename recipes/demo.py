@@ -7,7 +7,7 @@
 4. runs ``leantune merge`` and ``leantune export --to lora`` (the real console script), reloads both
    with plain transformers / peft, and checks their predictions equal the adapted model's.
 
-    python recipes/demo.py [--method allora|lora_sb|lora_xs|dylora] [--steps 200] [--out runs/demo]
+    python recipes/demo.py [--method allora|lora_sb|lora_xs|dylora] [--steps 200] [--out runs/demo] [--model DIR]
 """
 
 from __future__ import annotations
@@ -72,11 +72,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--model", default=None, help="local HF encoder folder (default: the real MiniLM)")
     args = parser.parse_args()
+    base_path = Path(args.model) if args.model else minilm_path()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
 
-    model, tokenizer = load_minilm_classifier(seed=0)
+    if args.model:
+        import transformers
+
+        transformers.set_seed(0)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base_path)
+        model = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
+    else:
+        model, tokenizer = load_minilm_classifier(seed=0)
     data = load_sentiment(tokenizer)
     before = accuracy(predict(model, data["test"]), data["test"])
 
@@ -100,12 +109,12 @@ def main() -> None:
     adapted.save_pretrained(out / "adapter")
     tokenizer.save_pretrained(out / "adapter")
     run_cli("inspect", str(out / "adapter"))
-    run_cli("merge", "--base", str(minilm_path()), "--adapter", str(out / "adapter"), "--out", str(out / "merged"))
-    run_cli("export", str(out / "adapter"), "--to", "lora", str(out / "lora"), "--base", str(minilm_path()))
+    run_cli("merge", "--base", str(base_path), "--adapter", str(out / "adapter"), "--out", str(out / "merged"))
+    run_cli("export", str(out / "adapter"), "--to", "lora", str(out / "lora"), "--base", str(base_path))
 
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
     merged_logits = predict(merged, data["test"])
-    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=2)
     exported = PeftModel.from_pretrained(base, out / "lora")
     lora_logits = predict(exported, data["test"])
 
