@@ -1,0 +1,53 @@
+"""Two-process gloo runs on the CPU: spawn workers, and the tiny models and batches both sides use."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _entry(rank: int, fn: Callable, init_file: str, out: str, args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        result = fn(rank, *args)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, tmp_path: Path, *args: Any) -> list[Any]:
+    """Run ``fn(rank, *args)`` in 2 gloo processes; returns each rank's return value (saved with torch.save)."""
+    init_file = tmp_path / "init"
+    mp.spawn(_entry, args=(fn, str(init_file), str(tmp_path), args), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def tiny_llama(dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                         tie_word_embeddings=False)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def batches(steps: int, batch: int = 4, seq: int = 8, seed: int = 1) -> list[torch.Tensor]:
+    """``steps`` global batches of token ids (every sequence full length, so a mean over the batch equals the mean
+    of the two halves' means)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (batch, seq), generator=gen) for _ in range(steps)]
+
+
+def shard(ids: torch.Tensor, rank: int) -> torch.Tensor:
+    half = ids.shape[0] // WORLD
+    return ids[rank * half: (rank + 1) * half]

@@ -1,0 +1,136 @@
+"""DDP (gloo, 2 CPU processes): every low-rank optimizer and every leantune adapter gives, with 2 processes x batch b,
+the weights of 1 process x batch 2b (float64, where the two orders of summation agree to ~1e-14), identical on both
+ranks bit for bit — projector refreshes included (update_proj_gap=2) and with each rank's global RNG deliberately
+out of step. 8-bit optimizers (float32 only) keep ranks bitwise identical and follow the single-process loss."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from tests.distributed.helpers import batches, shard, spawn, tiny_llama
+
+STEPS = 5
+FP64_OPTIMIZERS = ["galore_adamw", "galore_adafactor", "fira_adamw", "natural_galore_adamw", "dct_adamw",
+                   "dct_fira_adamw", "rsvd_galore_adamw", "apollo_adamw", "apollo_mini", "conda_adamw", "gradnorm_lorp"]
+INT8_OPTIMIZERS = ["galore_adamw8bit", "gradnorm_lorp8bit"]
+#: Conda's SVD runs in float32 whatever the parameter dtype (as the official code), so its float64 runs agree to
+#: float32 rounding of the basis, amplified over 5 steps; every other optimizer stays at float64 rounding
+ATOL = {"conda_adamw": 1e-4}
+
+
+def _optimizer(model, name):
+    from leantune.optim import OptimizerConfig, build_optimizer
+
+    from leantune.optim import OPTIMIZERS
+
+    rank = None if OPTIMIZERS[name].fixed_rank or OPTIMIZERS[name].rank is None else 4
+    return build_optimizer(model, OptimizerConfig(name, lr=1e-2, rank=rank, update_proj_gap=2))
+
+
+def _train_optimizers(rank: int | None, names: list[str], dtype: torch.dtype) -> dict:
+    """rank None: one process on the whole batch; else this rank's half under DDP."""
+    out = {}
+    for name in names:
+        model = tiny_llama(dtype)
+        torch.manual_seed(1000 + (rank or 0))  # each rank's RNG differs: nothing may depend on it
+        runner = model if rank is None else DDP(model)
+        opt = _optimizer(model, name)
+        losses = []
+        for ids in batches(STEPS):
+            ids = ids if rank is None else shard(ids, rank)
+            loss = runner(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        if rank is not None:  # the global mean loss, as the single process sees it
+            losses = torch.stack(losses)
+            torch.distributed.all_reduce(losses)
+            losses = losses / 2
+        out[name] = {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                     "losses": torch.stack(list(losses))}
+    return out
+
+
+def _adapter_configs() -> dict:
+    import leantune as lt
+    from peft import LoraConfig
+
+    t = dict(target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    return {
+        "lora (peft)": LoraConfig(r=4, lora_alpha=8, **t),
+        "lora_xs": lt.LoraXSConfig(r=4, **t),
+        "allora": lt.ALLoRAConfig(r=4, **t),
+        "dylora": lt.DyLoRAConfig(r=4, **t),
+        "nola": lt.NolaConfig(r=4, num_basis_A=8, num_basis_B=8, **t),
+        "compacter": lt.CompacterConfig(reduction_factor=4, task_type="CAUSAL_LM"),
+        "sltrain": lt.SLTrainConfig(r=4, **t),
+        "lost": lt.LostConfig(r=4, **t),
+    }
+
+
+def _train_adapters(rank: int | None, names: list[str]) -> dict:
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    out = {}
+    for name in names:
+        model = get_peft_model(tiny_llama(torch.float64), _adapter_configs()[name])
+        torch.manual_seed(1000 + (rank or 0))
+        runner = model if rank is None else DDP(model)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for ids in batches(STEPS):
+            ids = ids if rank is None else shard(ids, rank)
+            runner(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        out[name] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return out
+
+
+def _assert_same(single: dict, ranks: list[dict], atol: float) -> None:
+    for key, ref in single.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"{key}: ranks differ"
+        torch.testing.assert_close(ranks[0][key], ref, rtol=0, atol=atol, msg=lambda m, key=key: f"{key}: {m}")
+
+
+def test_low_rank_optimizers_under_ddp_equal_one_process(tmp_path):
+    ranks = spawn(_train_optimizers, tmp_path, FP64_OPTIMIZERS, torch.float64)
+    single = _train_optimizers(None, FP64_OPTIMIZERS, torch.float64)
+    for name in FP64_OPTIMIZERS:
+        _assert_same(single[name]["weights"], [r[name]["weights"] for r in ranks], atol=ATOL.get(name, 1e-12))
+
+
+def test_8bit_optimizers_under_ddp_keep_ranks_identical(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    ranks = spawn(_train_optimizers, tmp_path, INT8_OPTIMIZERS, torch.float32)
+    single = _train_optimizers(None, INT8_OPTIMIZERS, torch.float32)
+    for name in INT8_OPTIMIZERS:
+        for key in single[name]["weights"]:
+            assert torch.equal(ranks[0][name]["weights"][key], ranks[1][name]["weights"][key]), (name, key)
+        torch.testing.assert_close(ranks[0][name]["losses"], single[name]["losses"], rtol=1e-3, atol=1e-4)
+
+
+def test_adapters_under_ddp_equal_one_process(tmp_path):
+    names = list(_adapter_configs())
+    ranks = spawn(_train_adapters, tmp_path, names)
+    single = _train_adapters(None, names)
+    for name in names:
+        _assert_same(single[name], [r[name] for r in ranks], atol=1e-12)
+
+
+def _layerwise_refusal(rank: int) -> str:
+    from leantune.optim import OptimizerConfig, build_optimizer
+
+    try:
+        build_optimizer(tiny_llama(), OptimizerConfig("galore_adamw", rank=4, layerwise=True))
+    except RuntimeError as err:
+        return str(err)
+    return ""
+
+
+def test_layerwise_under_ddp_is_refused_at_setup(tmp_path):
+    """Per-layer updates would step on this rank's un-averaged gradient: refused before training, with the fix."""
+    messages = spawn(_layerwise_refusal, tmp_path)
+    assert all("world_size=2" in m and "layerwise=False" in m for m in messages), messages
