@@ -67,6 +67,23 @@ class MemoryProfile:
     def total_saved_bytes(self) -> int:
         return sum(self.saved_bytes.values())
 
+    def plot(self, ax: Any = None, title: str | None = None) -> Any:
+        """Bar chart (MiB) of what one step keeps: saved activations by category, then parameters, gradients and
+        optimizer state; returns the matplotlib axes."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(7, 3.5))
+        rows = [(f"saved: {c}", self.saved_bytes[c]) for c in CATEGORIES if self.saved_bytes.get(c)]
+        rows += [("parameters", self.parameter_bytes), ("gradients", self.gradient_bytes),
+                 ("optimizer state", self.optimizer_state_bytes)]
+        names, values = zip(*rows[::-1])
+        colors = ["tab:red" if n.startswith("saved") else "tab:blue" for n in names]
+        ax.barh(names, [v / 2**20 for v in values], color=colors)
+        ax.set_xlabel("MiB")
+        ax.set_title(title or f"one training step: {self.total_saved_bytes / 2**20:.1f} MiB saved for backward")
+        return ax
+
     def __str__(self) -> str:
         total = max(self.total_saved_bytes, 1)
         lines = ["| memory | MiB | share of saved |", "|---|---:|---:|"]

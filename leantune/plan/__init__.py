@@ -113,7 +113,10 @@ def _adapter_config(name: str, options: dict[str, Any], task: str):
     options = {"target_modules": "all-linear", **options} if name not in ("bottleneck", "compacter") else options
     if name == "lora":
         options.setdefault("lora_dropout", 0.0)
-    return configs[name](task_type=task, **options)
+    config = configs[name](task_type=task, **options)
+    if name == "lora_sb":  # its factors come from a gradient estimate; for shapes and bytes the placeholders do
+        config.gradient_init_done = True
+    return config
 
 
 def build_model(config, dtype: torch.dtype, task: str, device: str = "meta"):
