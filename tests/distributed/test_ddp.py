@@ -120,17 +120,56 @@ def test_adapters_under_ddp_equal_one_process(tmp_path):
         _assert_same(single[name], [r[name] for r in ranks], atol=1e-12)
 
 
-def _layerwise_refusal(rank: int) -> str:
+def _layerwise_ddp(rank: int, names: list[str], accumulate: int) -> dict:
+    """Per-layer updates driven by the DDP hook vs plain DDP steps, on the same data (optionally with no_sync
+    micro-steps); and what happens without attach_ddp."""
+    from contextlib import nullcontext
+
     from leantune.optim import OptimizerConfig, build_optimizer
 
+    out = {}
+    for name in names:
+        runs = {}
+        for layerwise in (False, True):
+            model = tiny_llama()
+            ddp = DDP(model)
+            rank_ = None if name == "apollo_mini" else 4
+            opt = build_optimizer(model, OptimizerConfig(name, lr=1e-2, rank=rank_, update_proj_gap=2,
+                                                         layerwise=layerwise))
+            if layerwise:
+                opt.attach_ddp(ddp)
+            for ids in batches(STEPS, batch=4 * accumulate):
+                micro = shard(ids, rank).chunk(accumulate)
+                for i, part in enumerate(micro):
+                    sync = i == len(micro) - 1
+                    with nullcontext() if sync else ddp.no_sync():
+                        (ddp(input_ids=part, labels=part).loss / accumulate).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            runs[layerwise] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        out[name] = runs
+    errors = []
+    opt = build_optimizer(tiny_llama(), OptimizerConfig("galore_adamw", rank=4, layerwise=True))
     try:
-        build_optimizer(tiny_llama(), OptimizerConfig("galore_adamw", rank=4, layerwise=True))
+        opt.step()
     except RuntimeError as err:
-        return str(err)
-    return ""
+        errors.append(str(err))
+    try:
+        build_optimizer(tiny_llama(), OptimizerConfig("galore_adamw", rank=4, layerwise=True, accumulation_steps=2))
+    except ValueError as err:
+        errors.append(str(err))
+    out["errors"] = errors
+    return out
 
 
-def test_layerwise_under_ddp_is_refused_at_setup(tmp_path):
-    """Per-layer updates would step on this rank's un-averaged gradient: refused before training, with the fix."""
-    messages = spawn(_layerwise_refusal, tmp_path)
-    assert all("world_size=2" in m and "layerwise=False" in m for m in messages), messages
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_layerwise_under_ddp_equals_plain_ddp(tmp_path, accumulate):
+    """Per-layer updates stepped from DDP's all-reduce hook give the plain DDP step's weights bit for bit (with
+    no_sync micro-steps too), identical on both ranks; without attach_ddp, step() refuses."""
+    names = ["galore_adamw", "fira_adamw", "apollo_mini"] if accumulate == 1 else ["galore_adamw"]
+    ranks = spawn(_layerwise_ddp, tmp_path, names, accumulate)
+    for name in names:
+        for key, plain in ranks[0][name][False].items():
+            assert torch.equal(ranks[0][name][True][key], plain), (name, key)
+            assert torch.equal(ranks[1][name][True][key], plain), (name, key)
+    assert "attach_ddp" in ranks[0]["errors"][0] and "no_sync" in ranks[0]["errors"][1]

@@ -136,11 +136,16 @@ def test_per_parameter_clipping_same_in_both_paths_and_effective():
     assert not params_equal(a, c)
 
 
-def test_layerwise_refuses_ddp(monkeypatch):
+def test_layerwise_under_ddp_needs_attach_and_no_accumulation_steps(monkeypatch):
+    """Under DDP the accumulate-grad hooks are not used (they would see local gradients): step() without
+    attach_ddp raises, and accumulation_steps > 1 is refused (no_sync does that job). tests/distributed runs it."""
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    with pytest.raises(RuntimeError, match="DDP"):
-        build("galore_adamw", make_net(), layerwise=True)
+    opt = build("galore_adamw", make_net(), layerwise=True)
+    with pytest.raises(RuntimeError, match="attach_ddp"):
+        opt.step()
+    with pytest.raises(ValueError, match="no_sync"):
+        build("galore_adamw", make_net(), layerwise=True, accumulation_steps=2)
     build("galore_adamw", make_net(), layerwise=False)  # plain mode is fine under DDP
 
 
