@@ -231,7 +231,9 @@ def load_data(args: argparse.Namespace) -> dict:
     return {"train": split["train"], "val": split["test"], "test": test}
 
 
-def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
+def summarize(runs: list[dict], methods: list[str], select_seed: int | None = None) -> list[dict]:
+    """One row per method: the learning rate with the best mean validation accuracy (over ``select_seed``'s runs
+    only, when given), and the test accuracy of that rate over all seeds run with it."""
     rows = []
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
@@ -240,7 +242,11 @@ def summarize(runs: list[dict], methods: list[str]) -> list[dict]:
         by_lr: dict[float, list[dict]] = {}
         for r in mine:
             by_lr.setdefault(r["lr"], []).append(r)
-        best_lr = max(by_lr, key=lambda lr: statistics.fmean(r["val_acc"] for r in by_lr[lr]))
+        def score(lr: float) -> float:
+            pool = [r for r in by_lr[lr] if select_seed is None or r["seed"] == select_seed] or by_lr[lr]
+            return statistics.fmean(r["val_acc"] for r in pool)
+
+        best_lr = max(by_lr, key=score)
         chosen = by_lr[best_lr]
         tests = [100 * r["test_acc"] for r in chosen]
         rows.append(
@@ -320,6 +326,8 @@ def main() -> None:
     parser.add_argument("--one-lr", action="store_true", help="only the first lr of each method's grid")
     parser.add_argument("--quick", action="store_true", help="tiny smoke run: few steps, one seed, one lr")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
+    parser.add_argument("--select-on-first-seed", action="store_true",
+                        help="sweep learning rates on the first seed only; later seeds run the rate it chose")
     parser.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -342,22 +350,40 @@ def main() -> None:
         cache = {"setting": setting, "runs": {}}
     data = load_data(args)
     # seed-major, so an interrupted run still has every method and learning rate for the first seed
-    jobs = [(m, lr, s) for s in args.seeds for m in methods for lr in (LR_GRID[m][:1] if args.one_lr else LR_GRID[m])]
+    grid = {m: LR_GRID[m][:1] if args.one_lr else LR_GRID[m] for m in methods}
+    first = args.seeds[0]
+    jobs = [(m, lr, first) for m in methods for lr in grid[m]]
+    later = [(m, s) for s in args.seeds[1:] for m in methods]
+    if not args.select_on_first_seed:
+        jobs += [(m, lr, s) for m, s in later for lr in grid[m]]
     command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
-    for method, lr, seed in tqdm(jobs, desc="runs"):
+    select_seed = first if args.select_on_first_seed else None
+
+    def pending():
+        yield from list(jobs)
+        if args.select_on_first_seed:  # the rate each method's first-seed sweep chose, once that sweep is done
+            for method, seed in later:
+                runs = [cache["runs"][f"{method}|{lr}|{first}"] for lr in grid[method]]
+                lr = max(runs, key=lambda r: r["val_acc"])["lr"]
+                jobs.append((method, lr, seed))
+                yield method, lr, seed
+
+    total = len(jobs) + (len(later) if args.select_on_first_seed else 0)
+    for method, lr, seed in tqdm(pending(), desc="runs", total=total):
         key = f"{method}|{lr}|{seed}"
         if key not in cache["runs"]:
             cache["runs"][key] = run_one(method, lr, seed, data, args)
             cache_path.write_text(json.dumps(cache, indent=1))
             r = cache["runs"][key]
             tqdm.write(f"{key}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} loss {r['final_loss']:.3f} {r['wall_s']:.0f}s")
-        write_report(cache, jobs, methods, data, args, command)  # after every run, so partial results are usable
-    print(write_report(cache, jobs, methods, data, args, command))
+        write_report(cache, jobs, methods, data, args, command, select_seed)  # after every run: partial results usable
+    print(write_report(cache, jobs, methods, data, args, command, select_seed))
 
 
-def write_report(cache: dict, jobs: list, methods: list[str], data: dict, args: argparse.Namespace, command: str) -> str:
+def write_report(cache: dict, jobs: list, methods: list[str], data: dict, args: argparse.Namespace, command: str,
+                 select_seed: int | None = None) -> str:
     runs = [cache["runs"][f"{m}|{lr}|{s}"] for m, lr, s in jobs if f"{m}|{lr}|{s}" in cache["runs"]]
-    rows = summarize(runs, methods)
+    rows = summarize(runs, methods, select_seed)
     table = markdown(rows)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(rows, indent=1))
     plot(rows, RESULTS / f"{args.tag}.png")
@@ -368,7 +394,9 @@ def write_report(cache: dict, jobs: list, methods: list[str], data: dict, args: 
         f"{len(data['train'])} train / {len(data['val'])} validation (carved from train) / {len(data['test'])} test; "
         f"{args.steps} AdamW steps, batch {args.batch}, sequence length ≤ {64 if args.data == 'shakespeare' else 32}, "
         f"linear schedule with 6% warmup, "
-        f"seeds {args.seeds}. Learning rate chosen per method by mean validation accuracy; test accuracy of that lr. "
+        f"seeds {args.seeds}. Learning rate chosen per method by "
+        + ("validation accuracy of the first seed (later seeds run only that rate)" if select_seed is not None else
+           "mean validation accuracy") + "; test accuracy of that lr. "
         f"{done}\n\n{table}\n\n![accuracy vs trainable parameters]({args.tag}.png)\n"
     )
     return table

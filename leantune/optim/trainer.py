@@ -6,7 +6,8 @@ model the Trainer trains, after the Trainer's own setup, and is rebuilt identica
 before the saved ``optimizer.pt`` (tensors and plain values only) is loaded into it.
 
 Layer-wise mode in a Trainer: the optimizer is a real ``torch.optim.Optimizer`` whose parameters are updated by
-hooks inside ``accelerator.backward``; ``Trainer``'s ``optimizer.step()`` only flushes partial accumulation
+hooks inside ``accelerator.backward`` (under DDP: by the communication hook ``attach_ddp`` registers on the wrapped
+model, with accelerate's ``no_sync`` micro-steps doing the accumulation); ``Trainer``'s ``optimizer.step()`` only flushes partial accumulation
 windows, and the Trainer's LR scheduler steps once per optimizer step as usual (so no
 ``LayerWiseDummyOptimizer``/``LayerWiseDummyScheduler`` pair is needed).  Global clipping (``max_grad_norm``)
 cannot work there, so it is turned off with a warning; use ``max_grad_norm_per_param``.
@@ -19,9 +20,9 @@ import warnings
 from typing import Any
 
 from torch import nn
+from transformers import TrainerCallback
 
 from leantune.optim.config import OPTIMIZERS, OptimizerConfig, build_optimizer
-from leantune.optim.layerwise import assert_single_process
 
 
 class LowRankOptimizerFactory:
@@ -43,8 +44,8 @@ def _with_training_args(config: OptimizerConfig, args: Any) -> OptimizerConfig:
             updates["betas"] = (args.adam_beta1, args.adam_beta2)
         if config.eps is None and not config.reference_adam:
             updates["eps"] = args.adam_epsilon
-    if config.layerwise:
-        updates["accumulation_steps"] = args.gradient_accumulation_steps
+    if config.layerwise:  # under DDP, accelerate's no_sync micro-steps do the accumulating (attach_ddp)
+        updates["accumulation_steps"] = 1 if getattr(args, "world_size", 1) > 1 else args.gradient_accumulation_steps
     return dataclasses.replace(config, **updates)
 
 
@@ -63,14 +64,29 @@ def optimizer_cls_and_kwargs(
     return LowRankOptimizerFactory, {"config": config}
 
 
+class AttachLayerwiseDDP(TrainerCallback):
+    """Under DDP, hands the Trainer's DistributedDataParallel model to the per-layer optimizer
+    (``attach_ddp``) once accelerate has wrapped it, before the first backward."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = self.trainer.model_wrapped
+        optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # accelerate's wrapper
+        if not isinstance(wrapped, DistributedDataParallel):
+            raise RuntimeError(f"layer-wise updates with world_size={args.world_size} need the model wrapped in "
+                               f"DistributedDataParallel; the Trainer wrapped it in {type(wrapped).__name__}. "
+                               "Use layerwise=False.")
+        if getattr(optimizer, "_ddp", None) is not wrapped:
+            optimizer.attach_ddp(wrapped)
+        return control
+
+
 def _check_layerwise_trainer(trainer: Any) -> None:
     args = trainer.args
-    assert_single_process("Layer-wise optimizer updates in Trainer")
-    if getattr(args, "world_size", 1) > 1:
-        raise RuntimeError(
-            f"Layer-wise optimizer updates do not support distributed training (world_size={args.world_size}); "
-            "set layerwise=False."
-        )
     if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
         raise RuntimeError("Layer-wise optimizer updates do not support DeepSpeed/FSDP; set layerwise=False.")
     if getattr(args, "fp16", False):
@@ -100,5 +116,7 @@ def install_in_trainer(trainer: Any, optimizer_config: OptimizerConfig | str | d
     config = _with_training_args(OptimizerConfig.from_any(optimizer_config), trainer.args)
     if config.layerwise:
         _check_layerwise_trainer(trainer)
+        if getattr(trainer.args, "world_size", 1) > 1:
+            trainer.add_callback(AttachLayerwiseDDP(trainer))
     trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(trainer.model, config)
     return config
