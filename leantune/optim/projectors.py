@@ -144,6 +144,18 @@ def _grad_as_fp32(grad: torch.Tensor) -> torch.Tensor:
     return grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
 
 
+def _svd_or_reason(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """``(U, Vh)`` of the thin SVD of ``grad`` (fp32 for half dtypes), or why it cannot be taken (the reason a
+    refresh reports when it keeps the previous projector)."""
+    if not bool(torch.isfinite(grad).all()):
+        return "non-finite gradient"
+    try:
+        U, _, Vh = torch.linalg.svd(_grad_as_fp32(grad), full_matrices=False)
+    except RuntimeError as err:  # e.g. "linalg.svd: failed to converge" (GaLore #58)
+        return f"torch.linalg.svd raised: {err}"
+    return U, Vh
+
+
 class StoredBasisProjector(Projector):
     """Projectors that keep P itself in ``state["proj_ortho"]`` (written by :meth:`Projector._accept`)."""
 
@@ -168,12 +180,10 @@ class SVDProjector(StoredBasisProjector):
 
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
         self.state["proj_right"] = self.is_right(grad.shape)
-        if not bool(torch.isfinite(grad).all()):
-            return self._accept(grad, None, "non-finite gradient")
-        try:
-            U, _, Vh = torch.linalg.svd(_grad_as_fp32(grad), full_matrices=False)
-        except RuntimeError as err:  # e.g. "linalg.svd: failed to converge" (GaLore #58)
-            return self._accept(grad, None, f"torch.linalg.svd raised: {err}")
+        factors = _svd_or_reason(grad)
+        if isinstance(factors, str):
+            return self._accept(grad, None, factors)
+        U, Vh = factors
         new = Vh[: self.rank, :] if self.state["proj_right"] else U[:, : self.rank]
         new = compact_like(new) if grad.dtype == torch.float32 else new.to(dtype=grad.dtype).contiguous()
         return self._accept(grad, new, "non-finite singular vectors")
@@ -233,12 +243,10 @@ class TwoSidedSVDProjector(StoredBasisProjector):
 
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
         self.state["proj_right"] = self.is_right(grad.shape)
-        if not bool(torch.isfinite(grad).all()):
-            return self._accept(grad, None, "non-finite gradient")
-        try:
-            U, _, Vh = torch.linalg.svd(_grad_as_fp32(grad), full_matrices=False)
-        except RuntimeError as err:
-            return self._accept(grad, None, f"torch.linalg.svd raised: {err}")
+        factors = _svd_or_reason(grad)
+        if isinstance(factors, str):
+            return self._accept(grad, None, factors)
+        U, Vh = factors
         left = U[:, : self.rank].to(grad.dtype).contiguous()
         right = Vh[: self.rank].to(grad.dtype).contiguous()
         if not bool(torch.isfinite(right).all()):

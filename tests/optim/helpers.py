@@ -64,6 +64,18 @@ def params_equal(a: nn.Module, b: nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+def assert_lockstep(ref_model: nn.Module, ref: torch.optim.Optimizer, our_model: nn.Module,
+                    ours: torch.optim.Optimizer, data) -> None:
+    """Train a reference and our (model, optimizer) pair on ``data`` side by side; the weights must be bitwise equal
+    after every step."""
+    for step, xy in enumerate(data):
+        for model, opt in ((ref_model, ref), (our_model, ours)):
+            loss_fn(model, xy).backward()
+            opt.step()
+            opt.zero_grad()
+        assert params_equal(ref_model, our_model), f"diverged at step {step}"
+
+
 def rank_options(name: str, rank: int) -> dict:
     """``{"rank": rank}`` for optimizer names that take a rank (not Conda, not the rank-1 APOLLO-Mini)."""
     from leantune.optim import OPTIMIZERS

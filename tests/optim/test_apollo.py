@@ -11,7 +11,7 @@ import torch
 
 from leantune.optim import APOLLOAdamW, APOLLOMini, optimizer_state_bytes
 from leantune.optim.projectors import RandomProjector, next_seed
-from tests.optim.helpers import batches, galore_groups, loss_fn, make_net, params_equal
+from tests.optim.helpers import assert_lockstep, batches, galore_groups, loss_fn, make_net, params_equal
 
 STEPS = 16  # update_proj_gap 5: projections drawn at steps 1, 6, 11, 16
 
@@ -39,12 +39,7 @@ def test_matches_apollo_torch_bitwise(case):
         warnings.simplefilter("ignore")
         ref = apollo_torch.APOLLOAdamW(galore_groups(ref_model, **keys), lr=3e-3, weight_decay=wd, **flags)
     ours = APOLLOAdamW(galore_groups(our_model, **keys), lr=3e-3, weight_decay=wd, reference_adam=True, **flags)
-    for step, xy in enumerate(data):
-        for model, opt in ((ref_model, ref), (our_model, ours)):
-            loss_fn(model, xy).backward()
-            opt.step()
-            opt.zero_grad()
-        assert params_equal(ref_model, our_model), f"diverged at step {step}"
+    assert_lockstep(ref_model, ref, our_model, ours, data)
     assert not params_equal(our_model, make_net())
     if keys["proj"] == "random":  # the same projection sequence, though ours keeps only its seed
         for p_ref, p_our in zip(ref.param_groups[1]["params"], ours.param_groups[1]["params"]):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from leantune.optim import OPTIMIZERS, FiraAdamW, GaLoreAdamW, OptimizerConfig, build_optimizer
-from tests.optim.helpers import batches, galore_groups, loss_fn, make_net, params_equal, rank_options
+from tests.optim.helpers import assert_lockstep, batches, galore_groups, make_net, params_equal, rank_options
 
 
 class WideNet(nn.Module):
@@ -94,12 +94,7 @@ def test_fira_takes_the_fira_packages_groups_unchanged_and_matches_it_bitwise():
         ref = fira.FiraAdamW(galore_groups(ref_model, **keys), lr=3e-3)
     ours = FiraAdamW(galore_groups(our_model, **keys), lr=3e-3, reference_adam=True)
     assert ours.param_groups[1]["scale"] == 0.25 and "alpha" not in ours.param_groups[1]
-    for xy in data:
-        for model, opt in ((ref_model, ref), (our_model, ours)):
-            loss_fn(model, xy).backward()
-            opt.step()
-            opt.zero_grad()
-    assert params_equal(ref_model, our_model)
+    assert_lockstep(ref_model, ref, our_model, ours, data)
 
 
 @pytest.mark.parametrize("cls,group,match", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from leantune.optim import FiraAdamW, GaLoreAdamW
-from tests.optim.helpers import batches, galore_groups, loss_fn, make_net, params_equal
+from tests.optim.helpers import assert_lockstep, batches, galore_groups, loss_fn, make_net, params_equal
 
 STEPS = 24  # with update_proj_gap=5: refreshes at steps 0, 5, 10, 15, 20
 
@@ -24,12 +24,7 @@ def _run_pair(ours_cls, ref_cls, ref_key: str, weight_decay: float, our_extra: d
         galore_groups(our_model, rank=4, update_proj_gap=5, scale=0.25), lr=3e-3, weight_decay=weight_decay,
         reference_adam=True, **our_extra,
     )
-    for step, xy in enumerate(data):
-        for model, opt in ((ref_model, ref), (our_model, ours)):
-            loss_fn(model, xy).backward()
-            opt.step()
-            opt.zero_grad()
-        assert params_equal(ref_model, our_model), f"diverged at step {step}"
+    assert_lockstep(ref_model, ref, our_model, ours, data)
     # sanity: the comparison is not vacuous (weights moved, projectors were refreshed)
     assert not params_equal(our_model, make_net())
     return ref, ours
