@@ -1,6 +1,7 @@
 """Trainer + LeanTuneCallback under DDP (2 gloo processes launched as torchrun would: RANK/WORLD_SIZE/MASTER_* set,
 the Trainer initializes the process group): per-layer GaLore stepped from DDP's all-reduce equals the plain GaLore
-step bit for bit, with gradient accumulation (accelerate's no_sync micro-steps), on both ranks."""
+step bit for bit, with gradient accumulation (accelerate's no_sync micro-steps), on both ranks — for full-parameter
+training in fp32 and for a bf16 model with a LoRA-XS adapter and leantune.memory (GaLore over the adapter)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -20,7 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_trainer(rank: int, port: int, out: str, layerwise: bool) -> None:
+def _run_trainer(rank: int, port: int, out: str, layerwise: bool, stack: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -30,29 +32,35 @@ def _run_trainer(rank: int, port: int, out: str, layerwise: bool) -> None:
     import leantune
     from leantune.optim import OptimizerConfig
 
-    model = tiny_llama(torch.float32)
+    model = tiny_llama(torch.float32 if stack == "full" else torch.bfloat16)
     ids = torch.cat(batches(6, batch=8)).tolist()
     train = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = TrainingArguments(output_dir=str(Path(out) / f"t{rank}"), max_steps=4, per_device_train_batch_size=2,
                              gradient_accumulation_steps=2, learning_rate=1e-2, max_grad_norm=0.0,
                              lr_scheduler_type="constant", save_strategy="no", report_to=[], use_cpu=True,
                              ddp_backend="gloo", seed=0, data_seed=0, disable_tqdm=True)
-    callback = leantune.LeanTuneCallback(optimizer=OptimizerConfig("galore_adamw", rank=4, update_proj_gap=2,
-                                                                   layerwise=layerwise), verbose=False)
+    optimizer = OptimizerConfig("galore_adamw", rank=4, update_proj_gap=2, layerwise=layerwise)
+    if stack == "full":
+        callback = leantune.LeanTuneCallback(optimizer=optimizer, verbose=False)
+    else:  # bf16 model, LoRA-XS adapter, leantune.memory, GaLore over the adapter's factors
+        adapter = leantune.LoraXSConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+        callback = leantune.LeanTuneCallback(adapter=adapter, optimizer=optimizer, memory=True, verbose=False)
     trainer = callback.setup(Trainer(model=model, args=args, train_dataset=train))
+    trainable = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert optimizer.layerwise == layerwise and (optimizer._ddp is trainer.model_wrapped) == layerwise
-    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+    moved = [n for n, p in trainer.model.named_parameters() if n in trainable and not torch.equal(p, trainable[n])]
+    assert moved, "nothing trained"
+    torch.save({k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
                Path(out) / f"{'layerwise' if layerwise else 'plain'}{rank}.pt")
 
 
-def test_trainer_layerwise_galore_under_ddp_equals_plain(tmp_path):
+@pytest.mark.parametrize("stack", ["full", "lora_xs+memory-bf16"])
+def test_trainer_layerwise_galore_under_ddp_equals_plain(tmp_path, stack):
     for layerwise in (False, True):
-        mp.spawn(_run_trainer, args=(_free_port(), str(tmp_path), layerwise), nprocs=WORLD, join=True)
-    plain = torch.load(tmp_path / "plain0.pt")
-    initial = tiny_llama(torch.float32).state_dict()
-    assert any(not torch.equal(plain[k], initial[k]) for k in plain)  # it trained
+        mp.spawn(_run_trainer, args=(_free_port(), str(tmp_path), layerwise, stack), nprocs=WORLD, join=True)
+    plain = torch.load(tmp_path / "plain0.pt")  # each worker also asserted that its trainable weights moved
     for rank in range(WORLD):
         for name in ("plain", "layerwise"):
             other = torch.load(tmp_path / f"{name}{rank}.pt")
