@@ -22,7 +22,6 @@ from leantune.optim.galore_adafactor import GaLoreAdafactor
 from leantune.optim.galore_adamw import GaLoreAdamW
 from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
 from leantune.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
-from leantune.optim.layerwise import assert_single_process
 from leantune.optim.lisa import LISACallback, find_layer_stack
 from leantune.optim.natural_galore import NaturalGaLoreAdamW, woodbury_inverse_fisher
 from leantune.optim.param_groups import find_target_weights, make_param_groups
@@ -63,7 +62,6 @@ __all__ = [
     "RandomizedSVDProjector",
     "SVDProjector",
     "TwoSidedSVDProjector",
-    "assert_single_process",
     "build_optimizer",
     "dct_matrix",
     "find_layer_stack",

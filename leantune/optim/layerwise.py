@@ -31,18 +31,6 @@ from typing import Any, Callable
 import torch
 
 
-def assert_single_process(what: str = "Layer-wise optimizer updates in Trainer") -> None:
-    """Raise a clear error under torch.distributed with more than one process (where ``what`` is not supported)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() > 1:
-            raise RuntimeError(
-                f"{what} do not support DDP/FSDP/DeepSpeed (world_size={torch.distributed.get_world_size()}): "
-                "the per-parameter hook would step with un-synchronized local gradients. "
-                "Use layerwise=False, or in your own loop wrap the model in DistributedDataParallel and call "
-                "optimizer.attach_ddp(ddp_model)."
-            )
-
-
 class LayerwiseMixin:
     """Adds hook-driven per-parameter stepping to an optimizer that implements ``_step_param(p, group)``."""
 
