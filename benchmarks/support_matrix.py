@@ -4,8 +4,8 @@ Every cell is ``LeanTuneCallback(adapter, optimizer, memory, kernels).setup(Trai
 architecture, trained 4 steps, resumed from step 2, its forward compared with the unpatched model and, for mergeable
 adapters, merged and exported (``tests/support_matrix.py`` says exactly what is checked).
 
-    python benchmarks/support_matrix.py                   # adapter × memory × optimizer × arch (2,160 cells, ~30 min),
-                                                          # kernels and dtype rotated so every pair with them occurs
+    python benchmarks/support_matrix.py                   # adapter × optimizer × arch × dtype, and
+                                                          # adapter × memory × kernels × arch (1,936 cells, ~45 min)
     python benchmarks/support_matrix.py --mode pairwise   # the pairwise covering array `make test` runs (~1 min)
 """
 
@@ -30,13 +30,22 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def product_cells() -> list[Cell]:
-    """adapter × memory × optimizer × arch, with (kernels, dtype) rotating through their 4 combinations."""
-    rotation = list(itertools.product(FACTORS["kernels"], FACTORS["dtype"]))
+    """Two full products, so that every adapter meets every value of every other factor on every architecture:
+
+    A. adapter × optimizer × architecture × dtype, memory rotating through {off, all} and kernels through {off, on};
+    B. adapter × memory × kernels × architecture, optimizer and dtype rotating through their values.
+    """
     cells = []
-    for i, (adapter, memory, optimizer, arch) in enumerate(itertools.product(
-            FACTORS["adapter"], FACTORS["memory"], FACTORS["optimizer"], FACTORS["arch"])):
-        kernels, dtype = rotation[(i + i // len(FACTORS["arch"])) % len(rotation)]
+    rotation = list(itertools.product(["off", "all"], FACTORS["kernels"]))
+    for i, (adapter, optimizer, arch, dtype) in enumerate(itertools.product(
+            FACTORS["adapter"], FACTORS["optimizer"], FACTORS["arch"], FACTORS["dtype"])):
+        memory, kernels = rotation[(i + i // 8) % len(rotation)]
         cells.append(Cell(adapter, memory, kernels, optimizer, dtype, arch))
+    optimizers, dtypes = FACTORS["optimizer"], FACTORS["dtype"]
+    for i, (adapter, memory, kernels, arch) in enumerate(itertools.product(
+            FACTORS["adapter"], FACTORS["memory"], FACTORS["kernels"], FACTORS["arch"])):
+        cells.append(Cell(adapter, memory, kernels, optimizers[(i * 5) % len(optimizers)],
+                          dtypes[(i + i // 4) % len(dtypes)], arch))
     return cells
 
 

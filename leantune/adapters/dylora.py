@@ -161,7 +161,7 @@ class DyLoRAModel(LowRankModel):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.model.training:
             self.sample_rank()
-        return self.model.forward(*args, **kwargs)
+        return self.model(*args, **kwargs)  # through __call__: FSDP2 unshards its root in the pre-forward hook
 
 
 register_tuner(LeanTuneType.DYLORA, DyLoRAConfig, DyLoRAModel)

@@ -201,9 +201,10 @@ class SparseLowRankLayer(nn.Module, BaseTunerLayer):
         B, A, values, index, sparse_dim = self.initial_parts(config, gen)
         self.r[adapter_name], self.sparse_dim[adapter_name] = r, sparse_dim
         self.scaling[adapter_name] = config.lora_alpha / r
-        self.part("A")[adapter_name] = nn.Parameter(A.to(device, dtype))
-        self.part("B")[adapter_name] = nn.Parameter(B.to(device, dtype))
-        self.part("values")[adapter_name] = nn.Parameter(values.to(device, dtype))
+        # contiguous: LOST's A is a row-scaled slice of the SVD's column-major Vh, and FSDP2 shards contiguous only
+        self.part("A")[adapter_name] = nn.Parameter(A.to(device, dtype).contiguous())
+        self.part("B")[adapter_name] = nn.Parameter(B.to(device, dtype).contiguous())
+        self.part("values")[adapter_name] = nn.Parameter(values.to(device, dtype).contiguous())
         self.part("index")[adapter_name] = index.to(device)
         if self.base_layer.bias is not None:
             self.part("bias")[adapter_name] = nn.Parameter(self.base_layer.bias.detach().clone())

@@ -163,10 +163,41 @@ def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> It
 
 def save_adapter(model: PeftModel, out_dir: str | os.PathLike, **kwargs) -> Path:
     """``model.save_pretrained(out_dir, **kwargs)``, atomically (a previous ``out_dir`` is replaced only once the
-    new files are complete)."""
+    new files are complete).
+
+    Under FSDP2 call it on every rank: the adapter's tensors (only those, not the base model) are gathered from their
+    shards and rank 0 writes the whole adapter; the other ranks wait until it is written."""
+    gathered = _gather_adapter_state(model)
+    if gathered is not None:
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            with atomic_output_dir(out_dir, overwrite=True) as tmp:
+                model.save_pretrained(str(tmp), state_dict=gathered, **kwargs)
+        dist.barrier()
+        return Path(out_dir)
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
         model.save_pretrained(str(tmp), **kwargs)
     return Path(out_dir)
+
+
+def _gather_adapter_state(model: PeftModel) -> dict | None:
+    """The model's state dict with the adapter's FSDP2-sharded tensors gathered whole (None when nothing is sharded).
+
+    Which entries peft saves is asked of peft itself: it filters a state dict of placeholders, and the placeholders
+    it keeps name the entries to gather, so the base model's shards are never gathered."""
+    from peft import get_peft_model_state_dict
+
+    from leantune.optim.sharded import is_sharded
+
+    state = model.state_dict()
+    if not any(is_sharded(v) for v in state.values()):
+        return None
+    placeholders = {key: torch.empty(0) for key in state}
+    owner = {id(v): key for key, v in placeholders.items()}
+    kept = get_peft_model_state_dict(model, state_dict=placeholders)
+    needed = {owner[id(v)] for v in kept.values() if id(v) in owner}
+    return {key: (state[key].full_tensor() if is_sharded(state[key]) else state[key]) for key in sorted(needed)}
 
 
 __all__ = ["ADAPTER_WEIGHTS", "LeanTuneError", "atomic_output_dir", "load_adapter", "read_adapter_config",

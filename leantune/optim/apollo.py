@@ -54,6 +54,8 @@ class APOLLOAdamW(GaLoreAdamW):
     limiter), ``disable_nl`` (no norm-growth limiter). Defaults: random projector, scale 1 (APOLLO's recipe).
     """
 
+    row_shardable = False  # its update needs statistics across all rows of R (refused under FSDP2)
+
     state_keys = LowRankOptimizer.state_keys + ("limiter_norm",)
     group_aliases = {"proj": "projector"}  # apollo-torch's key
     fusable = False

@@ -21,6 +21,8 @@ from torch.optim import Optimizer
 from leantune._utils import NonFiniteGradientWarning
 from leantune.optim.layerwise import LayerwiseMixin
 from leantune.optim.projectors import PROJECTOR_KINDS, Projector, make_projector
+from leantune.optim.sharded import (ShardedProjector, all_ranks_true, check_sharded_optimizer, full_gradient, local,
+                                    norm_over_rows, row_shard)
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 
@@ -52,6 +54,8 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     low_rank_defaults: dict[str, Any] = LOW_RANK_DEFAULTS
     #: whether fp16 parameters work (Adam moments in fp16 underflow: ε = 1e-8 is 0 there, and m/√v turns NaN)
     supports_fp16: bool = False
+    #: whether the update rule runs on FSDP2 row shards (``sharded.py``): row-local but for counted reductions
+    row_shardable: bool = False
     #: per-parameter state keys this optimizer writes (a checkpoint with others is from another optimizer)
     state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq", "proj_ortho", "proj_right", "proj_indices",
                                    "proj_dim", "proj_dtype_ref", "proj_seed", "proj_ortho_right")
@@ -71,7 +75,9 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             for p in group["params"]:
                 self._param_seed[p] = len(self._param_seed)
         self.restarts = None  # momentum reset / refactorization cycles (enable_restarts)
+        self._shard = None  # the RowShard of the FSDP2 parameter being updated (None: a whole tensor)
         self._init_layerwise(layerwise, accumulation_steps)
+        check_sharded_optimizer(self)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's ``add_param_group`` after mapping reference spellings and refusing keys nobody reads (they would
@@ -162,11 +168,15 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             self._flush_layerwise()
         else:
             todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-            plain = [p.grad for p, group in todo if not self.is_low_rank(group, p)]
+            plain = [(p, local(p.grad)) for p, group in todo if not self.is_low_rank(group, p)]
             finite = iter([])
             if plain:  # one pass and one sync for the finiteness check (projected ones: see _step_param)
-                norms = torch._foreach_norm(plain)
-                finite = iter(torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms])).tolist())
+                norms = torch._foreach_norm([g for _, g in plain])
+                flags = torch.isfinite(torch.stack([n.to(norms[0].device, torch.float32) for n in norms]))
+                shard = next((s for s in (row_shard(p) for p, _ in plain) if s is not None), None)
+                if shard is not None:  # FSDP2: every rank skips the same parameters
+                    flags = all_ranks_true(flags, shard)
+                finite = iter(flags.tolist())
             for p, group in todo:
                 self._step_param(p, group, finite=None if self.is_low_rank(group, p) else next(finite))
         if self.restarts is not None:
@@ -189,30 +199,48 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
 
         A projected parameter's gradient is not scanned here: a NaN/inf in G reaches its projection R, which
         :meth:`project` checks (r x max(m, n) instead of m x n numbers); refresh steps check G before the SVD."""
-        grad = p.grad
+        shard = row_shard(p)
+        if shard is not None:  # FSDP2: the update runs on this rank's rows (sharded.py)
+            self._shard = shard
+            try:
+                return self._step_local(p, local(p), group, finite)
+            finally:
+                self._shard = None
+        return self._step_local(p, p, group, finite)
+
+    def _step_local(self, key: torch.Tensor, p: torch.Tensor, group: dict[str, Any], finite: bool | None) -> None:
+        """:meth:`_step_param` on ``p`` (``key``'s tensor, or its rows on this rank; ``key`` owns the state)."""
+        shard = self._shard
+        grad = local(key.grad)
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)}).")
-        projected = self.is_low_rank(group, p)
+        projected = self.is_low_rank(group, key)
         if finite is None and not projected:  # per-layer mode, or a projected group's plain parameter
-            finite = bool(torch.isfinite(grad).all())
+            finite = self._all_ranks(torch.isfinite(grad).all())
         if finite is False:
-            return self._skip(p)
+            return self._skip(key)
         grad = self.working_grad(grad)
         if self.restarts is not None and (factor := self.restarts.lr_factor(group)) != 1.0:
             group = {**group, "lr": group["lr"] * factor}  # LR recovery after a momentum reset
         max_norm = group.get("max_grad_norm_per_param")
         if max_norm:
             # same coefficient as torch.nn.utils.clip_grad_norm_, but per parameter
-            coef = (max_norm / (torch.linalg.vector_norm(grad) + 1e-6)).clamp(max=1.0)
+            coef = (max_norm / (norm_over_rows(grad, shard) + 1e-6)).clamp(max=1.0)
             grad = grad * coef
-        state = self.state[p]
+        state = self.state[key]
         projector = None
         if projected:
-            projector = make_projector(group["projector"], state, group, seed=self._param_seed.get(p, 0))
+            projector = make_projector(group["projector"], state, group, seed=self._param_seed.get(key, 0))
+            if shard is not None:
+                projector = ShardedProjector(projector, shard)
             if projector.needs_refresh(state.get("step", 0)):
                 source = self.projection_source(p, grad, state, group)
+                if shard is not None:  # the whole matrix, every T steps (every rank computes the same P from it)
+                    source = full_gradient(key.grad) if source is grad else source
+                    if max_norm:
+                        source = source * coef
                 if not bool(torch.isfinite(source).all()):
-                    return self._skip(p)
+                    return self._skip(key)
                 state.setdefault("step", 0)
                 if not self._refresh(projector, source, state, group) and not projector.initialized:
                     return
@@ -220,7 +248,11 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         try:
             self.update(p, grad, state, group, projector)
         except _NonFiniteProjection:
-            self._skip(p)
+            self._skip(key)
+
+    def _all_ranks(self, flag: torch.Tensor) -> bool:
+        """A finiteness decision every rank of the current FSDP2 shard agrees on (``flag`` itself otherwise)."""
+        return bool(flag if self._shard is None else all_ranks_true(flag.reshape(1), self._shard))
 
     def project(self, projector: Projector, X: torch.Tensor) -> torch.Tensor:
         """R = projector.project(X), refused (the parameter skipped) when it holds NaN/inf: call it before the
@@ -228,8 +260,12 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         R = projector.project(X)
         # one reduction instead of isfinite's four passes; a non-finite sum (NaN/inf inside, or an overflow of the
         # sum itself) is confirmed element-wise
-        if not bool(torch.isfinite(R.sum(dtype=torch.float64 if R.dtype == torch.float64 else torch.float32))) and \
-                not bool(torch.isfinite(R).all()):
+        total = R.sum(dtype=torch.float64 if R.dtype == torch.float64 else torch.float32)
+        if self._shard is not None and getattr(projector, "state", {}).get("proj_right", False):
+            finite = bool(torch.isfinite(total)) or bool(torch.isfinite(R).all())
+            if not self._all_ranks(torch.tensor(finite)):  # R's rows are spread over the ranks: all skip or none
+                raise _NonFiniteProjection
+        elif not bool(torch.isfinite(total)) and not bool(torch.isfinite(R).all()):
             raise _NonFiniteProjection
         return R
 
@@ -332,15 +368,16 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
 
     def _moment_shape(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[int, ...] | None:
         """The shape of the Adam moments of ``p``: the projected gradient's (None when it cannot be told)."""
+        rows = tuple(local(p).shape)  # an FSDP2 parameter's state covers this rank's rows
         if group.get("rank") is None or p.ndim != 2:
-            return tuple(p.shape)
+            return rows
         if "proj_right" not in state:
             return None
         m, n = p.shape
         rank = min(int(group["rank"]), m, n)
         if group.get("projector") == "svd2":
             return (rank, rank)
-        return (m, rank) if state["proj_right"] else (rank, n)
+        return (rows[0], rank) if state["proj_right"] else (rank, n)
 
     # ---- helpers shared by the Adam family --------------------------------------------------------------------
     def shared_state_tensors(self) -> list[torch.Tensor]:

@@ -34,6 +34,8 @@ from leantune.optim.galore_adamw import (GaLoreAdamW, adam_normalize, apply_upda
 class CondaAdamW(GaLoreAdamW):
     """Conda (module docstring). Args as GaLoreAdamW's Adam ones, plus ``update_proj_gap`` (T) and ``scale``."""
 
+    row_shardable = False  # its update needs statistics across all rows of R (refused under FSDP2)
+
     state_keys = ("step", "exp_avg", "exp_avg_sq", "conda_basis")
     low_rank_defaults = {"update_proj_gap": 2000, "scale": 1.0, "max_grad_norm_per_param": None}
     fusable = False

@@ -21,6 +21,7 @@ import torch
 
 from leantune.optim.base import LowRankOptimizer
 from leantune.optim.galore_adamw import GaLoreAdamW, adam_direction
+from leantune.optim.sharded import norm_over_rows
 
 
 class FiraAdamW(GaLoreAdamW):
@@ -55,30 +56,33 @@ class FiraAdamW(GaLoreAdamW):
     def add_residual(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
         """The default-arithmetic W ← W − η_t S without forming S: S₀ = G − α back(R) as one GEMM, ‖S₀ ⊙ φ‖ from
         S₀'s channel norms, then W += −η_t S₀ φ / λ in one pass (``addcdiv_``)."""
-        phi = _channel_ratio(N, R)
+        phi = _channel_ratio(N, R, state["proj_right"])
         alpha = 1.0 if group["orthogonal_residual"] and projector.scale != 0 else projector.scale
         S0 = projector.subtract_back(grad, R, alpha)
+        # under FSDP2 S0's rows are spread over the ranks: norms across rows are reduced (sharded.py)
         if phi.dim() == 2:  # (m, 1): one per row
-            norm = torch.linalg.vector_norm(phi.squeeze(1) * torch.linalg.vector_norm(S0, dim=1))
+            norm = norm_over_rows(phi.squeeze(1) * torch.linalg.vector_norm(S0, dim=1), self._shard)
         else:
-            norm = torch.linalg.vector_norm(phi * torch.linalg.vector_norm(S0, dim=0))
+            norm = torch.linalg.vector_norm(phi * norm_over_rows(S0, self._shard, dim=0))
         limiter = growth_limiter(norm, state, "fira_prev_norm", group["gamma"])
         divisor = 1.0 / phi if limiter is None else limiter / phi  # S = S₀ φ / λ
         p.addcdiv_(S0, divisor.to(p.dtype), value=-step_size)
 
     def residual(self, grad, R, N, state, group, projector) -> torch.Tensor:
         """S = (G − α back(R)) · φ, with the growth limiter (module docstring); updates ``fira_prev_norm``."""
-        phi = _channel_ratio(N, R)
+        phi = _channel_ratio(N, R, state["proj_right"])
         removed = projector.project_back(R)
         if group["orthogonal_residual"] and projector.scale != 0:
             removed = removed / projector.scale
         residual = (grad - removed) * phi
-        return limit_norm_growth(residual, state, "fira_prev_norm", group["gamma"])
+        limiter = growth_limiter(norm_over_rows(residual, self._shard), state, "fira_prev_norm", group["gamma"])
+        return residual if limiter is None else residual / limiter
 
 
-def _channel_ratio(N: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    """φ = ‖N‖_c / (‖R‖_c + 1e-8) per channel of the larger side: (m, 1) when R is tall (m x r), (n,) when wide."""
-    dim = 0 if N.shape[0] < N.shape[1] else 1
+def _channel_ratio(N: torch.Tensor, R: torch.Tensor, right: bool) -> torch.Tensor:
+    """φ = ‖N‖_c / (‖R‖_c + 1e-8) per channel of the larger side: (m, 1) when R is tall (m x r, the right side),
+    (n,) when wide. The side comes from the projector, not R's shape: an FSDP2 rank may hold fewer than r rows."""
+    dim = 1 if right else 0
     phi = torch.norm(N, dim=dim) / (torch.norm(R, dim=dim) + 1e-8)
     return phi.unsqueeze(1) if dim == 1 else phi
 

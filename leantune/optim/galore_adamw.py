@@ -148,6 +148,8 @@ class GaLoreAdamW(LowRankOptimizer):
         }
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 
+    row_shardable = True  # FSDP2: projection, moments and update are row-local (sharded.py)
+
     #: whether the fused Triton kernel may implement "moments + direction + back-projection + update" for this class
     fusable = True
 

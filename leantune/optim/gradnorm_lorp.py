@@ -58,6 +58,8 @@ def weight_norm_grads(W: torch.Tensor, grad: torch.Tensor, g: torch.Tensor,
 class GradNormLoRPAdamW(GaLoreAdamW):
     """GradNormLoRP with Adam moments (module docstring); args as GaLoreAdamW's."""
 
+    row_shardable = False  # its update needs statistics across all rows of R (refused under FSDP2)
+
     state_keys = LowRankOptimizer.state_keys + WN_KEYS
     fusable = False
 

@@ -49,6 +49,8 @@ class NaturalGaLoreAdamW(GaLoreAdamW):
     ``history_dtype`` (None = gradient dtype).
     """
 
+    row_shardable = False  # its update needs statistics across all rows of R (refused under FSDP2)
+
     state_keys = LowRankOptimizer.state_keys + ("fisher_history", "fisher_count")
 
     moment_keys = ("exp_avg", "exp_avg_sq")

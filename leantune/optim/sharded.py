@@ -1,0 +1,219 @@
+"""Low-rank optimizers on FSDP2-sharded parameters: the projection runs where the rows are.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every weight W ∈ R^{m×n} by rows: rank k holds its m_k rows
+W_k and, after the backward's reduce-scatter, the averaged gradient's rows G_k. With the GaLore projector P of rank r
+and scale α (``projectors.py``), everything but the left projection stays on the rank:
+
+* right side (m ≥ n; P ∈ R^{r×n}, the same on every rank):  R_k = G_k Pᵀ,  back(N)_k = α N_k P  — no communication;
+  the moments of R (m×r) are row-sharded like W, so each rank keeps m_k×r of them;
+* left side (m < n; P ∈ R^{m×r}, rank k keeps only its rows P_k):  R = Σ_k P_kᵀ G_k — **one all-reduce of r×n
+  numbers** per step —, back(N)_k = α P_k N; the r×n moments are the same on every rank;
+* a projector refresh (every T steps) needs the singular vectors (or DCT scores) of the whole G: G is all-gathered
+  then (m×n numbers once per T steps) and every rank computes the same P from the same numbers.
+
+Norms an update rule takes over a whole matrix (Fira's growth limiter and channel norms, per-parameter clipping)
+become local sums of squares plus one all-reduce, and the non-finite guard's decision is all-reduced, so that every
+rank skips a parameter together or not at all. Everything communicated is counted (:func:`communication_log`).
+
+Supported: the optimizers whose class sets ``row_shardable`` (GaLore, 8-bit GaLore, Fira, DCT-AdamW, DCT-Fira,
+rSVD GaLore) with the "svd", "rsvd" and "dct" projectors. Others need statistics across the rows of R (Adafactor's
+factored moments, APOLLO's channel scaling, Natural GaLore's Fisher, Conda's and GradNormLoRP's normalisations) and
+are refused at construction, as are per-layer updates and ``moment_policy="rotate"`` on sharded parameters.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from leantune.optim.projectors import Projector, compact_like
+
+ROW_SHARDABLE_PROJECTORS = ("svd", "rsvd", "dct")
+SUPPORTED = "galore_adamw, galore_adamw8bit, fira_adamw, dct_adamw, dct_fira_adamw or rsvd_galore_adamw"
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return None
+    return DTensor
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    DTensor = _dtensor_type()
+    return DTensor is not None and isinstance(p, DTensor)
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """This rank's rows of a parameter sharded on dim 0: ``rows`` of them from ``start``, of ``full_shape``."""
+
+    group: Any
+    rows: int
+    start: int
+    full_shape: tuple[int, ...]
+
+
+def row_shard(p: torch.Tensor) -> RowShard | None:
+    """The :class:`RowShard` of an FSDP2 parameter (None for a plain tensor); anything but FSDP2's row sharding on a
+    1-D mesh is refused with the placements it has."""
+    if not is_sharded(p):
+        return None
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} is a DTensor placed {tuple(p.placements)} on a "
+                         f"{p.device_mesh.ndim}-D mesh; leantune's optimizers support FSDP2's row sharding "
+                         "(fully_shard: Shard(0) on a 1-D mesh). For HSDP / tensor parallelism use DDP or plain AdamW.")
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return RowShard(p.device_mesh.get_group(), int(shape[0]) if shape else 0, int(offset[0]) if offset else 0,
+                    tuple(p.shape))
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's own part of a DTensor (sharing its storage, so in-place updates reach the parameter); t itself
+    otherwise."""
+    return t.to_local() if is_sharded(t) else t
+
+
+class CommunicationLog:
+    """Bytes this rank sent into collectives from leantune's optimizers, by phase ("step", "refresh", "guard")."""
+
+    def __init__(self) -> None:
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    def add(self, phase: str, nbytes: int) -> None:
+        self.bytes[phase] += int(nbytes)
+        self.calls[phase] += 1
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()
+
+
+_LOG = CommunicationLog()
+
+
+def communication_log() -> CommunicationLog:
+    """The process-wide :class:`CommunicationLog` (``reset()`` it before a step to measure that step)."""
+    return _LOG
+
+
+def all_reduce_sum(t: torch.Tensor, shard: RowShard, phase: str = "step") -> torch.Tensor:
+    _LOG.add(phase, t.numel() * t.element_size())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=shard.group)
+    return t
+
+
+def all_ranks_true(flag: torch.Tensor, shard: RowShard) -> torch.Tensor:
+    """Element-wise AND of a bool tensor over the ranks (one all-reduce of one byte per element)."""
+    t = flag.to(torch.uint8)
+    _LOG.add("guard", t.numel())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=shard.group)
+    return t.bool()
+
+
+def full_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """The whole gradient of a row-sharded parameter (an all-gather: projector refreshes only)."""
+    full = grad.full_tensor()
+    _LOG.add("refresh", full.numel() * full.element_size())
+    return full
+
+
+def norm_over_rows(x: torch.Tensor, shard: RowShard | None, dim: int | None = None) -> torch.Tensor:
+    """‖x‖₂ (over everything, or along ``dim``) of a matrix whose rows are spread over the ranks: the vector norm
+    itself without sharding, else √(Σ_ranks Σ x²). ``dim=1`` (within rows) needs no communication."""
+    if shard is None or dim == 1:
+        return torch.linalg.vector_norm(x, dim=dim)
+    squares = x.float().square().sum(dim=dim) if x.dtype != torch.float64 else x.square().sum(dim=dim)
+    return all_reduce_sum(squares, shard).sqrt().to(x.dtype)
+
+
+class ShardedProjector(Projector):
+    """A projector of the whole m×n matrix, applied to this rank's rows (module docstring)."""
+
+    def __init__(self, inner: Projector, shard: RowShard) -> None:  # noqa: D107 - no re-validation of inner's args
+        self.inner, self.shard = inner, shard
+        self.state, self.rank, self.update_proj_gap, self.scale = inner.state, inner.rank, inner.update_proj_gap, \
+            inner.scale
+        self.kind, self.one_sided = inner.kind, inner.one_sided
+
+    @property
+    def initialized(self) -> bool:
+        return self.inner.initialized
+
+    def needs_refresh(self, step: int) -> bool:
+        return self.inner.needs_refresh(step)
+
+    def refresh(self, grad: torch.Tensor, step: int) -> bool:
+        """Refresh from the whole gradient ``grad`` (every rank the same); the left side keeps only its rows of P."""
+        ok = self.inner.refresh(grad, step)
+        stored = self.state.get("proj_ortho")
+        if ok and stored is not None and not self.state["proj_right"] and stored.shape[0] == self.shard.full_shape[0]:
+            self.state["proj_ortho"] = compact_like(stored[self.shard.start:self.shard.start + self.shard.rows])
+        return ok
+
+    def matrix(self) -> torch.Tensor:
+        P = self.inner.matrix()
+        if not self.state["proj_right"] and P.shape[0] == self.shard.full_shape[0] != self.shard.rows:
+            P = P[self.shard.start:self.shard.start + self.shard.rows]  # computed kinds (DCT): this rank's rows
+        return P
+
+    def project(self, grad: torch.Tensor) -> torch.Tensor:
+        R = super().project(grad)  # right: G_k Pᵀ (this rank's rows of R); left: P_kᵀ G_k (a partial sum)
+        return R if self.state["proj_right"] else all_reduce_sum(R, self.shard)
+
+    def transition(self, old_matrix: torch.Tensor) -> torch.Tensor:  # pragma: no cover - refused at construction
+        raise NotImplementedError("moment_policy='rotate' is not supported on FSDP2-sharded parameters")
+
+
+def check_sharded_optimizer(optimizer: Any) -> None:
+    """Refuse, before any step, what the row-local algorithm cannot do on FSDP2 parameters (module docstring)."""
+    name = type(optimizer).__name__
+    groups = set()
+    params = [(n, p) for g in optimizer.param_groups
+              for n, p in zip(g.get("param_names") or [f"a parameter of shape {tuple(p.shape)}" for p in g["params"]],
+                              g["params"])]
+    if any(is_sharded(p) for _, p in params):
+        plain = [n for n, p in params if not is_sharded(p)]
+        if plain:
+            raise ValueError(f"{name}: {plain[0]} (and {len(plain) - 1} more) is not sharded by FSDP2 while the others "
+                             "are, so its gradient is not averaged across ranks and each rank would train its own "
+                             "copy. Call fully_shard on a module that holds it, e.g. on the PeftModel itself as the "
+                             "root after sharding its decoder layers (Compacter's shared rule lives there).")
+    for group in optimizer.param_groups:
+        sharded = [p for p in group["params"] if is_sharded(p)]
+        if not sharded:
+            continue
+        for p in sharded:
+            groups.add(id(row_shard(p).group))
+        if optimizer.layerwise:
+            raise ValueError(f"{name}(layerwise=True) on FSDP2-sharded parameters: per-layer updates run inside "
+                             "backward, before FSDP2's reduce-scatter has averaged the gradient. Use DDP for "
+                             "per-layer updates (optimizer.attach_ddp), or layerwise=False under FSDP2.")
+        if "rank" not in group:  # plain (full-rank) groups update element-wise: row-local as they are
+            continue
+        if not getattr(optimizer, "row_shardable", False):
+            raise ValueError(f"{name} on FSDP2-sharded parameters is not supported: its update needs statistics "
+                             "across all rows of the projected gradient. Use one of " + SUPPORTED +
+                             " under FSDP2, or this optimizer under DDP.")
+        if group["projector"] not in ROW_SHARDABLE_PROJECTORS:
+            raise ValueError(f"{name}: projector {group['projector']!r} on FSDP2-sharded parameters is not supported; "
+                             f"use one of {ROW_SHARDABLE_PROJECTORS}.")
+        if group.get("moment_policy") == "rotate":
+            raise ValueError(f"{name}: moment_policy='rotate' on FSDP2-sharded parameters is not supported (the "
+                             "change of basis of a left projector spans all rows); use 'keep' or 'reset'.")
+    if len(groups) > 1:
+        raise ValueError(f"{name}: the sharded parameters live on {len(groups)} different process groups; leantune's "
+                         "optimizers support one FSDP2 mesh per optimizer.")
+
+
+__all__ = ["CommunicationLog", "RowShard", "ShardedProjector", "check_sharded_optimizer", "communication_log",
+           "full_gradient", "is_sharded", "local", "norm_over_rows", "row_shard"]

@@ -1,0 +1,253 @@
+"""FSDP2 (``fully_shard`` per decoder layer, gloo, 2 CPU processes): the low-rank optimizers run on each rank's rows.
+
+* float64: 2 processes × batch b give the weights of 1 process × batch 2b (to 1e-10), projector refreshes included
+  (update_proj_gap=2), for GaLore, Fira, DCT, DCT-Fira and rSVD GaLore, on right-side (q_proj, gate/up_proj) and
+  left-side (down_proj) matrices; 8-bit GaLore (float32) follows the single-process loss curve;
+* communication: a step without refresh communicates exactly the r×n reduction of each left projection (GaLore),
+  plus channel / scalar norms for Fira — counted by leantune and checked against torch's CommDebugMode, so that no
+  DTensor redistribution happens behind our back; a refresh step all-gathers the gradients once;
+* state per rank: the right-side moments hold this rank's rows only;
+* resume from a per-rank ``state_dict`` continues bit for bit;
+* what cannot run row-locally is refused at construction, naming what to use instead.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tests.distributed.helpers import batches, shard, spawn, tiny_llama
+
+STEPS = 5
+ROW_LOCAL = ["galore_adamw", "fira_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw"]
+REFUSED = ["galore_adafactor", "apollo_adamw", "apollo_mini", "natural_galore_adamw", "conda_adamw", "gradnorm_lorp"]
+RANK = 4
+
+
+def _build(model, name, **kw):
+    from leantune.optim import OPTIMIZERS, OptimizerConfig, build_optimizer
+
+    kwargs = {"min_8bit_size": 16} if name == "galore_adamw8bit" else {}
+    rank = None if OPTIMIZERS[name].fixed_rank or OPTIMIZERS[name].rank is None else RANK
+    return build_optimizer(model, OptimizerConfig(name, lr=1e-2, rank=rank, update_proj_gap=2,
+                                                  optimizer_kwargs=kwargs, **kw))
+
+
+def _shard_model(model):
+    from torch.distributed.fsdp import fully_shard
+
+    from leantune.optim import find_layer_stack
+
+    for layer in find_layer_stack(model):  # decoder layers, then the root (for a PeftModel: its tuner-level
+        fully_shard(layer)               # parameters too, e.g. Compacter's shared rule)
+    fully_shard(model)
+    return model
+
+
+def _full_weights(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in model.state_dict().items():
+        v = v.full_tensor() if hasattr(v, "full_tensor") else v
+        out[k] = v.detach().clone()
+    return out
+
+
+def _train(rank: int | None, names: list[str], dtype: torch.dtype) -> dict:
+    """rank None: one process on the whole batch; else this rank's half under FSDP2. Records, per step, what the
+    optimizer communicated (leantune's log and torch's CommDebugMode)."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from leantune.optim.sharded import communication_log
+
+    out = {}
+    for name in names:
+        model = tiny_llama(dtype)
+        if rank is not None:
+            torch.manual_seed(1000 + rank)  # each rank's RNG differs: nothing may depend on it
+            _shard_model(model)
+        opt = _build(model, name)
+        losses, comm = [], []
+        for ids in batches(STEPS):
+            ids = ids if rank is None else shard(ids, rank)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            communication_log().reset()
+            with CommDebugMode() as mode:
+                opt.step()
+            comm.append({"leantune": dict(communication_log().bytes), "calls": dict(communication_log().calls),
+                         "torch_calls": mode.get_total_counts()})
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        if rank is not None:
+            losses = torch.stack(losses)
+            torch.distributed.all_reduce(losses)
+            losses = losses / 2
+        moments = {}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                st = opt.state[p]
+                if "exp_avg" in st:
+                    moments[tuple(p.shape)] = tuple(st["exp_avg"].shape)
+        out[name] = {"weights": _full_weights(model), "losses": torch.stack(list(losses)), "comm": comm,
+                     "moments": moments}
+    return out
+
+
+def test_row_local_optimizers_under_fsdp2_equal_one_process(tmp_path):
+    ranks = spawn(_train, tmp_path, ROW_LOCAL, torch.float64)
+    single = _train(None, ROW_LOCAL, torch.float64)
+    for name in ROW_LOCAL:
+        for key, ref in single[name]["weights"].items():
+            assert torch.equal(ranks[0][name]["weights"][key], ranks[1][name]["weights"][key]), (name, key)
+            torch.testing.assert_close(ranks[0][name]["weights"][key], ref, rtol=0, atol=1e-10,
+                                       msg=lambda m, key=key, name=name: f"{name} {key}: {m}")
+
+
+def test_communication_is_the_left_projections_reduction(tmp_path):
+    """Steps 1 and 3 (0-based; refreshes at 0, 2, 4) send, per left-projected matrix (down_proj, 32×64, r=4), its
+    r×n = 256 float64 numbers, and nothing else for GaLore; every collective is leantune's own (CommDebugMode sees
+    no more calls than leantune logged). Refresh steps all-gather each projected gradient once. Right-side moments
+    hold this rank's rows only (m/2 × r)."""
+    ranks = spawn(_train, tmp_path, ["galore_adamw", "fira_adamw"], torch.float64)
+    layers = 2
+    left_bytes = layers * RANK * 64 * 8
+    for r in ranks:
+        galore, fira = r["galore_adamw"], r["fira_adamw"]
+        for step in (1, 3):
+            assert galore["comm"][step]["leantune"]["step"] == left_bytes
+            assert "refresh" not in galore["comm"][step]["leantune"]
+            # Fira adds per left matrix its n column norms, per right matrix one scalar (6 right matrices a layer)
+            assert fira["comm"][step]["leantune"]["step"] == left_bytes + layers * (64 * 8 + 6 * 8)
+            for run in (galore, fira):
+                calls = sum(run["comm"][step]["calls"].values())
+                assert run["comm"][step]["torch_calls"] <= calls, run["comm"][step]
+        # a refresh gathers each projected matrix once: 4 of 32×32 (q,k,v,o), 3 of 64×32 (gate, up, down) a layer
+        assert galore["comm"][2]["leantune"]["refresh"] == layers * (4 * 32 * 32 + 3 * 64 * 32) * 8
+        moments = galore["moments"]
+        assert moments[(64, 32)] == (32, RANK)  # gate/up: right side, this rank's 32 of 64 rows
+        assert moments[(32, 64)] == (RANK, 64)  # down: left side, r × n on every rank
+        assert moments[(32, 32)] == (16, RANK)
+
+
+def test_8bit_galore_under_fsdp2_follows_one_process(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    ranks = spawn(_train, tmp_path, ["galore_adamw8bit"], torch.float32)
+    single = _train(None, ["galore_adamw8bit"], torch.float32)
+    torch.testing.assert_close(ranks[0]["galore_adamw8bit"]["losses"], single["galore_adamw8bit"]["losses"],
+                               rtol=1e-3, atol=1e-3)
+    for key in single["galore_adamw8bit"]["weights"]:
+        assert torch.equal(ranks[0]["galore_adamw8bit"]["weights"][key], ranks[1]["galore_adamw8bit"]["weights"][key])
+
+
+def _resume_and_refusals(rank: int) -> dict:
+    out = {}
+    for name in ("galore_adamw", "fira_adamw", "dct_adamw"):
+        data = [shard(ids, rank) for ids in batches(STEPS)]
+        runs = []
+        for resume in (False, True):
+            model = _shard_model(tiny_llama())
+            opt = _build(model, name)
+            for i, ids in enumerate(data):
+                if resume and i == 3:  # a fresh optimizer from this rank's checkpoint
+                    saved = copy.deepcopy(opt.state_dict())
+                    opt = _build(model, name)
+                    opt.load_state_dict(saved)
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            runs.append(_full_weights(model))
+        out[name] = all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    errors = {}
+    model = _shard_model(tiny_llama())
+    for name in REFUSED:
+        try:
+            _build(model, name)
+        except ValueError as err:
+            errors[name] = str(err)
+    for label, kw in (("layerwise", {"layerwise": True}), ("rotate", {"moment_policy": "rotate"})):
+        try:
+            _build(model, "galore_adamw", **kw)
+        except ValueError as err:
+            errors[label] = str(err)
+    from peft import get_peft_model
+
+    from tests.distributed.test_ddp import _adapter_configs
+
+    compacter = get_peft_model(tiny_llama(), _adapter_configs()["compacter"])
+    _shard_model(compacter.base_model.model)  # the shared rule (tuner-level) left out of every FSDP2 unit
+    try:
+        from leantune.optim import GaLoreAdamW
+
+        GaLoreAdamW([p for p in compacter.parameters() if p.requires_grad])
+    except ValueError as err:
+        errors["unmanaged"] = str(err)
+    out["errors"] = errors
+    return out
+
+
+def test_resume_and_refusals_under_fsdp2(tmp_path):
+    ranks = spawn(_resume_and_refusals, tmp_path)
+    for r in ranks:
+        assert r["galore_adamw"] and r["fira_adamw"] and r["dct_adamw"], "resume from a per-rank state_dict differs"
+        errors = r["errors"]
+        assert sorted(errors) == sorted(REFUSED + ["layerwise", "rotate", "unmanaged"]), errors
+        assert "not sharded by FSDP2" in errors["unmanaged"] and "root" in errors["unmanaged"]
+        for name in REFUSED:
+            assert "FSDP2" in errors[name] and "galore_adamw" in errors[name] and "DDP" in errors[name], errors[name]
+        assert "DDP" in errors["layerwise"] and "layerwise=False" in errors["layerwise"]
+        assert "'keep'" in errors["rotate"]
+
+
+def _train_adapters(rank: int | None, names: list[str], out_dir: str | None = None) -> dict:
+    """Every adapter injected before sharding (decoder layers, then the PeftModel as root), trained with torch AdamW
+    (its update is element-wise, so row shards need nothing more); under FSDP2 also saved with
+    ``leantune.save_adapter`` from every rank. Returns the gathered adapter weights, or the error raised."""
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    import leantune
+
+    from tests.distributed.test_ddp import _adapter_configs
+
+    out = {}
+    for name in names:
+        model = get_peft_model(tiny_llama(torch.float64), _adapter_configs()[name])
+        try:
+            if rank is not None:
+                torch.manual_seed(1000 + rank)
+                _shard_model(model)
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            for ids in batches(STEPS):
+                ids = ids if rank is None else shard(ids, rank)
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        except Exception as err:  # noqa: BLE001 - reported per adapter
+            out[name] = f"{type(err).__name__}: {err}"
+            continue
+        state = get_peft_model_state_dict(model)
+        out[name] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}
+        if rank is not None and out_dir is not None:
+            leantune.save_adapter(model, f"{out_dir}/{name.split()[0]}")
+    return out
+
+
+def test_adapters_under_fsdp2_equal_one_process_and_save_whole(tmp_path):
+    """Every leantune adapter and peft LoRA: 2 FSDP2 processes × batch b = 1 process × batch 2b (float64), and the
+    folder rank 0 writes holds the whole adapter (loaded into a fresh model, it equals the single-process one)."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from tests.distributed.test_ddp import _adapter_configs
+
+    names = list(_adapter_configs())
+    ranks = spawn(_train_adapters, tmp_path, names, str(tmp_path / "saved"))
+    single = _train_adapters(None, names)
+    for name in names:
+        assert isinstance(ranks[0][name], dict), ranks[0][name]
+        for key, ref in single[name].items():
+            assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)
+            torch.testing.assert_close(ranks[0][name][key], ref, rtol=0, atol=1e-12)
+        loaded = PeftModel.from_pretrained(tiny_llama(torch.float64), tmp_path / "saved" / name.split()[0])
+        for key, value in get_peft_model_state_dict(loaded).items():
+            torch.testing.assert_close(value, single[name][key], rtol=0, atol=1e-12, msg=lambda m, k=key: f"{k}: {m}")
