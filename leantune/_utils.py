@@ -31,6 +31,8 @@ def storage_bytes(tensors: Iterable[Any]) -> int:
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
+        if hasattr(t, "to_local") and hasattr(t, "placements"):  # an FSDP2 DTensor: what this rank holds
+            t = t.to_local()
         storage = t.untyped_storage()
         if storage.nbytes() == 0:
             continue
