@@ -65,7 +65,15 @@ class LISACallback(TrainerCallback):
         self._trainable: set[int] = set()
 
     def setup(self, model: nn.Module) -> None:
+        from leantune.optim.sharded import is_sharded
+
         self._layers = find_layer_stack(model, self.layers_attribute)
+        if any(is_sharded(p) for p in self._layers.parameters()):
+            raise ValueError("LISA on an FSDP2-sharded model is not supported: it switches requires_grad of whole "
+                             "layers during training, after FSDP2 has grouped their parameters into shard units with "
+                             "one gradient reduction each, and leantune has not verified that FSDP2 reduces and "
+                             "steps exactly the active layers then. Use LISA under DDP (every rank samples the same "
+                             "layers from the seed), or a low-rank optimizer under FSDP2.")
         if self.n_layers > len(self._layers):
             raise ValueError(f"LISA: n_layers={self.n_layers} > number of layers {len(self._layers)}.")
         # only parameters that were trainable before LISA are ever toggled

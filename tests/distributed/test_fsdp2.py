@@ -183,6 +183,12 @@ def _resume_and_refusals(rank: int) -> dict:
         GaLoreAdamW([p for p in compacter.parameters() if p.requires_grad])
     except ValueError as err:
         errors["unmanaged"] = str(err)
+    from leantune.optim import LISACallback
+
+    try:
+        LISACallback(n_layers=1).setup(_shard_model(tiny_llama()))
+    except ValueError as err:
+        errors["lisa"] = str(err)
     out["errors"] = errors
     return out
 
@@ -192,7 +198,8 @@ def test_resume_and_refusals_under_fsdp2(tmp_path):
     for r in ranks:
         assert r["galore_adamw"] and r["fira_adamw"] and r["dct_adamw"], "resume from a per-rank state_dict differs"
         errors = r["errors"]
-        assert sorted(errors) == sorted(REFUSED + ["layerwise", "rotate", "unmanaged"]), errors
+        assert sorted(errors) == sorted(REFUSED + ["layerwise", "rotate", "unmanaged", "lisa"]), errors
+        assert "LISA under DDP" in errors["lisa"]
         assert "not sharded by FSDP2" in errors["unmanaged"] and "root" in errors["unmanaged"]
         for name in REFUSED:
             assert "FSDP2" in errors[name] and "galore_adamw" in errors[name] and "DDP" in errors[name], errors[name]
@@ -251,3 +258,49 @@ def test_adapters_under_fsdp2_equal_one_process_and_save_whole(tmp_path):
         loaded = PeftModel.from_pretrained(tiny_llama(torch.float64), tmp_path / "saved" / name.split()[0])
         for key, value in get_peft_model_state_dict(loaded).items():
             torch.testing.assert_close(value, single[name][key], rtol=0, atol=1e-12, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _stack(rank: int | None, mode: str) -> dict:
+    """A LoRA-XS adapter + leantune.memory (exact techniques and the 2-bit activation derivatives, all element-wise
+    or per row) + leantune.kernels, patched before wrapping, trained with GaLore over the adapter's factors."""
+    from peft import get_peft_model, get_peft_model_state_dict
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import leantune
+    from leantune.kernels import apply as apply_kernels
+    from leantune.memory import MemoryConfig
+    from leantune.memory import apply as apply_memory
+    from leantune.optim import OptimizerConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = tiny_llama(torch.float64)
+    for name, p in model.named_parameters():  # norm affines away from 1, so folding them is not a no-op
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5)
+    model = get_peft_model(model, leantune.LoraXSConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                        task_type="CAUSAL_LM"))
+    apply_memory(model, MemoryConfig())
+    patched = apply_kernels(model, enable=True)
+    runner = model
+    if rank is not None:
+        torch.manual_seed(1000 + rank)
+        runner = DDP(model) if mode == "ddp" else _shard_model(model)
+    opt = build_optimizer(model, OptimizerConfig("galore_adamw", lr=1e-2, rank=2, update_proj_gap=2))
+    for ids in batches(STEPS):
+        ids = ids if rank is None else shard(ids, rank)
+        runner(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    state = get_peft_model_state_dict(model)
+    return {"adapter": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                        for k, v in state.items()}, "kernels": patched}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_memory_kernels_adapter_and_galore_compose_across_processes(tmp_path, mode):
+    ranks = spawn(_stack, tmp_path, mode)
+    single = _stack(None, mode)
+    assert sum(single["kernels"].values()) > 0, single["kernels"]
+    for key, ref in single["adapter"].items():
+        assert torch.equal(ranks[0]["adapter"][key], ranks[1]["adapter"][key]), key
+        torch.testing.assert_close(ranks[0]["adapter"][key], ref, rtol=0, atol=1e-10, msg=lambda m, k=key: f"{k}: {m}")

@@ -66,3 +66,43 @@ def test_trainer_layerwise_galore_under_ddp_equals_plain(tmp_path, stack):
             other = torch.load(tmp_path / f"{name}{rank}.pt")
             for key, value in plain.items():
                 assert torch.equal(other[key], value), (name, rank, key)
+
+
+def _run_lisa(rank: int, port: int, out: str) -> None:
+    """LISA (1 of 2 layers active, switched every 2 steps) through the callback under DDP: every rank samples the
+    same layers (seeded by the switch index, not the global RNG) and frees the same optimizer states."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    torch.manual_seed(100 + rank)  # ranks' global RNGs differ: the sampled layers must not depend on them
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    import leantune
+
+    model = tiny_llama(torch.float32)
+    ids = torch.cat(batches(6, batch=8)).tolist()
+    train = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(output_dir=str(Path(out) / f"t{rank}"), max_steps=4, per_device_train_batch_size=2,
+                             learning_rate=1e-2, lr_scheduler_type="constant", save_strategy="no", report_to=[],
+                             use_cpu=True, ddp_backend="gloo", seed=0, data_seed=0, disable_tqdm=True,
+                             ddp_find_unused_parameters=True)
+    callback = leantune.LeanTuneCallback(lisa={"n_layers": 1, "interval_steps": 2}, verbose=False)
+    trainer = callback.setup(Trainer(model=model, args=args, train_dataset=train))
+    trainer.train()
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    lisa = [c for c in trainer.callback_handler.callbacks if type(c).__name__ == "LISACallback"][0]
+    torch.save({"weights": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                "stateful": sorted(names[id(p)] for p in optimizer.state), "active": lisa.active},
+               Path(out) / f"lisa{rank}.pt")
+
+
+def test_lisa_under_ddp_samples_the_same_layers_on_every_rank(tmp_path):
+    mp.spawn(_run_lisa, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"lisa{r}.pt") for r in range(WORLD))
+    assert r0["active"] == r1["active"] and r0["stateful"] == r1["stateful"]
+    layers = {n.split("layers.")[1].split(".")[0] for n in r0["stateful"] if "layers." in n}
+    assert layers == {str(i) for i in r0["active"]}  # states of the inactive layer were freed
+    for key, value in r0["weights"].items():
+        assert torch.equal(r1["weights"][key], value), key
