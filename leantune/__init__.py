@@ -28,6 +28,7 @@ from .adapters import (
 )
 from .integrations.callback import LeanTuneCallback
 from .integrations.checkpoints import LeanTuneError, load_adapter, save_adapter
+from .integrations.fsdp import shard_model
 from .integrations.interop import export_to_lora, inspect_adapter, merge_to_directory
 from .compress import compress_adapter, decompress_adapter
 
@@ -56,6 +57,7 @@ __all__ = [
     "load_adapter",
     "merge_to_directory",
     "save_adapter",
+    "shard_model",
 ]
 
 _LAZY_SUBPACKAGES = ("optim", "memory", "kernels")

@@ -48,10 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/fsdp2")
     args = ap.parse_args(argv)
 
-    from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from leantune.optim import OptimizerConfig, build_optimizer, find_layer_stack, optimizer_state_bytes
+    import leantune
+    from leantune.optim import OptimizerConfig, build_optimizer, optimizer_state_bytes
     from leantune.optim.sharded import communication_log
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -68,9 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if backend == "nccl":
         model.cuda()
-    for layer in find_layer_stack(model):
-        fully_shard(layer)
-    fully_shard(model)
+    leantune.shard_model(model)  # fully_shard per decoder layer, then the root
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     else:

@@ -143,6 +143,8 @@ class LeanTuneCallback(TrainerCallback):
 
             enable = True if self.kernels in (None, True) else self.kernels
             self._say(f"fused kernels on: {lt_kernels.apply(trainer.model, enable=enable)}")
+        if getattr(trainer, "is_fsdp_enabled", False):  # before the optimizer: nothing half set up on refusal
+            self._check_fsdp(trainer)
         if self.optimizer is not None:
             from leantune import optim as lt_optim
 
@@ -155,6 +157,21 @@ class LeanTuneCallback(TrainerCallback):
             trainer.add_callback(self)
         self.trainer = trainer
         return trainer
+
+    def _check_fsdp(self, trainer: Trainer) -> None:
+        """Under accelerate's FSDP, refuse at setup what cannot work (``leantune.integrations.fsdp``)."""
+        plugin = getattr(getattr(trainer.accelerator, "state", None), "fsdp_plugin", None)
+        version = getattr(plugin, "fsdp_version", 2)
+        if self.lisa is not None:
+            raise ValueError("LISA under FSDP is not supported (see LISACallback.setup); use it under DDP.")
+        if self.optimizer is not None and (version != 2 or self.optimizer.layerwise):
+            raise ValueError(f"optimizer {self.optimizer.name!r} under FSDP{version}: leantune's optimizers run on "
+                             "FSDP2 row shards only, and per-layer updates (layerwise=True) not at all under FSDP; use "
+                             "FSDP2 with layerwise=False, or DDP for per-layer updates.")
+        if version == 2:
+            from leantune.integrations.fsdp import check_fsdp2_units
+
+            check_fsdp2_units(trainer.model)
 
     def _apply_memory(self, trainer: Trainer) -> None:
         from leantune import memory as lt_memory

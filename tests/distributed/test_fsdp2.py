@@ -36,14 +36,9 @@ def _build(model, name, **kw):
 
 
 def _shard_model(model):
-    from torch.distributed.fsdp import fully_shard
+    import leantune
 
-    from leantune.optim import find_layer_stack
-
-    for layer in find_layer_stack(model):  # decoder layers, then the root (for a PeftModel: its tuner-level
-        fully_shard(layer)               # parameters too, e.g. Compacter's shared rule)
-    fully_shard(model)
-    return model
+    return leantune.shard_model(model)  # decoder layers, then the root (a PeftModel's tuner-level tensors too)
 
 
 def _full_weights(model) -> dict[str, torch.Tensor]:
@@ -304,3 +299,35 @@ def test_memory_kernels_adapter_and_galore_compose_across_processes(tmp_path, mo
     for key, ref in single["adapter"].items():
         assert torch.equal(ranks[0]["adapter"][key], ranks[1]["adapter"][key]), key
         torch.testing.assert_close(ranks[0]["adapter"][key], ref, rtol=0, atol=1e-10, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def _mixed_dtypes(rank: int) -> dict:
+    """A bf16 model with Compacter: peft upcasts the adapter to fp32 next to the bf16 LayerNorms it trains, which
+    FSDP2 rejects at the first forward; shard_model refuses before sharding, and the fix it names works."""
+    from peft import get_peft_model
+
+    import leantune
+    from tests.distributed.test_ddp import _adapter_configs
+
+    out = {}
+    model = get_peft_model(tiny_llama(torch.bfloat16), _adapter_configs()["compacter"])
+    try:
+        leantune.shard_model(model)
+    except ValueError as err:
+        out["error"] = str(err)
+    out["sharded_after_error"] = any(hasattr(p, "placements") for p in model.parameters())
+    model = get_peft_model(tiny_llama(torch.bfloat16), _adapter_configs()["compacter"], autocast_adapter_dtype=False)
+    leantune.shard_model(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = shard(batches(1)[0], rank)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    out["trained"] = True
+    return out
+
+
+def test_shard_model_refuses_mixed_dtype_units_before_sharding(tmp_path):
+    for r in spawn(_mixed_dtypes, tmp_path):
+        assert "one dtype" in r["error"] and "autocast_adapter_dtype=False" in r["error"], r
+        assert "bfloat16" in r["error"] and "float32" in r["error"]
+        assert not r["sharded_after_error"] and r["trained"]

@@ -1,0 +1,70 @@
+"""FSDP2 for adapted models: shard the way leantune's adapters and optimizers are tested, or say why not first.
+
+``shard_model(model)`` = ``fully_shard`` on every decoder layer, then on ``model`` itself as the root. The root
+matters for a ``PeftModel``: tensors the tuner keeps outside the layers (Compacter's shared PHM rule) belong to
+the root unit, so their gradients are averaged like every other; a trainable tensor left outside every unit would
+train separately on each rank (leantune's optimizers refuse that too).
+
+Refused before anything is sharded, naming the unit and the tensors: trainable parameters of different dtypes in
+one unit, which FSDP2 rejects only at the first forward ("uniform original parameter dtype") — e.g. a bf16 model
+whose adapter peft upcast to fp32 next to bf16 LayerNorms the adapter also trains (Compacter).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from leantune.optim.lisa import find_layer_stack
+
+
+def _trainable_dtypes(module: nn.Module, exclude: set[int]) -> dict[torch.dtype, list[str]]:
+    out: dict[torch.dtype, list[str]] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad and id(p) not in exclude:
+            out.setdefault(p.dtype, []).append(name)
+    return out
+
+
+def check_fsdp2_units(model: nn.Module, layers: nn.ModuleList | None = None) -> None:
+    """Raise ``ValueError`` if a unit of :func:`shard_model` would hold trainable parameters of several dtypes."""
+    if layers is None:
+        try:
+            layers = find_layer_stack(model)
+        except ValueError:  # no known decoder stack: the model is one unit
+            layers = nn.ModuleList()
+    in_layers: set[int] = set()
+    units = []
+    for i, layer in enumerate(layers):
+        units.append((f"decoder layer {i}", _trainable_dtypes(layer, set())))
+        in_layers |= {id(p) for p in layer.parameters()}
+    units.append(("the root (everything outside the decoder layers)", _trainable_dtypes(model, in_layers)))
+    for unit, dtypes in units:
+        if len(dtypes) > 1:
+            listing = "; ".join(f"{str(d).replace('torch.', '')}: {', '.join(names[:3])}"
+                                + (f" (+{len(names) - 3})" if len(names) > 3 else "") for d, names in dtypes.items())
+            raise ValueError(
+                f"FSDP2 needs one dtype for the trainable parameters of a shard unit, and {unit} has several "
+                f"({listing}). Keep the adapter in the model's dtype (get_peft_model(..., "
+                "autocast_adapter_dtype=False)), or load the model in float32 and compute in bf16 with "
+                "fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)).")
+
+
+def shard_model(model: nn.Module, layers_attribute: str | None = None, **fully_shard_kwargs: Any) -> nn.Module:
+    """``fully_shard`` every decoder layer, then ``model`` as the root (module docstring); returns ``model``.
+
+    ``fully_shard_kwargs`` go to every call (``mesh``, ``mp_policy``, ``reshard_after_forward``, ...). Inject
+    adapters and apply ``leantune.memory`` / ``leantune.kernels`` before, build the optimizer after."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = find_layer_stack(model, layers_attribute)
+    check_fsdp2_units(model, layers)  # FSDP2 compares the parameters' own dtypes, whatever mp_policy says
+    for layer in layers:
+        fully_shard(layer, **fully_shard_kwargs)
+    fully_shard(model, **fully_shard_kwargs)
+    return model
+
+
+__all__ = ["check_fsdp2_units", "shard_model"]
