@@ -51,3 +51,18 @@ def batches(steps: int, batch: int = 4, seq: int = 8, seed: int = 1) -> list[tor
 def shard(ids: torch.Tensor, rank: int) -> torch.Tensor:
     half = ids.shape[0] // WORLD
     return ids[rank * half: (rank + 1) * half]
+
+
+def train_steps(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int | None, steps: int) -> None:
+    """``steps`` optimizer steps of a causal LM on :func:`batches` (rank None: the whole batch; else this rank's
+    half)."""
+    for ids in batches(steps):
+        ids = ids if rank is None else shard(ids, rank)
+        runner(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of a state dict's tensors, FSDP2 shards gathered whole."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tests.distributed.helpers import batches, shard, spawn, tiny_llama
+from tests.distributed.helpers import batches, gathered, shard, spawn, tiny_llama, train_steps
 
 STEPS = 5
 FP64_OPTIMIZERS = ["galore_adamw", "galore_adafactor", "fira_adamw", "natural_galore_adamw", "dct_adamw",
@@ -71,21 +71,24 @@ def _adapter_configs() -> dict:
     }
 
 
-def _train_adapters(rank: int | None, names: list[str]) -> dict:
+def _train_adapters(rank: int | None, names: list[str], mode: str = "ddp", out_dir: str | None = None) -> dict:
+    """rank None: one process on the whole batch; else this rank's half under DDP, or FSDP2 (``mode="fsdp2"``:
+    ``leantune.shard_model``, the adapter injected before, then also saved with ``leantune.save_adapter`` from
+    every rank into ``out_dir``). Returns the (gathered) adapter weights."""
     from peft import get_peft_model, get_peft_model_state_dict
+
+    import leantune
 
     out = {}
     for name in names:
         model = get_peft_model(tiny_llama(torch.float64), _adapter_configs()[name])
         torch.manual_seed(1000 + (rank or 0))
-        runner = model if rank is None else DDP(model)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        for ids in batches(STEPS):
-            ids = ids if rank is None else shard(ids, rank)
-            runner(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        out[name] = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+        runner = model if rank is None else DDP(model) if mode == "ddp" else leantune.shard_model(model)
+        train_steps(runner, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), rank,
+                    STEPS)
+        out[name] = gathered(get_peft_model_state_dict(model))
+        if rank is not None and out_dir is not None:
+            leantune.save_adapter(model, f"{out_dir}/{name.split()[0]}")
     return out
 
 

@@ -18,7 +18,7 @@ import copy
 import pytest
 import torch
 
-from tests.distributed.helpers import batches, shard, spawn, tiny_llama
+from tests.distributed.helpers import batches, gathered, shard, spawn, tiny_llama, train_steps
 
 STEPS = 5
 ROW_LOCAL = ["galore_adamw", "fira_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw"]
@@ -39,14 +39,6 @@ def _shard_model(model):
     import leantune
 
     return leantune.shard_model(model)  # decoder layers, then the root (a PeftModel's tuner-level tensors too)
-
-
-def _full_weights(model) -> dict[str, torch.Tensor]:
-    out = {}
-    for k, v in model.state_dict().items():
-        v = v.full_tensor() if hasattr(v, "full_tensor") else v
-        out[k] = v.detach().clone()
-    return out
 
 
 def _train(rank: int | None, names: list[str], dtype: torch.dtype) -> dict:
@@ -85,12 +77,17 @@ def _train(rank: int | None, names: list[str], dtype: torch.dtype) -> dict:
                 st = opt.state[p]
                 if "exp_avg" in st:
                     moments[tuple(p.shape)] = tuple(st["exp_avg"].shape)
-        out[name] = {"weights": _full_weights(model), "losses": torch.stack(list(losses)), "comm": comm,
+        out[name] = {"weights": gathered(model.state_dict()), "losses": torch.stack(list(losses)), "comm": comm,
                      "moments": moments}
     return out
 
 
 def test_row_local_optimizers_under_fsdp2_equal_one_process(tmp_path):
+    """Every row-local optimizer under FSDP2 equals one process (float64, to 1e-10), both ranks holding the same
+    gathered weights. Communication: steps 1 and 3 (0-based; refreshes at 0, 2, 4) send, per left-projected matrix (down_proj, 32×64, r=4), its
+    r×n = 256 float64 numbers, and nothing else for GaLore; every collective is leantune's own (CommDebugMode sees
+    no more calls than leantune logged). Refresh steps all-gather each projected gradient once. Right-side moments
+    hold this rank's rows only (m/2 × r)."""
     ranks = spawn(_train, tmp_path, ROW_LOCAL, torch.float64)
     single = _train(None, ROW_LOCAL, torch.float64)
     for name in ROW_LOCAL:
@@ -98,14 +95,6 @@ def test_row_local_optimizers_under_fsdp2_equal_one_process(tmp_path):
             assert torch.equal(ranks[0][name]["weights"][key], ranks[1][name]["weights"][key]), (name, key)
             torch.testing.assert_close(ranks[0][name]["weights"][key], ref, rtol=0, atol=1e-10,
                                        msg=lambda m, key=key, name=name: f"{name} {key}: {m}")
-
-
-def test_communication_is_the_left_projections_reduction(tmp_path):
-    """Steps 1 and 3 (0-based; refreshes at 0, 2, 4) send, per left-projected matrix (down_proj, 32×64, r=4), its
-    r×n = 256 float64 numbers, and nothing else for GaLore; every collective is leantune's own (CommDebugMode sees
-    no more calls than leantune logged). Refresh steps all-gather each projected gradient once. Right-side moments
-    hold this rank's rows only (m/2 × r)."""
-    ranks = spawn(_train, tmp_path, ["galore_adamw", "fira_adamw"], torch.float64)
     layers = 2
     left_bytes = layers * RANK * 64 * 8
     for r in ranks:
@@ -126,6 +115,7 @@ def test_communication_is_the_left_projections_reduction(tmp_path):
         assert moments[(32, 32)] == (16, RANK)
 
 
+@pytest.mark.slow  # 8-bit moments on row shards: the same code path as GaLore, blockwise quantized
 def test_8bit_galore_under_fsdp2_follows_one_process(tmp_path):
     pytest.importorskip("bitsandbytes")
     ranks = spawn(_train, tmp_path, ["galore_adamw8bit"], torch.float32)
@@ -152,7 +142,7 @@ def _resume_and_refusals(rank: int) -> dict:
                 model(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            runs.append(_full_weights(model))
+            runs.append(gathered(model.state_dict()))
         out[name] = all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
     errors = {}
     model = _shard_model(tiny_llama())
@@ -202,51 +192,17 @@ def test_resume_and_refusals_under_fsdp2(tmp_path):
         assert "'keep'" in errors["rotate"]
 
 
-def _train_adapters(rank: int | None, names: list[str], out_dir: str | None = None) -> dict:
-    """Every adapter injected before sharding (decoder layers, then the PeftModel as root), trained with torch AdamW
-    (its update is element-wise, so row shards need nothing more); under FSDP2 also saved with
-    ``leantune.save_adapter`` from every rank. Returns the gathered adapter weights, or the error raised."""
-    from peft import get_peft_model, get_peft_model_state_dict
-
-    import leantune
-
-    from tests.distributed.test_ddp import _adapter_configs
-
-    out = {}
-    for name in names:
-        model = get_peft_model(tiny_llama(torch.float64), _adapter_configs()[name])
-        try:
-            if rank is not None:
-                torch.manual_seed(1000 + rank)
-                _shard_model(model)
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-            for ids in batches(STEPS):
-                ids = ids if rank is None else shard(ids, rank)
-                model(input_ids=ids, labels=ids).loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-        except Exception as err:  # noqa: BLE001 - reported per adapter
-            out[name] = f"{type(err).__name__}: {err}"
-            continue
-        state = get_peft_model_state_dict(model)
-        out[name] = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}
-        if rank is not None and out_dir is not None:
-            leantune.save_adapter(model, f"{out_dir}/{name.split()[0]}")
-    return out
-
-
 def test_adapters_under_fsdp2_equal_one_process_and_save_whole(tmp_path):
     """Every leantune adapter and peft LoRA: 2 FSDP2 processes × batch b = 1 process × batch 2b (float64), and the
     folder rank 0 writes holds the whole adapter (loaded into a fresh model, it equals the single-process one)."""
     from peft import PeftModel, get_peft_model_state_dict
 
-    from tests.distributed.test_ddp import _adapter_configs
+    from tests.distributed.test_ddp import _adapter_configs, _train_adapters
 
     names = list(_adapter_configs())
-    ranks = spawn(_train_adapters, tmp_path, names, str(tmp_path / "saved"))
+    ranks = spawn(_train_adapters, tmp_path, names, "fsdp2", str(tmp_path / "saved"))
     single = _train_adapters(None, names)
     for name in names:
-        assert isinstance(ranks[0][name], dict), ranks[0][name]
         for key, ref in single[name].items():
             assert torch.equal(ranks[0][name][key], ranks[1][name][key]), (name, key)
             torch.testing.assert_close(ranks[0][name][key], ref, rtol=0, atol=1e-12)
@@ -280,18 +236,12 @@ def _stack(rank: int | None, mode: str) -> dict:
     if rank is not None:
         torch.manual_seed(1000 + rank)
         runner = DDP(model) if mode == "ddp" else _shard_model(model)
-    opt = build_optimizer(model, OptimizerConfig("galore_adamw", lr=1e-2, rank=2, update_proj_gap=2))
-    for ids in batches(STEPS):
-        ids = ids if rank is None else shard(ids, rank)
-        runner(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    state = get_peft_model_state_dict(model)
-    return {"adapter": {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-                        for k, v in state.items()}, "kernels": patched}
+    train_steps(runner, build_optimizer(model, OptimizerConfig("galore_adamw", lr=1e-2, rank=2, update_proj_gap=2)),
+                rank, STEPS)
+    return {"adapter": gathered(get_peft_model_state_dict(model)), "kernels": patched}
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("mode", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp2"])
 def test_memory_kernels_adapter_and_galore_compose_across_processes(tmp_path, mode):
     ranks = spawn(_stack, tmp_path, mode)
     single = _stack(None, mode)
