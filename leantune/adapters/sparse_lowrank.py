@@ -317,10 +317,19 @@ class SLTrainModel(LeanTuneTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         if config.train_dense_modules:  # pretraining: everything else trains too (and is saved with the adapter)
+            from peft.tuners.tuners_utils import BaseTuner
+            from peft.utils.other import set_additional_trainable_modules
+
             layers = [n for n, m in model.named_modules() if isinstance(m, SparseLowRankLayer)]
             dense = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))
-                     and not any(n == t or n.startswith(t + ".") for t in layers)]
+                     and not any(n == t or n.startswith(t + ".") for t in layers)
+                     and ".original_module" not in f"{n}." and ".modules_to_save." not in f"{n}."]  # peft's copies
             config.modules_to_save = sorted(set(config.modules_to_save or []) | set(dense))
+            # peft made its modules_to_save trainable at the end of its own inject_adapter, before this list
+            # existed: do it now (re-wrapping an already wrapped module only adds this adapter's copy)
+            set_additional_trainable_modules(model=model, peft_config=config,
+                                             model_config=BaseTuner.get_model_config(self), adapter_name=adapter_name,
+                                             activate_adapter=adapter_name in self.active_adapters)
 
 
 class LostModel(SLTrainModel):

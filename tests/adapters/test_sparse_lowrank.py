@@ -185,3 +185,33 @@ def test_refusals():
         layer = model.base_model.model.up
         layer.merge()
         layer.unmerge()
+
+
+@pytest.mark.parametrize("kind", ["sltrain", "lost"])
+def test_train_dense_modules_trains_and_saves_embeddings_norms_and_head(tmp_path, kind):
+    """Pretraining from scratch: with train_dense_modules every module the tuner does not replace trains too (a
+    regression: the list reached peft after it had made its modules trainable, so they stayed frozen and a
+    from-scratch run could not learn its embeddings), and the adapter folder carries them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False))
+
+    extra = {"channel_ratio": 0.25} if kind == "lost" else {}
+    cls = leantune.SLTrainConfig if kind == "sltrain" else leantune.LostConfig
+    model = get_peft_model(llama(), cls(r=4, target_modules=["q_proj", "up_proj"], train_dense_modules=True,
+                                        **extra))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for part in ("embed_tokens", "lm_head", "input_layernorm", "model.norm", "k_proj", "down_proj"):
+        assert any(part in n for n in trainable), (part, sorted(trainable))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 32, (2, 8))
+    before = model.base_model.model.lm_head.modules_to_save["default"].weight.detach().clone()
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert not torch.equal(model.base_model.model.lm_head.modules_to_save["default"].weight, before)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(llama(), tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
