@@ -136,8 +136,9 @@ def make_optimizer(spec: object, model: torch.nn.Module, lr: float, steps: int):
         from badam import BlockOptimizer
 
         base = torch.optim.AdamW(model.parameters(), lr=lr)
-        prefixes = [[f"model.layers.{i}."] for i in range(LAYERS)]
-        return BlockOptimizer(base, list(model.named_parameters()), block_prefix_list=prefixes,
+        # blocks as BAdam infers them: each decoder layer, the embedding, the head with the rest (norms); with an
+        # explicit list of the layers only, the embedding and head would never train (from scratch: loss 4.6)
+        return BlockOptimizer(base, list(model.named_parameters()), block_prefix_list=None,
                               switch_block_every=max(steps // (2 * LAYERS), 10), switch_mode="descending",
                               include_embedding=True, include_lm_head=True, verbose=0)
     raise ValueError(spec)
