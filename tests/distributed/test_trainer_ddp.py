@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.distributed.helpers import WORLD, batches, tiny_llama
+from tests.distributed.helpers import WORLD, batches, gathered, tiny_llama
 
 
 def _free_port() -> int:
@@ -144,3 +144,72 @@ def test_resume_under_ddp_is_exact(tmp_path, layerwise):
         whole, resumed = torch.load(tmp_path / f"resume{rank}.pt")
         for key, value in whole.items():
             assert torch.equal(resumed[key], value), (rank, key)
+
+
+def _run_fsdp2_trainer(rank: int, port: int, out: str, mode: str) -> None:
+    """LoRA-XS + GaLore over its factors through Trainer + LeanTuneCallback in float64, under DDP or FSDP2.
+
+    accelerate switches its FSDP plugin on only for accelerator devices, so on this CPU the FSDP2 run sets the
+    accelerator state the way ``accelerate launch`` with an FSDP2 config sets it on GPUs; the rest — accelerate's
+    ``fully_shard`` of every LlamaDecoderLayer and the root, the optimizer built on DTensors, clipping, saving —
+    is accelerate's and leantune's own code."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import datasets
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from peft import get_peft_model_state_dict
+    from transformers import Trainer, TrainingArguments
+
+    import leantune
+    from leantune.optim import OptimizerConfig
+
+    ids = torch.cat(batches(6, batch=8)).tolist()
+    train = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(output_dir=str(Path(out) / mode), max_steps=4, per_device_train_batch_size=2,
+                             learning_rate=1e-2, max_grad_norm=1.0, lr_scheduler_type="constant", save_strategy="no",
+                             report_to=[], use_cpu=True, ddp_backend="gloo", seed=0, data_seed=0, disable_tqdm=True)
+    adapter = leantune.LoraXSConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    callback = leantune.LeanTuneCallback(adapter=adapter, verbose=False,
+                                         optimizer=OptimizerConfig("galore_adamw", rank=2, update_proj_gap=2))
+    trainer = Trainer(model=tiny_llama(torch.float64), args=args, train_dataset=train)
+    plugin = FullyShardedDataParallelPlugin(  # what TrainingArguments(fsdp_config=...) builds on a GPU machine
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="FULL_STATE_DICT",
+        transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+
+    def as_on_gpus():  # (train() resets the process-type field from the CPU launch; set it again before saving)
+        trainer.accelerator.state.distributed_type = DistributedType.FSDP
+        trainer.accelerator.state.fsdp_plugin = plugin
+        trainer.is_fsdp_enabled = True
+
+    if mode == "fsdp2":
+        as_on_gpus()
+    callback.setup(trainer)
+    trainer.train()
+    sharded = any(hasattr(p, "placements") for p in trainer.model.parameters())
+    if mode == "fsdp2":
+        as_on_gpus()
+    trainer.save_model(str(Path(out) / f"{mode}_adapter"))
+    torch.save({"adapter": gathered(get_peft_model_state_dict(trainer.model)), "sharded": sharded},
+               Path(out) / f"{mode}{rank}.pt")
+
+
+def test_trainer_fsdp2_equals_ddp(tmp_path):
+    """The same Trainer job under FSDP2 and under DDP (float64): the same adapter on every rank, to rounding, and
+    the folder Trainer saves under FSDP2 holds the whole adapter."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    import leantune  # noqa: F401 - registers leantune's tuner types with peft for loading
+
+    for mode in ("ddp", "fsdp2"):
+        mp.spawn(_run_fsdp2_trainer, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD, join=True)
+    ddp = torch.load(tmp_path / "ddp0.pt")
+    assert not ddp["sharded"]
+    for rank in range(WORLD):
+        fsdp = torch.load(tmp_path / f"fsdp2{rank}.pt")
+        assert fsdp["sharded"]
+        for key, value in ddp["adapter"].items():
+            torch.testing.assert_close(fsdp["adapter"][key], value, rtol=0, atol=1e-12, msg=lambda m, k=key: f"{k}: {m}")
+    loaded = PeftModel.from_pretrained(tiny_llama(torch.float64), tmp_path / "fsdp2_adapter")
+    for key, value in get_peft_model_state_dict(loaded).items():
+        torch.testing.assert_close(value, ddp["adapter"][key], rtol=0, atol=1e-12)
