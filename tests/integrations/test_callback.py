@@ -176,21 +176,24 @@ def test_memory_and_kernel_options_patch_the_trained_model(tmp_path):
     assert trainer.state.global_step == 2
 
 
-@pytest.mark.parametrize("case", ["lisa", "layerwise", "mixed dtypes"])
+@pytest.mark.parametrize("case", ["lisa", "layerwise", "mixed dtypes", "checkpoints"])
 def test_callback_refuses_at_setup_what_fsdp_cannot_run(tmp_path, case):
     """Under accelerate's FSDP (simulated: accelerate turns FSDP on only for accelerator devices, so this sets the
     trainer's flag the way it would), LISA, per-layer updates and a unit of trainable tensors with two dtypes
     (bf16 LayerNorms + Compacter's fp32 adapter) raise at setup, before any training step."""
     from leantune.optim import OptimizerConfig
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+                             save_strategy="steps" if case == "checkpoints" else "no")
     model = tiny_bert().to(torch.bfloat16) if case == "mixed dtypes" else tiny_bert()
     trainer = Trainer(model=model, args=args, train_dataset=toy_dataset())
     trainer.is_fsdp_enabled = True
     callback = leantune.LeanTuneCallback(
         adapter=leantune.CompacterConfig(reduction_factor=4, task_type="SEQ_CLS") if case == "mixed dtypes" else None,
-        optimizer=OptimizerConfig("galore_adamw", rank=4, layerwise=True) if case == "layerwise" else None,
+        optimizer=OptimizerConfig("galore_adamw", rank=4, layerwise=case == "layerwise")
+        if case in ("layerwise", "checkpoints") else None,
         lisa={"n_layers": 1} if case == "lisa" else None, verbose=False)
-    match = {"lisa": "LISA under FSDP", "layerwise": "per-layer updates", "mixed dtypes": "one dtype"}[case]
+    match = {"lisa": "LISA under FSDP", "layerwise": "per-layer updates", "mixed dtypes": "one dtype",
+             "checkpoints": "save_strategy='no'"}[case]
     with pytest.raises(ValueError, match=match):
         callback.setup(trainer)
