@@ -110,10 +110,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["product", "pairwise"], default="product")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from the saved results")
+    parser.add_argument("--rerun", nargs="+", metavar="FACTOR=VALUE",
+                        help="run again only the saved cells matching any of these (e.g. dtype=bf16), keep the rest")
     args = parser.parse_args()
     saved = RESULTS / f"support_matrix_{args.mode}.json"
     if args.table_only:
         rows = json.loads(saved.read_text())
+    elif args.rerun:
+        wanted = [tuple(item.split("=", 1)) for item in args.rerun]
+        unknown = [f for f, _ in wanted if f not in FACTORS]
+        if unknown:
+            parser.error(f"unknown factor(s) {unknown}; factors: {list(FACTORS)}")
+        rows = json.loads(saved.read_text())
+        redo = [i for i, r in enumerate(rows) if any(r[f] == v for f, v in wanted)]
+        fresh = run([Cell(**{f: rows[i][f] for f in FACTORS}) for i in redo])
+        for i, row in zip(redo, fresh):
+            rows[i] = row
+        saved.write_text(json.dumps(rows, indent=1))
     else:
         rows = run(product_cells() if args.mode == "product" else pairwise_cells())
         RESULTS.mkdir(exist_ok=True)

@@ -14,6 +14,7 @@ Used by ``tests/integrations/test_support_matrix.py`` (a pairwise covering array
 
 from __future__ import annotations
 
+import copy
 import itertools
 import random
 import shutil
@@ -40,7 +41,9 @@ FACTORS: dict[str, list[str]] = {
 MERGEABLE = {"peft LoRA", "LoRA-XS", "LoRA-SB", "ALLoRA", "DyLoRA", "NOLA"}
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
 LR = {"LoRA-XS": 3e-2, "NOLA": 3e-2}  # r² / k + l parameters move slowly; the rest (LoRA-SB starts moved) 1e-2
-OPTIMIZER_LR = {"apollo_mini": 0.1}  # APOLLO-Mini multiplies the step by √128 ≈ 11 (its recipe's lr is that much lower)
+OPTIMIZER_LR = {"apollo_mini": 0.1,  # APOLLO-Mini multiplies the step by √128 ≈ 11 (its recipe's lr is that much lower)
+                "conda_adamw": 0.3}  # Conda's normalized step in a rotated full basis moves every entry of the weight:
+#                                      at 1e-2, 4 bf16 steps of DyLoRA on GPT-2 overshoot (loss 4.177 -> 4.182)
 
 
 @dataclass
@@ -244,6 +247,23 @@ def _close(a: torch.Tensor, b: torch.Tensor, dtype: str) -> bool:
     return bool(((a - b).abs().max() <= tol * b.abs().max().clamp_min(1.0)).item())
 
 
+def _assert_same_function(patched: torch.Tensor, plain: torch.Tensor, model, batch, dtype: str) -> None:
+    """The patched forward computes the unpatched model's function. In fp32 they agree to 1e-4. In bf16 a folded
+    weight W·diag(γ) rounds differently from W and γ applied one after the other, and through a deep trained model
+    the two roundings can drift apart by more than any fixed tolerance (a T5 trained 4 steps with Conda: 0.52 of
+    logits up to 3.4); so both are held against the same weights in fp32, and the patched model may be at most
+    twice as far from it as the unpatched bf16 model is (plus 1% of the logits' scale)."""
+    if dtype != "bf16":
+        assert _close(patched, plain, dtype), f"forward differs by {(patched - plain).abs().max():.3g}"
+        return
+    reference = _logits(copy.deepcopy(model).float(), batch)
+    err_patched = float((patched - reference).abs().max())
+    err_plain = float((plain - reference).abs().max())
+    scale = float(reference.abs().max().clamp_min(1.0))
+    assert err_patched <= 2 * err_plain + 1e-2 * scale, (
+        f"forward differs: patched bf16 is {err_patched:.3g} from the fp32 reference, unpatched bf16 {err_plain:.3g}")
+
+
 def run_cell(cell: Cell, tmp: Path) -> dict[str, Any]:
     """Run every check of the module docstring for ``cell``; returns what was checked (raises on a failure)."""
     from peft import PeftModel
@@ -273,7 +293,7 @@ def run_cell(cell: Cell, tmp: Path) -> dict[str, Any]:
         patched = _logits(full.model, batch)
         restore_all(full.model)
         plain = _logits(full.model, batch)
-        assert _close(patched, plain, cell.dtype), f"forward differs by {(patched - plain).abs().max():.3g}"
+        _assert_same_function(patched, plain, full.model, batch, cell.dtype)
         checks = {"trains": True, "resume": True, "forward": True, "merge": None}
         if cell.adapter in MERGEABLE:
             base_dir, adapter_dir = tmp / "base", tmp / "adapter"
