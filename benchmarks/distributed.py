@@ -4,7 +4,8 @@ communicates, for 1, 2 and 4 CPU processes (gloo) under DDP and FSDP2.
 Model: Llama d=512, 4 layers, ffn 1376, 8 heads, vocab 256, seq 128, float32; global batch 4 (split over the
 processes). Every decoder linear is projected at rank 128 (T = 200, so the timed steps do not refresh). Per rank:
 
-* state KiB: the optimizer's live storages on this rank (``optimizer_state_bytes``; under FSDP2 the rows it holds);
+* state KiB: the storages of ``optimizer.state`` on this rank (under FSDP2 the rows it holds; tensors shared by all
+  layers and the same on every rank, such as the DCT basis, are not in it);
 * peak MiB: ``leantune.memory.peak_bytes`` over one training step (forward, backward, optimizer step), parameters,
   gradients and state included;
 * step ms: median of the timed steps (2 warm-up steps excluded; the 2 CPU cores of this machine are shared by all
@@ -59,17 +60,12 @@ def _optimizer(model, name: str):
     return build_optimizer(model, OptimizerConfig(name, lr=1e-3, rank=RANK, update_proj_gap=200))
 
 
-def _local_bytes(tensors) -> int:
-    from leantune._utils import storage_bytes
-    from leantune.optim.sharded import local
-
-    return storage_bytes([local(t) for t in tensors])
-
-
-def _state_bytes(opt) -> int:
+def _state_tensors(opt) -> list[torch.Tensor]:
+    """The tensors of ``opt.state`` as this rank holds them (the benchmark's "state" column and peak baseline)."""
+    from leantune._utils import local
     from leantune.optim.state_bytes import _tensors
 
-    return _local_bytes(list(_tensors(dict(opt.state))))
+    return [local(t) for t in _tensors(dict(opt.state))]
 
 
 def _worker(rank: int, world: int, port: int, mode: str, name: str, steps: int, out: str) -> None:
@@ -77,6 +73,7 @@ def _worker(rank: int, world: int, port: int, mode: str, name: str, steps: int, 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
+        from leantune._utils import local, storage_bytes
         from leantune.memory.peak import peak_bytes
         from leantune.optim.sharded import communication_log
 
@@ -106,9 +103,7 @@ def _worker(rank: int, world: int, port: int, mode: str, name: str, steps: int, 
 
             start = time.perf_counter()
             if step == 2:  # measured once, steady state (the counter slows the step down: not timed)
-                from leantune.optim.sharded import local
-
-                peak = peak_bytes(one_step, baseline=[local(p) for p in model.parameters()] + _all_state(opt))
+                peak = peak_bytes(one_step, baseline=[local(p) for p in model.parameters()] + _state_tensors(opt))
                 continue
             one_step()
             elapsed = time.perf_counter() - start
@@ -117,17 +112,10 @@ def _worker(rank: int, world: int, port: int, mode: str, name: str, steps: int, 
             elif step >= 3:
                 times.append(elapsed)
                 comm.append(sum(v for k, v in communication_log().bytes.items() if k != "refresh"))
-        result = {"state": _state_bytes(opt), "peak": peak, "step_s": times, "comm": comm, "refresh": refresh}
+        result = {"state": storage_bytes(_state_tensors(opt)), "peak": peak, "step_s": times, "comm": comm, "refresh": refresh}
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
-
-
-def _all_state(opt):
-    from leantune.optim.sharded import local
-    from leantune.optim.state_bytes import _tensors
-
-    return [local(t) for t in _tensors(dict(opt.state))]
 
 
 def _free_port() -> int:

@@ -24,6 +24,21 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(compute_dtype(t.dtype))
 
 
+def is_sharded(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter, its gradient or a state dict entry)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The rank's own part of a DTensor (sharing its storage, so in-place updates reach the parameter); t itself
+    otherwise."""
+    return t.to_local() if is_sharded(t) else t
+
+
 def storage_bytes(tensors: Iterable[Any]) -> int:
     """Sum of distinct untyped-storage sizes of the tensors among ``tensors`` (a view costs its whole base storage,
     once; non-tensors and empty storages are skipped). This is what really stays in memory."""
@@ -31,9 +46,7 @@ def storage_bytes(tensors: Iterable[Any]) -> int:
     for t in tensors:
         if not isinstance(t, torch.Tensor):
             continue
-        if hasattr(t, "to_local") and hasattr(t, "placements"):  # an FSDP2 DTensor: what this rank holds
-            t = t.to_local()
-        storage = t.untyped_storage()
+        storage = local(t).untyped_storage()  # an FSDP2 DTensor: what this rank holds
         if storage.nbytes() == 0:
             continue
         seen[(str(t.device), storage.data_ptr())] = storage.nbytes()

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="runs/fsdp2")
     args = ap.parse_args(argv)
 
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import leantune
@@ -98,9 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     state = optimizer_state_bytes(optimizer) if args.optimizer != "adamw" else None
     summary = {"processes": world, "optimizer": args.optimizer, "first_loss": losses[0], "last_loss": losses[-1],
                "seconds": time.perf_counter() - start, "state_bytes_rank0": state}
-    full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in model.state_dict().items()}
+    # gathered by torch: whole tensors, on rank 0's CPU only (every rank takes part in the gathering)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        model.save_pretrained(out / "model", state_dict={k: v.cpu() for k, v in full.items()})
+        model.save_pretrained(out / "model", state_dict=full)
         tokenizer.save_pretrained(out / "model")
         print(f"{world} processes, {args.optimizer}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {args.steps} steps; "
               f"optimizer state on rank 0: {state / 2**20 if state else float('nan'):.1f} MiB; model saved to "

@@ -188,7 +188,7 @@ def _gather_adapter_state(model: PeftModel) -> dict | None:
     it keeps name the entries to gather, so the base model's shards are never gathered."""
     from peft import get_peft_model_state_dict
 
-    from leantune.optim.sharded import is_sharded
+    from leantune._utils import is_sharded
 
     state = model.state_dict()
     if not any(is_sharded(v) for v in state.values()):

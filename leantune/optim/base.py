@@ -261,11 +261,10 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         # one reduction instead of isfinite's four passes; a non-finite sum (NaN/inf inside, or an overflow of the
         # sum itself) is confirmed element-wise
         total = R.sum(dtype=torch.float64 if R.dtype == torch.float64 else torch.float32)
-        if self._shard is not None and getattr(projector, "state", {}).get("proj_right", False):
-            finite = bool(torch.isfinite(total)) or bool(torch.isfinite(R).all())
-            if not self._all_ranks(torch.tensor(finite)):  # R's rows are spread over the ranks: all skip or none
-                raise _NonFiniteProjection
-        elif not bool(torch.isfinite(total)) and not bool(torch.isfinite(R).all()):
+        finite = bool(torch.isfinite(total)) or bool(torch.isfinite(R).all())
+        if self._shard is not None and projector.state.get("proj_right", False):  # R's rows are spread over ranks
+            finite = self._all_ranks(torch.tensor(finite))  # all skip or none
+        if not finite:
             raise _NonFiniteProjection
         return R
 

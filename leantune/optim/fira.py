@@ -75,8 +75,8 @@ class FiraAdamW(GaLoreAdamW):
         if group["orthogonal_residual"] and projector.scale != 0:
             removed = removed / projector.scale
         residual = (grad - removed) * phi
-        limiter = growth_limiter(norm_over_rows(residual, self._shard), state, "fira_prev_norm", group["gamma"])
-        return residual if limiter is None else residual / limiter
+        return limit_norm_growth(residual, state, "fira_prev_norm", group["gamma"],
+                                 norm=norm_over_rows(residual, self._shard))
 
 
 def _channel_ratio(N: torch.Tensor, R: torch.Tensor, right: bool) -> torch.Tensor:
@@ -87,14 +87,16 @@ def _channel_ratio(N: torch.Tensor, R: torch.Tensor, right: bool) -> torch.Tenso
     return phi.unsqueeze(1) if dim == 1 else phi
 
 
-def limit_norm_growth(S: torch.Tensor, state: dict[str, Any], key: str, gamma: float = 1.01) -> torch.Tensor:
+def limit_norm_growth(S: torch.Tensor, state: dict[str, Any], key: str, gamma: float = 1.01,
+                      norm: torch.Tensor | None = None) -> torch.Tensor:
     """Fira's norm-growth limiter: S_t <- S_t / max(||S_t|| / (||S_{t-1}|| + 1e-8), gamma) * gamma.
 
     ``state[key]`` holds ||S_{t-1}|| after limiting (a 0-d tensor); the first call only records it. The ratio is
     compared on the device (no host sync), and the result is bitwise the references' ``max(ratio, gamma) / gamma``:
-    ratio / gamma when ratio >= gamma, exactly 1 otherwise.
+    ratio / gamma when ratio >= gamma, exactly 1 otherwise. ``norm``: ||S_t|| when S's rows are spread over FSDP2
+    ranks (``sharded.norm_over_rows``); by default the vector norm of S.
     """
-    limiter = growth_limiter(torch.linalg.vector_norm(S), state, key, gamma)
+    limiter = growth_limiter(torch.linalg.vector_norm(S) if norm is None else norm, state, key, gamma)
     return S if limiter is None else S / limiter
 
 

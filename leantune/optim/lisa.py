@@ -65,7 +65,7 @@ class LISACallback(TrainerCallback):
         self._trainable: set[int] = set()
 
     def setup(self, model: nn.Module) -> None:
-        from leantune.optim.sharded import is_sharded
+        from leantune._utils import is_sharded
 
         self._layers = find_layer_stack(model, self.layers_attribute)
         if any(is_sharded(p) for p in self._layers.parameters()):

@@ -30,23 +30,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from leantune._utils import is_sharded, local
 from leantune.optim.projectors import Projector, compact_like
 
 ROW_SHARDABLE_PROJECTORS = ("svd", "rsvd", "dct")
 SUPPORTED = "galore_adamw, galore_adamw8bit, fira_adamw, dct_adamw, dct_fira_adamw or rsvd_galore_adamw"
-
-
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without DTensor
-        return None
-    return DTensor
-
-
-def is_sharded(p: torch.Tensor) -> bool:
-    DTensor = _dtensor_type()
-    return DTensor is not None and isinstance(p, DTensor)
 
 
 @dataclass(frozen=True)
@@ -74,12 +62,6 @@ def row_shard(p: torch.Tensor) -> RowShard | None:
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return RowShard(p.device_mesh.get_group(), int(shape[0]) if shape else 0, int(offset[0]) if offset else 0,
                     tuple(p.shape))
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    """The rank's own part of a DTensor (sharing its storage, so in-place updates reach the parameter); t itself
-    otherwise."""
-    return t.to_local() if is_sharded(t) else t
 
 
 class CommunicationLog:

@@ -22,10 +22,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_trainer(rank: int, port: int, out: str, layerwise: bool, stack: str) -> None:
+def _as_torchrun(rank: int, port: int) -> None:
+    """The environment torchrun gives a worker (the Trainer initializes the process group from it), one thread."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+
+
+def _run_trainer(rank: int, port: int, out: str, layerwise: bool, stack: str) -> None:
+    _as_torchrun(rank, port)
     import datasets
     from transformers import Trainer, TrainingArguments
 
@@ -71,9 +76,7 @@ def test_trainer_layerwise_galore_under_ddp_equals_plain(tmp_path, stack):
 def _run_lisa(rank: int, port: int, out: str) -> None:
     """LISA (1 of 2 layers active, switched every 2 steps) through the callback under DDP: every rank samples the
     same layers (seeded by the switch index, not the global RNG) and frees the same optimizer states."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    _as_torchrun(rank, port)
     torch.manual_seed(100 + rank)  # ranks' global RNGs differ: the sampled layers must not depend on them
     import datasets
     from transformers import Trainer, TrainingArguments
@@ -110,9 +113,7 @@ def test_lisa_under_ddp_samples_the_same_layers_on_every_rank(tmp_path):
 
 def _run_resume(rank: int, port: int, out: str, layerwise: bool) -> None:
     """4 steps with a checkpoint at step 2, then a fresh Trainer resumed from it: the same weights, bit for bit."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    _as_torchrun(rank, port)
     import datasets
     from transformers import Trainer, TrainingArguments
 
@@ -153,9 +154,7 @@ def _run_fsdp2_trainer(rank: int, port: int, out: str, mode: str) -> None:
     accelerator state the way ``accelerate launch`` with an FSDP2 config sets it on GPUs; the rest — accelerate's
     ``fully_shard`` of every LlamaDecoderLayer and the root, the optimizer built on DTensors, clipping, saving —
     is accelerate's and leantune's own code."""
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
+    _as_torchrun(rank, port)
     import datasets
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from peft import get_peft_model_state_dict
