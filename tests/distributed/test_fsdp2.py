@@ -367,8 +367,6 @@ def test_row_local_optimizers_under_fsdp2_in_bf16(tmp_path):
 
 
 def _has_bnb() -> bool:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
