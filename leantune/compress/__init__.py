@@ -6,6 +6,9 @@
     compress_full(BASE_DIR, TUNED_DIR, OUT_DIR, ...)      -> a loadable model folder (base + compressed delta) +
                                                              ``compeft.safetensors``
     compression_info(DIR)                                 -> sizes and ratio (``leantune inspect`` prints it)
+    tune_alpha(ADAPTER_DIR, OUT_DIR, score, density=0.1)  -> the paper's α chosen on validation data: one
+                                                             candidate folder per α, ``score(folder)`` each, the
+                                                             best one kept as OUT_DIR
 
 ``compeft.safetensors`` holds, per compressed unit, its coded positions and packed signs (uint8 tensors) and, in
 its header metadata, the scale and shapes; the tensors kept exactly are stored as they are, with the reason.
@@ -15,8 +18,11 @@ Nothing is written when anything fails (the output folder appears only complete)
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +42,10 @@ FORMAT = "leantune-compeft-1"
 _INIT_ONE = ("ia3_l",)  # (IA)³ scales start at 1: their task vector is θ − 1
 _NEEDS_BASE = ("lora_magnitude_vector",)  # DoRA: θ_init = ‖W0‖, unknown without the base weight
 
-__all__ = ["COMPRESSED", "compress_adapter", "compress_full", "compression_info", "decompress_adapter",
-           "decompress_full"]
+__all__ = ["ALPHAS", "COMPRESSED", "compress_adapter", "compress_full", "compression_info", "decompress_adapter",
+           "decompress_full", "tune_alpha"]
+
+ALPHAS: tuple[float | str, ...] = ("auto", 0.5, 1.0, 2.0, 3.0, 5.0, 8.0)  # tune_alpha's default candidates
 
 
 def _check_options(density: float, alpha: float | str, scope: str, encoding: str) -> None:
@@ -173,6 +181,40 @@ def compress_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
         save_file(dense, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         save_file(stored, str(tmp / COMPRESSED), metadata={"compeft": json.dumps(meta)})
     return compression_info(out_dir)
+
+
+def tune_alpha(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, score: Callable[[Path], float],
+               density: float = 0.1, alphas: Sequence[float | str] = ALPHAS, scope: str = "tensor",
+               encoding: str = "golomb", overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """ComPEFT with its scale chosen as the paper does, per task on validation data: τ̃ = α·σ(τ)·sign(τ) on the kept
+    entries for each candidate α, ``score(folder)`` (higher is better, e.g. the validation accuracy of the adapter
+    loaded from ``folder``) on every candidate's compressed folder, and the best one written as ``out_dir`` (the
+    first candidate wins a tie). Returns :func:`compression_info` of ``out_dir`` plus ``"alpha"`` (the chosen
+    candidate) and ``"scores"`` ({str(α): score}). Nothing is written to ``out_dir`` if any candidate fails.
+    """
+    if isinstance(alphas, (str, bytes)) or not alphas:
+        raise LeanTuneError(f"alphas must be a non-empty sequence of positive numbers or 'auto', got {alphas!r}")
+    for alpha in alphas:
+        _check_options(density, alpha, scope, encoding)
+    if not callable(score):
+        raise LeanTuneError(f"score must be a callable taking a folder and returning a number, got {score!r}")
+    from tqdm.auto import tqdm
+
+    scores: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="leantune-alpha-") as tmp:
+        best = None
+        for i, alpha in enumerate(tqdm(alphas, desc="ComPEFT α", disable=not progress)):
+            folder = Path(tmp) / f"alpha{i}"
+            compress_adapter(adapter_dir, folder, density=density, alpha=alpha, scope=scope, encoding=encoding)
+            value = score(folder)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise LeanTuneError(f"score({folder.name}) returned {value!r}; it must return a finite number")
+            scores[str(alpha)] = float(value)
+            if best is None or value > scores[str(alphas[best])]:
+                best = i
+        with atomic_output_dir(out_dir, overwrite=overwrite) as dst:
+            _copy_other_files(Path(tmp) / f"alpha{best}", dst, set())
+    return {**compression_info(out_dir), "alpha": alphas[best], "scores": scores}
 
 
 def decompress_adapter(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,

@@ -165,3 +165,46 @@ def test_cli_and_inspect(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "compressed update" in out and "density 0.1" in out
     assert (tmp_path / "c" / COMPRESSED).is_file()
+
+
+def test_tune_alpha_keeps_the_best_scoring_candidate(tmp_path):
+    """α chosen on "validation": the score here is minus the distance of the compressed B factors to the original
+    ones, whose minimiser over α is known in closed form for one kept set: α* = mean |τ_kept| / σ (the auto rule),
+    so among the candidates the one nearest it in that error must win; every candidate's folder is scored."""
+    from leantune.compress import tune_alpha
+
+    adapter = _lora_adapter(tmp_path)
+    original = load_file(str(adapter / "adapter_model.safetensors"))
+    seen = []
+
+    def score(folder):
+        seen.append(folder.name)
+        got = load_file(str(folder / "adapter_model.safetensors"))
+        return -sum(float((got[k].double() - original[k].double()).square().sum()) for k in original)
+
+    alphas = (0.5, 1.0, 2.0, 3.0)
+    info = tune_alpha(adapter, tmp_path / "best", score, density=0.2, alphas=alphas, scope="global", progress=False)
+    assert len(seen) == len(alphas) and set(info["scores"]) == {str(a) for a in alphas}
+    # by hand: the global top 20% of |τ| over all (sorted) keys, σ of the whole τ, error of each α
+    keys = sorted(original)
+    tau = torch.cat([original[k].double().reshape(-1) for k in keys])
+    k = math.floor(0.2 * tau.numel())
+    kept = tau.abs().sort(descending=True).values[:k]
+    sigma = float(tau.std())
+    errors = {a: float(((kept - a * sigma) ** 2).sum() + (tau.square().sum() - kept.square().sum())) for a in alphas}
+    assert info["alpha"] == min(errors, key=errors.get)
+    for a in alphas:
+        assert info["scores"][str(a)] == pytest.approx(-errors[a], rel=1e-5)
+    chosen = load_file(str(tmp_path / "best" / "adapter_model.safetensors"))
+    flat = torch.cat([chosen[key].double().reshape(-1) for key in keys])
+    assert flat[flat != 0].abs().unique().tolist() == pytest.approx([info["alpha"] * sigma], rel=1e-6)
+    assert (tmp_path / "best" / COMPRESSED).is_file()
+    # a tie keeps the first candidate; a failing or non-numeric score writes nothing
+    assert tune_alpha(adapter, tmp_path / "tie", lambda f: 1.0, alphas=(2.0, 1.0), progress=False)["alpha"] == 2.0
+    for bad in (lambda f: float("nan"), lambda f: "high"):
+        with pytest.raises(LeanTuneError, match="finite number"):
+            tune_alpha(adapter, tmp_path / "none", bad, progress=False)
+    assert not (tmp_path / "none").exists()
+    for alphas in ((), "auto", (0.5, -1.0)):
+        with pytest.raises(LeanTuneError, match="alpha"):
+            tune_alpha(adapter, tmp_path / "none", score, alphas=alphas, progress=False)
