@@ -9,9 +9,11 @@ against torch AdamW, and the projector refresh (DCT vs SVD). Medians and spreads
 (a) ``--part train``: Llama d=1024, 4 layers, seq 512, batch 4 (vocab 32000), forward + backward + optimizer step,
     rank 256, refresh every 200 steps amortised (one refresh of every projector, timed, / 200).
 ``--part refresh``: one 4096 x 4096 gradient, exact fp32 SVD vs DCT.
+``--part profile``: where (b)'s step time goes, by kind of op (matrix products / bitsandbytes / the rest).
 
     python benchmarks/optim_speed.py --part step --rounds 7
-    python benchmarks/optim_speed.py --part train --rounds 3
+    python benchmarks/optim_speed.py --part train --rounds 3       # 3 timed steps per optimizer and round
+    python benchmarks/optim_speed.py --part profile
 """
 
 from __future__ import annotations
@@ -181,7 +183,7 @@ def refresh_seconds(opt: torch.optim.Optimizer) -> float:
     return total
 
 
-def part_train(rounds: int, names: list[str], batch: int, seq: int, gap: int) -> None:
+def part_train(rounds: int, names: list[str], batch: int, seq: int, gap: int, per_round: int = 1) -> None:
     ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0))
     times = {n: [] for n in names}
     refresh = {}
@@ -196,14 +198,15 @@ def part_train(rounds: int, names: list[str], batch: int, seq: int, gap: int) ->
                 opt.zero_grad(set_to_none=False)
 
             step()  # warm-up (state, projectors)
-            times[label].append(timed(step))
+            times[label] += [timed(step) for _ in range(per_round)]
             if r == 0:
                 model(input_ids=ids, labels=ids).loss.backward()
                 refresh[label] = refresh_seconds(opt)
             del model, opt
     base = statistics.median(times[names[0]])
     print(f"\n### (a) Full training step: Llama d={D}, 4 layers, seq {seq}, batch {batch}, rank {RANK}, refresh every "
-          f"{gap} steps amortised; {torch.get_num_threads()} threads, median of {rounds} interleaved rounds\n")
+          f"{gap} steps amortised; {torch.get_num_threads()} threads, median of {rounds} interleaved rounds × "
+          f"{per_round} steps\n")
     print("| optimizer | step s (median, min–max) | refresh s (once) | amortised step s | vs AdamW (target ≤ 1.15) |")
     print("|---|---|---|---|---|")
     for label in names:
@@ -212,6 +215,41 @@ def part_train(rounds: int, names: list[str], batch: int, seq: int, gap: int) ->
         lo, hi = min(times[label]), max(times[label])
         print(f"| {label} | {s:.2f} ({lo:.2f}–{hi:.2f}) | {refresh[label]:.2f} | {amortised:.2f} | "
               f"{amortised / base:.3f}× |")
+
+
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::addmv_", "aten::mv")
+
+
+def part_profile(names: list[str], steps: int = 3) -> None:
+    """Where each optimizer's step goes (torch.profiler, self time per op, one Llama layer as in (b)): matrix
+    products, bitsandbytes' 8-bit (de)quantization, and everything else (element-wise passes, norms, Python)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    print(f"\n### Where the step goes: self time by kind of op (torch.profiler, {steps} steps, one Llama layer d={D}, "
+          f"ffn {F}, rank {RANK}, {torch.get_num_threads()} threads)\n")
+    print("| optimizer | step ms | matrix products | bitsandbytes (de)quantize | element-wise and other | top other ops |")
+    print("|---|---|---|---|---|---|")
+    for label in names:
+        torch.manual_seed(0)
+        model = Layer()
+        opt = build(label, model, gap=10**6)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        opt.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                opt.step()
+        events = [e for e in prof.key_averages() if not e.key.startswith("Optimizer.step")]
+        total = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+        gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e3 / steps
+        bnb = sum(e.self_cpu_time_total for e in events if e.key.startswith("bitsandbytes::")) / 1e3 / steps
+        rest = sorted((e for e in events if e.key not in GEMM_OPS and not e.key.startswith("bitsandbytes::")),
+                      key=lambda e: -e.self_cpu_time_total)[:3]
+        top = ", ".join(f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / 1e3 / steps:.1f}" for e in rest)
+        other = total - gemm - bnb
+        print(f"| {label} | {total:.1f} | {gemm:.1f} ({gemm / total:.0%}) | {bnb:.1f} ({bnb / total:.0%}) | "
+              f"{other:.1f} ({other / total:.0%}) | {top} |")
 
 
 def part_refresh(d: int) -> None:
@@ -231,13 +269,14 @@ def part_refresh(d: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=["step", "train", "refresh", "all"], default="step")
+    ap.add_argument("--part", choices=["step", "train", "refresh", "profile", "all"], default="step")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--only", nargs="*", help="optimizer labels (default: all)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--gap", type=int, default=200)
     ap.add_argument("--refresh-dim", type=int, default=4096)
+    ap.add_argument("--steps-per-round", type=int, default=3, help="timed training steps per optimizer and round")
     args = ap.parse_args()
     names = list(OPTIMIZERS) if not args.only else [n for n in OPTIMIZERS if n in args.only]
     if names[0] != "AdamW (torch, foreach)":
@@ -245,7 +284,9 @@ def main() -> None:
     if args.part in ("step", "all"):
         part_step(args.rounds, names)
     if args.part in ("train", "all"):
-        part_train(args.rounds, names, args.batch, args.seq, args.gap)
+        part_train(args.rounds, names, args.batch, args.seq, args.gap, args.steps_per_round)
+    if args.part in ("profile", "all"):
+        part_profile(names)
     if args.part in ("refresh", "all"):
         part_refresh(args.refresh_dim)
 

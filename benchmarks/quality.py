@@ -256,6 +256,7 @@ def summarize(runs: list[dict], methods: list[str], select_seed: int | None = No
                 "seeds": len(chosen),
                 "test_mean": statistics.fmean(tests),
                 "test_std": statistics.stdev(tests) if len(tests) > 1 else 0.0,
+                "final_loss": statistics.fmean(r["final_loss"] for r in chosen),
                 "val_by_lr": {lr: statistics.fmean(100 * r["val_acc"] for r in rs) for lr, rs in sorted(by_lr.items())},
                 "trainable": chosen[0]["trainable"],
                 "file_bytes": chosen[0]["file_bytes"],
@@ -268,9 +269,9 @@ def summarize(runs: list[dict], methods: list[str], select_seed: int | None = No
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| method | test acc % (mean ± std) | chosen lr | val acc % per lr | adapter params | + LayerNorm | + head | "
-        "total trainable | saved file | train time (s) | train memory (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | test acc % (mean ± std) | final train loss | chosen lr | val acc % per lr | adapter params | "
+        "+ LayerNorm | + head | total trainable | saved file | train time (s) | train memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         t = r["trainable"]
@@ -278,7 +279,8 @@ def markdown(rows: list[dict]) -> str:
         size = r["file_bytes"] / 1024
         size_text = f"{size / 1024:.1f} MB" if size > 1024 else f"{size:.1f} KB"
         lines.append(
-            f"| {r['method']} | {r['test_mean']:.1f} ± {r['test_std']:.1f} (n={r['seeds']}) | {r['lr']:g} | {val} | "
+            f"| {r['method']} | {r['test_mean']:.1f} ± {r['test_std']:.1f} (n={r['seeds']}) | "
+            f"{r.get('final_loss', float('nan')):.3f} | {r['lr']:g} | {val} | "
             f"{t['adapter']:,} | {t['layer_norm']:,} | {t['other']:,} | {t['total']:,} | {size_text} | "
             f"{r['wall_s']:.0f} | {r['train_mem_mb']:.0f} |"
         )
