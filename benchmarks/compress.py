@@ -5,7 +5,7 @@ speeches → First Folio genre, 3-way), saved, compressed at densities 0.05 / 0.
 Golomb positions) and at 0.1 with the paper's global scope, then each compressed folder is loaded with
 ``PeftModel.from_pretrained`` onto a fresh MiniLM and evaluated on the same test set — twice: with α "auto" (a fixed
 rule, no data) and with α chosen as the paper does, on validation data (``leantune.compress.tune_alpha`` over
-``leantune.compress.ALPHAS``, scored by validation accuracy; the test accuracy of the chosen α is reported). Sizes: the compressed update's
+``ALPHAS`` below, scored by validation accuracy; the test accuracy of the chosen α is reported). Sizes: the compressed update's
 stored bytes (positions + signs + scale) against the same tensors in fp32, and the whole folder's ratio with what is
 kept exactly (the classifier head, frozen factors).
 
@@ -16,11 +16,13 @@ kept exactly (the classifier head, frozen factors).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -29,14 +31,20 @@ from benchmarks import quality as Q  # noqa: E402
 from recipes.common import load_minilm_classifier  # noqa: E402
 
 METHODS = ["LoRA r=8 (peft)", "LoRA-XS r=16", "ALLoRA r=8", "DyLoRA r=8", "NOLA k=l=256 r=8", "Compacter"]
+ALPHAS = ("auto", 0.5, 1.0, 2.0, 3.0)  # candidates for α on validation (a subset of leantune.compress.ALPHAS)
 VARIANTS = [(0.05, "tensor"), (0.1, "tensor"), (0.2, "tensor"), (0.1, "global")]
 
 
+_BASE: dict[int, torch.nn.Module] = {}
+
+
 def evaluate_folder(folder: Path, data, seed: int, split: str = "test") -> float:
+    """Accuracy of the adapter in ``folder`` on a fresh copy of the MiniLM (loaded once, copied per folder)."""
     from peft import PeftModel
 
-    base, _ = load_minilm_classifier(num_labels=Q.NUM_LABELS[Q.DATA["name"]], seed=seed)
-    return Q.accuracy(PeftModel.from_pretrained(base, folder), data[split])
+    if seed not in _BASE:
+        _BASE[seed] = load_minilm_classifier(num_labels=Q.NUM_LABELS[Q.DATA["name"]], seed=seed)[0]
+    return Q.accuracy(PeftModel.from_pretrained(copy.deepcopy(_BASE[seed]), folder), data[split])
 
 
 def trained_adapter(method: str, lr: float, data, args, folder: Path) -> float:
@@ -82,7 +90,7 @@ def main() -> None:
                 out = Path(tmp) / f"{folder.name}_{density}_{scope}"
                 try:
                     info = leantune.compress_adapter(folder, out, density=density, scope=scope)
-                    tuned = tune_alpha(folder, Path(str(out) + "_tuned"), density=density, scope=scope,
+                    tuned = tune_alpha(folder, Path(str(out) + "_tuned"), density=density, scope=scope, alphas=ALPHAS,
                                        score=lambda f: evaluate_folder(f, data, 0, "val"), progress=False)
                 except leantune.LeanTuneError as err:  # e.g. a density that keeps no entry of a small tensor
                     row["variants"].append({"density": density, "scope": scope, "refused": str(err)})

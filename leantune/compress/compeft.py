@@ -69,7 +69,8 @@ def ternarize(tau: torch.Tensor, density: float, alpha: float | str = "auto") ->
     d = flat.numel()
     k = int(math.floor(density * d))
     if d < 2 or k < 1:
-        raise ValueError(f"density {density} keeps no entry of a {d}-element tensor; raise the density")
+        raise ValueError(f"density {density} keeps no entry of a {d}-element tensor; raise the density, or compress "
+                         "with scope='global' (one top-k over the whole adapter, as the paper does)")
     sigma = float(flat.std())
     order = torch.argsort(flat.abs(), descending=True, stable=True)  # ties: the earlier position first
     keep = torch.sort(order[:k]).values
