@@ -31,7 +31,7 @@ from benchmarks import quality as Q  # noqa: E402
 from recipes.common import load_minilm_classifier  # noqa: E402
 
 METHODS = ["LoRA r=8 (peft)", "LoRA-XS r=16", "ALLoRA r=8", "DyLoRA r=8", "NOLA k=l=256 r=8", "Compacter"]
-ALPHAS = ("auto", 0.5, 1.0, 2.0, 3.0)  # candidates for α on validation (a subset of leantune.compress.ALPHAS)
+ALPHAS = ("auto", 1.0, 2.0, 3.0, 5.0, 8.0)  # candidates for α on validation (a subset of leantune.compress.ALPHAS)
 VARIANTS = [(0.05, "tensor"), (0.1, "tensor"), (0.2, "tensor"), (0.1, "global")]
 
 
