@@ -1,5 +1,5 @@
 """Trainer + LeanTuneCallback under DDP (2 gloo processes launched as torchrun would: RANK/WORLD_SIZE/MASTER_* set,
-the Trainer initializes the process group): per-layer GaLore stepped from DDP's all-reduce equals the plain GaLore
+the Trainer initializes the process group): every adapter equals one process, resumes exactly and saves whole; per-layer GaLore stepped from DDP's all-reduce equals the plain GaLore
 step bit for bit, with gradient accumulation (accelerate's no_sync micro-steps), on both ranks — for full-parameter
 training in fp32 and for a bf16 model with a LoRA-XS adapter and leantune.memory (GaLore over the adapter)."""
 
@@ -212,3 +212,68 @@ def test_trainer_fsdp2_equals_ddp(tmp_path):
     loaded = PeftModel.from_pretrained(tiny_llama(torch.float64), tmp_path / "fsdp2_adapter")
     for key, value in get_peft_model_state_dict(loaded).items():
         torch.testing.assert_close(value, ddp["adapter"][key], rtol=0, atol=1e-12)
+
+
+def _adapter_jobs(rank: int | None, port: int, out: str, names: list[str]) -> None:
+    """Every adapter through Trainer + LeanTuneCallback (float64, 4 steps, checkpoint at step 2): rank None is one
+    process on batches of 4, else this rank of a DDP run on batches of 2. Each job runs twice, the second time resumed
+    from checkpoint-2; the final model is saved with ``trainer.save_model``."""
+    if rank is not None:
+        _as_torchrun(rank, port)
+    import datasets
+    from peft import get_peft_model_state_dict
+    from transformers import Trainer, TrainingArguments
+
+    import leantune
+    from tests.distributed.test_ddp import _adapter_configs
+
+    ids = torch.cat(batches(6, batch=8)).tolist()
+    train = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    mode = "single" if rank is None else f"ddp{rank}"
+    results = {}
+    for name in names:
+        key = name.split()[0]
+        finals = []
+        for resume in (False, True):
+            run = Path(out) / mode[:3] / key  # one output folder per job: rank 0 writes the checkpoints
+            args = TrainingArguments(output_dir=str(run), max_steps=4, per_device_train_batch_size=4 if rank is None
+                                     else 4 // WORLD, learning_rate=1e-2, lr_scheduler_type="constant",
+                                     save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
+                                     ddp_backend=None if rank is None else "gloo", seed=0, data_seed=0,
+                                     disable_tqdm=True, max_grad_norm=1.0)
+            callback = leantune.LeanTuneCallback(adapter=_adapter_configs()[name], verbose=False)
+            trainer = callback.setup(Trainer(model=tiny_llama(torch.float64), args=args, train_dataset=train))
+            trainer.train(resume_from_checkpoint=str(run / "checkpoint-2") if resume else None)
+            finals.append(gathered(get_peft_model_state_dict(trainer.model)))
+        trainer.save_model(str(Path(out) / f"saved-{mode[:3]}" / key))  # rank 0 writes it
+        results[key] = {"adapter": finals[0], "resumed_equal": all(torch.equal(finals[0][k], finals[1][k])
+                                                                  for k in finals[0])}
+    torch.save(results, Path(out) / f"adapters-{mode}.pt")
+
+
+def test_every_adapter_through_trainer_under_ddp(tmp_path):
+    """Each leantune adapter and peft LoRA, injected by the callback before DDP wraps the model: 2 processes × batch
+    2 give the adapter of 1 process × batch 4 (float64, clipping on), resuming from a checkpoint gives the same
+    adapter bit for bit, and the folder Trainer saves from rank 0 loads into the whole adapter."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from tests.distributed.test_ddp import _adapter_configs
+
+    names = list(_adapter_configs())
+    mp.spawn(_adapter_jobs, args=(_free_port(), str(tmp_path), names), nprocs=WORLD, join=True)
+    _adapter_jobs(None, 0, str(tmp_path), names)
+    single = torch.load(tmp_path / "adapters-single.pt")
+    ranks = [torch.load(tmp_path / f"adapters-ddp{r}.pt") for r in range(WORLD)]
+    for name in names:
+        key = name.split()[0]
+        assert single[key]["resumed_equal"], f"{name}: one process, resumed run differs"
+        ref = single[key]["adapter"]
+        for r in ranks:
+            assert r[key]["resumed_equal"], f"{name}: DDP resumed run differs"
+            for k, value in ref.items():
+                assert torch.equal(r[key]["adapter"][k], ranks[0][key]["adapter"][k]), (name, k)
+                torch.testing.assert_close(r[key]["adapter"][k], value, rtol=0, atol=1e-12,
+                                           msg=lambda m, k=k, name=name: f"{name} {k}: {m}")
+        loaded = PeftModel.from_pretrained(tiny_llama(torch.float64), tmp_path / "saved-ddp" / key)
+        for k, value in get_peft_model_state_dict(loaded).items():
+            torch.testing.assert_close(value, ref[k], rtol=0, atol=1e-12, msg=lambda m, k=k: f"{name} {k}: {m}")
