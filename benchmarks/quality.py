@@ -331,6 +331,8 @@ def main() -> None:
     parser.add_argument("--select-on-first-seed", action="store_true",
                         help="sweep learning rates on the first seed only; later seeds run the rate it chose")
     parser.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
+    parser.add_argument("--report-only", action="store_true",
+                        help="write the report from the cached runs of these settings; run nothing")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     DATA["name"] = args.data
@@ -371,8 +373,12 @@ def main() -> None:
                 yield method, lr, seed
 
     total = len(jobs) + (len(later) if args.select_on_first_seed else 0)
-    for method, lr, seed in tqdm(pending(), desc="runs", total=total):
+    for method, lr, seed in tqdm(pending(), desc="runs", total=total, disable=args.report_only):
         key = f"{method}|{lr}|{seed}"
+        if args.report_only and key not in cache["runs"]:
+            if args.select_on_first_seed and seed == first:
+                break  # no later seed can be scheduled before the first seed's sweep is complete
+            continue
         if key not in cache["runs"]:
             cache["runs"][key] = run_one(method, lr, seed, data, args)
             cache_path.write_text(json.dumps(cache, indent=1))
