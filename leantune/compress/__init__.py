@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from leantune._utils import PEFT_PREFIX
 from leantune.compress.compeft import ENCODINGS, SCOPES, concat, decode, encode, stored_bits, ternarize
-from leantune.integrations.checkpoints import (ADAPTER_WEIGHTS, LeanTuneError, atomic_output_dir,
+from leantune.integrations.checkpoints import (ADAPTER_WEIGHTS, LeanTuneError, atomic_output_dir, check_output_dir,
                                                verify_adapter_files)
 
 COMPRESSED = "compeft.safetensors"
@@ -183,38 +184,65 @@ def compress_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
     return compression_info(out_dir)
 
 
-def tune_alpha(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, score: Callable[[Path], float],
-               density: float = 0.1, alphas: Sequence[float | str] = ALPHAS, scope: str = "tensor",
-               encoding: str = "golomb", overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """ComPEFT with its scale chosen as the paper does, per task on validation data: τ̃ = α·σ(τ)·sign(τ) on the kept
-    entries for each candidate α, ``score(folder)`` (higher is better, e.g. the validation accuracy of the adapter
-    loaded from ``folder``) on every candidate's compressed folder, and the best one written as ``out_dir`` (the
-    first candidate wins a tie). Returns :func:`compression_info` of ``out_dir`` plus ``"alpha"`` (the chosen
-    candidate) and ``"scores"`` ({str(α): score}). Nothing is written to ``out_dir`` if any candidate fails.
-    """
-    if isinstance(alphas, (str, bytes)) or not alphas:
+def _alpha_candidates(alphas: Iterable[float | str], density: float, scope: str,
+                      encoding: str) -> tuple[float | str, ...]:
+    if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Iterable):
         raise LeanTuneError(f"alphas must be a non-empty sequence of positive numbers or 'auto', got {alphas!r}")
+    candidates: list[float | str] = []
     for alpha in alphas:
         _check_options(density, alpha, scope, encoding)
+        alpha = alpha if alpha == "auto" else float(alpha)
+        if alpha in candidates:
+            raise LeanTuneError(f"alphas: {alpha!r} is given twice")
+        candidates.append(alpha)
+    if not candidates:
+        raise LeanTuneError("alphas must be a non-empty sequence of positive numbers or 'auto', got none")
+    return tuple(candidates)
+
+
+def _finite_score(value: Any, alpha: float | str) -> float:
+    number = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+    if isinstance(number, bool) or not isinstance(number, numbers.Real) or not math.isfinite(float(number)):
+        raise LeanTuneError(f"score returned {value!r} for alpha {alpha!r}; it must return a finite number")
+    return float(number)
+
+
+def tune_alpha(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, score: Callable[[Path], float],
+               density: float = 0.1, alphas: Iterable[float | str] = ALPHAS, scope: str = "tensor",
+               encoding: str = "golomb", overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+    """ComPEFT with its scale chosen as the paper does, per task on validation data: τ̃ = α·σ(τ)·sign(τ) on the
+    kept entries for each candidate α, ``score(folder)`` (higher is better, e.g. the validation accuracy of the
+    adapter loaded from ``folder``) on every candidate's compressed folder, and the best one written as ``out_dir``
+    (the first candidate wins a tie). Returns :func:`compression_info` of ``out_dir`` plus ``"alpha"`` (the chosen
+    candidate) and ``"scores"`` ({str(α): score}). ``out_dir`` is checked before any work and written only at the
+    end: nothing is written if a candidate or ``score`` fails. Candidates live next to ``out_dir`` (one at a time
+    besides the best so far).
+    """
+    candidates = _alpha_candidates(alphas, density, scope, encoding)
     if not callable(score):
         raise LeanTuneError(f"score must be a callable taking a folder and returning a number, got {score!r}")
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
 
     scores: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="leantune-alpha-") as tmp:
-        best = None
-        for i, alpha in enumerate(tqdm(alphas, desc="ComPEFT α", disable=not progress)):
-            folder = Path(tmp) / f"alpha{i}"
+    best: Path | None = None
+    best_alpha: float | str = candidates[0]
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.alpha.", dir=out.parent) as tmp:
+        for i, alpha in enumerate(tqdm(candidates, desc="ComPEFT α", disable=not progress)):
+            folder = Path(tmp) / f"candidate{i}"
             compress_adapter(adapter_dir, folder, density=density, alpha=alpha, scope=scope, encoding=encoding)
-            value = score(folder)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-                raise LeanTuneError(f"score({folder.name}) returned {value!r}; it must return a finite number")
-            scores[str(alpha)] = float(value)
-            if best is None or value > scores[str(alphas[best])]:
-                best = i
-        with atomic_output_dir(out_dir, overwrite=overwrite) as dst:
-            _copy_other_files(Path(tmp) / f"alpha{best}", dst, set())
-    return {**compression_info(out_dir), "alpha": alphas[best], "scores": scores}
+            scores[str(alpha)] = _finite_score(score(folder), alpha)
+            if best is None or scores[str(alpha)] > scores[str(best_alpha)]:
+                if best is not None:
+                    shutil.rmtree(best)
+                best, best_alpha = folder, alpha
+            else:
+                shutil.rmtree(folder)
+        with atomic_output_dir(out, overwrite=overwrite) as dst:
+            for item in best.iterdir():
+                os.replace(item, dst / item.name)
+    return {**compression_info(out), "alpha": best_alpha, "scores": scores}
 
 
 def decompress_adapter(compressed_dir: str | os.PathLike, out_dir: str | os.PathLike,

@@ -136,15 +136,21 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike, adapter
         raise LeanTuneError(f"cannot load {str(adapter_dir)!r}: {str(err).splitlines()[0]}") from err
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``out_dir`` only if the block finishes without error (a process
-    killed inside the block leaves ``out_dir`` as it was)."""
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Raise if ``out_dir`` could not be written by :func:`atomic_output_dir` (so long jobs can check first)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise LeanTuneError(f"output {str(out)!r} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise LeanTuneError(f"output directory {str(out)!r} is not empty (pass --overwrite to replace it)")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder that replaces ``out_dir`` only if the block finishes without error (a process
+    killed inside the block leaves ``out_dir`` as it was)."""
+    out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -168,9 +168,9 @@ def test_cli_and_inspect(tmp_path, capsys):
 
 
 def test_tune_alpha_keeps_the_best_scoring_candidate(tmp_path):
-    """α chosen on "validation": the score here is minus the distance of the compressed B factors to the original
-    ones, whose minimiser over α is known in closed form for one kept set: α* = mean |τ_kept| / σ (the auto rule),
-    so among the candidates the one nearest it in that error must win; every candidate's folder is scored."""
+    """α chosen on "validation": the score here is minus the squared distance of the compressed adapter to the
+    original one, whose value for each α is computed by hand below from the kept set and σ (the minimiser is the
+    auto rule α* = mean |τ_kept| / σ), so the best candidate by that error must win; every candidate is scored."""
     from leantune.compress import tune_alpha
 
     adapter = _lora_adapter(tmp_path)
@@ -199,12 +199,26 @@ def test_tune_alpha_keeps_the_best_scoring_candidate(tmp_path):
     flat = torch.cat([chosen[key].double().reshape(-1) for key in keys])
     assert flat[flat != 0].abs().unique().tolist() == pytest.approx([info["alpha"] * sigma], rel=1e-6)
     assert (tmp_path / "best" / COMPRESSED).is_file()
-    # a tie keeps the first candidate; a failing or non-numeric score writes nothing
-    assert tune_alpha(adapter, tmp_path / "tie", lambda f: 1.0, alphas=(2.0, 1.0), progress=False)["alpha"] == 2.0
-    for bad in (lambda f: float("nan"), lambda f: "high"):
+    # a tie keeps the first candidate; numpy and 0-d tensor scores are numbers; no candidate folder is left behind
+    tie = tune_alpha(adapter, tmp_path / "tie", lambda f: np.float32(1.0), alphas=(2, 1.0), progress=False)
+    assert tie["alpha"] == 2.0 and tie["scores"] == {"2.0": 1.0, "1.0": 1.0}
+    assert tune_alpha(adapter, tmp_path / "t", lambda f: torch.tensor(0.5), alphas=[1.0], progress=False)["alpha"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "best", "t", "tie"]
+    # a failing or non-numeric score writes nothing
+    def broken(folder):
+        raise RuntimeError("evaluation crashed")
+
+    with pytest.raises(RuntimeError, match="crashed"):
+        tune_alpha(adapter, tmp_path / "none", broken, progress=False)
+    for bad in (lambda f: float("nan"), lambda f: "high", lambda f: True):
         with pytest.raises(LeanTuneError, match="finite number"):
             tune_alpha(adapter, tmp_path / "none", bad, progress=False)
-    assert not (tmp_path / "none").exists()
-    for alphas in ((), "auto", (0.5, -1.0)):
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "best", "t", "tie"]
+    for alphas in ((), "auto", (0.5, -1.0), (1, 1.0), iter(())):
         with pytest.raises(LeanTuneError, match="alpha"):
             tune_alpha(adapter, tmp_path / "none", score, alphas=alphas, progress=False)
+    # an output folder that could not be written is refused before any candidate is scored
+    seen.clear()
+    with pytest.raises(LeanTuneError, match="not empty"):
+        tune_alpha(adapter, tmp_path / "best", score, alphas=(1.0, 2.0), progress=False)
+    assert not seen
