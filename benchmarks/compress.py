@@ -48,12 +48,16 @@ def evaluate_folder(folder: Path, data, seed: int, split: str = "test") -> float
 
 
 def trained_adapter(method: str, lr: float, data, args, folder: Path) -> float:
-    """Train (or reuse from ``folder``) one adapter; returns its test accuracy before compression."""
-    if (folder / "adapter_model.safetensors").is_file():
+    """Train (or reuse from ``folder``, if trained with the same settings) one adapter; returns its test accuracy
+    before compression."""
+    settings = {"method": method, "lr": lr, "steps": args.steps, "batch": args.batch, "train_size": args.train_size}
+    stamp = folder / "benchmark_settings.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == settings:
         return 100 * evaluate_folder(folder, data, 0)
     run = Q.run_one(method, lr, 0, data, args, keep_model=True)
     model = run.pop("model")
     model.save_pretrained(folder)
+    stamp.write_text(json.dumps(settings))
     return 100 * Q.accuracy(model, data["test"])
 
 
@@ -70,6 +74,7 @@ def main() -> None:
     ap.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR",
                     help="learning rate overrides (default: the first of quality.py's grid)")
     ap.add_argument("--adapters", type=Path, default=None, help="keep trained adapters here and reuse them")
+    ap.add_argument("--tag", default="compress", help="results file stem under benchmarks/results/")
     args = ap.parse_args()
     args.val_size, args.seeds = 300, [0]
     lrs = {m: Q.LR_GRID[m][0] for m in args.methods}
@@ -118,7 +123,7 @@ def main() -> None:
                             for v in r["variants"][:3])
         kept = next((f"{v['kept_kb']:.0f} KB" for v in r["variants"] if "kept_kb" in v), "—")
         print(f"| {r['method']} ({r['lr']:g}) | {r['acc']:.1f} | {accs} | {ratios} | {kept} |")
-    (REPO / "benchmarks" / "results" / "compress.json").write_text(json.dumps(rows, indent=1))
+    (REPO / "benchmarks" / "results" / f"{args.tag}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

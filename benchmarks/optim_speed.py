@@ -221,14 +221,16 @@ GEMM_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmu
 
 
 def part_profile(names: list[str], steps: int = 3) -> None:
-    """Where each optimizer's step goes (torch.profiler, self time per op, one Llama layer as in (b)): matrix
-    products, bitsandbytes' 8-bit (de)quantization, and everything else (element-wise passes, norms, Python)."""
+    """Where each optimizer's step goes (torch.profiler self times, one Llama layer as in (b)): matrix products,
+    bitsandbytes' 8-bit (de)quantization, the other ops (element-wise passes, norms, copies) and the Python of
+    ``step()`` itself (the self time of its ``Optimizer.step`` record)."""
     from torch.profiler import ProfilerActivity, profile
 
     print(f"\n### Where the step goes: self time by kind of op (torch.profiler, {steps} steps, one Llama layer d={D}, "
           f"ffn {F}, rank {RANK}, {torch.get_num_threads()} threads)\n")
-    print("| optimizer | step ms | matrix products | bitsandbytes (de)quantize | element-wise and other | top other ops |")
-    print("|---|---|---|---|---|---|")
+    print("| optimizer | step ms (sum of self times) | matrix products | bitsandbytes (de)quantize | element-wise, norms "
+          "and other ops | Python in step() | top other ops |")
+    print("|---|---|---|---|---|---|---|")
     for label in names:
         torch.manual_seed(0)
         model = Layer()
@@ -240,16 +242,18 @@ def part_profile(names: list[str], steps: int = 3) -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 opt.step()
-        events = [e for e in prof.key_averages() if not e.key.startswith("Optimizer.step")]
-        total = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+        averages = prof.key_averages()
+        events = [e for e in averages if not e.key.startswith("Optimizer.step")]
+        python = sum(e.self_cpu_time_total for e in averages if e.key.startswith("Optimizer.step")) / 1e3 / steps
+        total = sum(e.self_cpu_time_total for e in events) / 1e3 / steps + python
         gemm = sum(e.self_cpu_time_total for e in events if e.key in GEMM_OPS) / 1e3 / steps
         bnb = sum(e.self_cpu_time_total for e in events if e.key.startswith("bitsandbytes::")) / 1e3 / steps
         rest = sorted((e for e in events if e.key not in GEMM_OPS and not e.key.startswith("bitsandbytes::")),
                       key=lambda e: -e.self_cpu_time_total)[:3]
         top = ", ".join(f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / 1e3 / steps:.1f}" for e in rest)
-        other = total - gemm - bnb
+        other = total - gemm - bnb - python
         print(f"| {label} | {total:.1f} | {gemm:.1f} ({gemm / total:.0%}) | {bnb:.1f} ({bnb / total:.0%}) | "
-              f"{other:.1f} ({other / total:.0%}) | {top} |")
+              f"{other:.1f} ({other / total:.0%}) | {python:.1f} ({python / total:.0%}) | {top} |")
 
 
 def part_refresh(d: int) -> None:
@@ -278,6 +282,8 @@ def main() -> None:
     ap.add_argument("--refresh-dim", type=int, default=4096)
     ap.add_argument("--steps-per-round", type=int, default=3, help="timed training steps per optimizer and round")
     args = ap.parse_args()
+    if args.rounds < 1 or args.steps_per_round < 1:
+        ap.error("--rounds and --steps-per-round must be at least 1")
     names = list(OPTIMIZERS) if not args.only else [n for n in OPTIMIZERS if n in args.only]
     if names[0] != "AdamW (torch, foreach)":
         names.insert(0, "AdamW (torch, foreach)")

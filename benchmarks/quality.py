@@ -352,6 +352,8 @@ def main() -> None:
     cache = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
     if cache.get("setting") != setting:
         cache = {"setting": setting, "runs": {}}
+    if args.report_only and not cache["runs"]:
+        raise SystemExit(f"--report-only: no cached runs in {cache_path} for these settings {setting}")
     data = load_data(args)
     # seed-major, so an interrupted run still has every method and learning rate for the first seed
     grid = {m: LR_GRID[m][:1] if args.one_lr else LR_GRID[m] for m in methods}
