@@ -5,9 +5,9 @@ speeches → First Folio genre, 3-way), saved, compressed at densities 0.05 / 0.
 Golomb positions) and at 0.1 with the paper's global scope, then each compressed folder is loaded with
 ``PeftModel.from_pretrained`` onto a fresh MiniLM and evaluated on the same test set — twice: with α "auto" (a fixed
 rule, no data) and with α chosen as the paper does, on validation data (``leantune.compress.tune_alpha`` over
-``ALPHAS`` below, scored by validation accuracy; the test accuracy of the chosen α is reported). Sizes: the compressed update's
-stored bytes (positions + signs + scale) against the same tensors in fp32, and the whole folder's ratio with what is
-kept exactly (the classifier head, frozen factors).
+``ALPHAS`` below, scored by validation accuracy; the test accuracy of the chosen α is reported). Sizes: the
+compressed update's stored bytes (positions + signs + scale) against the same tensors in fp32, and the whole
+folder's ratio with what is kept exactly (the classifier head, frozen factors).
 
     python benchmarks/compress.py [--steps 400] [--methods "LoRA r=8 (peft)" ...] [--lr "NOLA k=l=256 r=8=5e-3"]
                                   [--adapters DIR]   # keep the trained adapters there (reused when present)
@@ -100,9 +100,12 @@ def main() -> None:
                 except leantune.LeanTuneError as err:  # e.g. a density that keeps no entry of a small tensor
                     row["variants"].append({"density": density, "scope": scope, "refused": str(err)})
                     continue
-                row["variants"].append({"density": density, "scope": scope, "acc": 100 * evaluate_folder(out, data, 0),
+                acc = 100 * evaluate_folder(out, data, 0)
+                tuned_acc = (acc if tuned["alpha"] == "auto"  # the same folder: its test accuracy is known
+                             else 100 * evaluate_folder(Path(str(out) + "_tuned"), data, 0))
+                row["variants"].append({"density": density, "scope": scope, "acc": acc,
                                         "tuned_alpha": tuned["alpha"], "val_by_alpha": tuned["scores"],
-                                        "tuned_acc": 100 * evaluate_folder(Path(str(out) + "_tuned"), data, 0),
+                                        "tuned_acc": tuned_acc,
                                         "ratio": info["ratio"], "ratio_vs_fp16": info["ratio_vs_fp16"],
                                         "stored_kb": info["stored_bytes"] / 1024,
                                         "kept_kb": info["kept_bytes"] / 1024,

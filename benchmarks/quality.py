@@ -386,7 +386,7 @@ def main() -> None:
             cache_path.write_text(json.dumps(cache, indent=1))
             r = cache["runs"][key]
             tqdm.write(f"{key}: val {r['val_acc']:.3f} test {r['test_acc']:.3f} loss {r['final_loss']:.3f} {r['wall_s']:.0f}s")
-        write_report(cache, jobs, methods, data, args, command, select_seed)  # after every run: partial results usable
+            write_report(cache, jobs, methods, data, args, command, select_seed)  # after each run: partial results
     print(write_report(cache, jobs, methods, data, args, command, select_seed))
 
 

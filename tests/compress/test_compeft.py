@@ -167,6 +167,29 @@ def test_cli_and_inspect(tmp_path, capsys):
     assert (tmp_path / "c" / COMPRESSED).is_file()
 
 
+def test_bf16_adapter_compresses_in_its_dtype(tmp_path):
+    """A bf16-trained adapter (saved in bf16): each compressed tensor is the float64 ternary form of the bf16 values,
+    rounded back to bf16, through compress_adapter and tune_alpha alike; the folder loads onto a bf16 base."""
+    from leantune.compress import tune_alpha
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(torch.bfloat16)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False),
+                           autocast_adapter_dtype=False)
+    model.save_pretrained(tmp_path / "adapter")
+    original = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert {v.dtype for v in original.values()} == {torch.bfloat16}
+    tune_alpha(tmp_path / "adapter", tmp_path / "small", lambda f: 0.0, density=0.2, alphas=(2.0,), progress=False)
+    compressed = load_file(str(tmp_path / "small" / "adapter_model.safetensors"))
+    for key, value in original.items():
+        unit = ternarize(value.double(), 0.2, alpha=2.0)
+        assert compressed[key].dtype == torch.bfloat16
+        assert torch.equal(compressed[key], unit.dense(torch.float64).view(value.shape).to(torch.bfloat16))
+    fresh = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).to(torch.bfloat16)
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "small")
+    assert loaded(torch.randn(2, 16, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_tune_alpha_keeps_the_best_scoring_candidate(tmp_path):
     """α chosen on "validation": the score here is minus the squared distance of the compressed adapter to the
     original one, whose value for each α is computed by hand below from the kept set and σ (the minimiser is the
@@ -202,7 +225,8 @@ def test_tune_alpha_keeps_the_best_scoring_candidate(tmp_path):
     # a tie keeps the first candidate; numpy and 0-d tensor scores are numbers; no candidate folder is left behind
     tie = tune_alpha(adapter, tmp_path / "tie", lambda f: np.float32(1.0), alphas=(2, 1.0), progress=False)
     assert tie["alpha"] == 2.0 and tie["scores"] == {"2.0": 1.0, "1.0": 1.0}
-    assert tune_alpha(adapter, tmp_path / "t", lambda f: torch.tensor(0.5), alphas=[1.0], progress=False)["alpha"] == 1.0
+    single = tune_alpha(adapter, tmp_path / "t", lambda f: torch.tensor(0.5), alphas=[1.0], progress=False)
+    assert single["alpha"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "best", "t", "tie"]
     # a failing or non-numeric score writes nothing
     def broken(folder):

@@ -318,6 +318,8 @@ def _given_gradients(rank: int | None, names: list[str], dtype: torch.dtype) -> 
     pass, which in bf16 moves weights by more than a broken projection would (see the test below)."""
     from torch.distributed.tensor import distribute_tensor
 
+    from leantune._utils import is_sharded
+
     out = {}
     for name in names:
         model = tiny_llama(dtype)
@@ -329,7 +331,7 @@ def _given_gradients(rank: int | None, names: list[str], dtype: torch.dtype) -> 
         for _ in range(BF16_STEPS):
             for p in model.parameters():
                 full = _gradient(tuple(p.shape), gen).to(dtype)
-                p.grad = distribute_tensor(full, p.device_mesh, p.placements) if hasattr(p, "placements") else full
+                p.grad = distribute_tensor(full, p.device_mesh, p.placements) if is_sharded(p) else full
             opt.step()
             opt.zero_grad(set_to_none=True)
         after = gathered(model.state_dict())
