@@ -108,7 +108,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     def update(self, p, grad, state, group, projector) -> None:
         R = self.project(projector, grad) if projector is not None else grad
         factored = R.ndim >= 2
-        if "RMS" not in state:
+        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
             if group["beta1"] is not None:
                 state["exp_avg"] = torch.zeros_like(R)
             if factored:
@@ -118,8 +118,9 @@ class GaLoreAdafactor(LowRankOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(R)
         p32 = p.float() if p.dtype in (torch.float16, torch.bfloat16) else p
         state["step"] += 1
-        state["RMS"] = _rms(p32)
-        eta = self._step_size(group, state["step"], state["RMS"])
+        if group["scale_parameter"]:  # RMS(W) is a full pass over W: only where η_t uses it (HF computes it always)
+            state["RMS"] = _rms(p32)
+        eta = self._step_size(group, state["step"], state.get("RMS"))
         beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
         sq = R**2 + group["eps"][0]
         if factored:

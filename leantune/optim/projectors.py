@@ -26,6 +26,23 @@ import torch
 PROJECTOR_KINDS = ("svd", "rsvd", "dct", "random", "svd2")
 
 
+def scale_early(low_rank: torch.Tensor, scale: float) -> tuple[torch.Tensor, float | None]:
+    """``(low_rank', late)`` with back(low_rank') · late bit for bit equal to back(low_rank) · scale, the cheap way.
+
+    The references (galore-torch, Fira) scale the full-size back-projection: one more m·n pass. A scale of 1 needs
+    no pass, and a power of two commutes exactly with every rounding of the product (it only moves exponents), so
+    it is applied to the r-sided low-rank factor instead (not in fp16, whose subnormals start at 6e-5); any other
+    scale stays where the references put it (``late``). Only values within a factor ``scale`` of the float32 /
+    bfloat16 underflow (1e-38) could round differently.
+    """
+    if scale == 1:
+        return low_rank, None
+    mantissa, _ = math.frexp(scale)
+    if mantissa in (0.5, -0.5) and low_rank.dtype != torch.float16:  # fp16 reaches its subnormals at 6e-5
+        return low_rank * scale, None
+    return low_rank, scale
+
+
 class Projector:
     """Common interface: ``needs_refresh``, ``refresh``, ``project``, ``project_back`` (with scale), ``matrix``.
 
@@ -79,12 +96,14 @@ class Projector:
         return torch.matmul(P.t(), grad)
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
+        """α · back(low_rank): α (P R) or α (R P), in the references' rounding (the product, then × α)."""
         P = self.matrix()
+        low_rank, late = scale_early(low_rank, self.scale)
         if self.state["proj_right"]:
             full = torch.matmul(low_rank, P)
         else:
             full = torch.matmul(P, low_rank)
-        return full * self.scale
+        return full if late is None else full * late
 
     def add_back(self, target: torch.Tensor, low_rank: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
         """target ← beta · target + alpha · back(low_rank), as one GEMM into ``target`` (``addmm_``)."""
@@ -260,7 +279,9 @@ class TwoSidedSVDProjector(StoredBasisProjector):
         return self.state["proj_ortho"].t() @ grad @ self.state["proj_ortho_right"].t()
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
-        return (self.state["proj_ortho"] @ low_rank @ self.state["proj_ortho_right"]) * self.scale
+        low_rank, late = scale_early(low_rank, self.scale)
+        full = self.state["proj_ortho"] @ low_rank @ self.state["proj_ortho_right"]
+        return full if late is None else full * late
 
     def add_back(self, target: torch.Tensor, low_rank: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
         target.addmm_(self.state["proj_ortho"] @ low_rank, self.state["proj_ortho_right"], beta=beta,

@@ -211,7 +211,11 @@ def test_eight_bit_states_are_uint8_and_track_fp32():
     assert not params_equal(a, make_net())
 
 
-def test_adafactor_matches_galore_torch():
+@pytest.mark.parametrize("scale_parameter", [False, True], ids=["lr", "lr·RMS(W)"])
+@pytest.mark.parametrize("scale", [0.25, 0.3, 1.0], ids=["power-of-two", "other", "one"])
+def test_adafactor_matches_galore_torch(scale, scale_parameter):
+    """Bit for bit, also where leantune takes the cheaper route (α folded into the low-rank factor for α = 2^k,
+    RMS(W) computed only when η_t uses it)."""
     galore_torch = pytest.importorskip("galore_torch")
     a, b = make_net(), make_net()
     low = [a.up.weight, a.mid.weight, a.down.weight]
@@ -219,9 +223,11 @@ def test_adafactor_matches_galore_torch():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ref = galore_torch.GaLoreAdafactor(
-            [{"params": rest}, {"params": low, "rank": 4, "update_proj_gap": 3, "scale": 0.25, "proj_type": "std"}],
-            lr=3e-3, relative_step=False, scale_parameter=False, warmup_init=False, beta1=0.9)
-    ours = build("galore_adafactor", b)
+            [{"params": rest}, {"params": low, "rank": 4, "update_proj_gap": 3, "scale": scale, "proj_type": "std"}],
+            lr=3e-3, relative_step=False, scale_parameter=scale_parameter, warmup_init=False, beta1=0.9)
+    ours = GaLoreAdafactor(make_param_groups(b, target_modules=TARGETS, rank=4, update_proj_gap=3, scale=scale),
+                           lr=3e-3, beta1=0.9, scale_parameter=scale_parameter)
     train(a, ref, batches(8))
     train(b, ours, batches(8))
     assert params_equal(a, b)
+    assert not params_equal(b, make_net())

@@ -133,3 +133,18 @@ def test_woodbury_survives_nearly_equal_history_rows():
     assert torch.isfinite(out).all()
     # g lies in the span of H, so F⁻¹g is g/λ minus a nearly equal term: fp32 keeps it to ~1e-7 of the terms' size
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6 * g.abs().max().item() / 1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale", [0.25, 2.0, 0.3, 1.0])
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48)], ids=["right", "left"])
+def test_project_back_equals_the_references_rounding(shape, scale, dtype):
+    """back(R) = (P R or R P) · α bit for bit, also where α = 2^k is folded into the low-rank factor (cheaper)."""
+    torch.manual_seed(0)
+    G = torch.randn(shape).to(dtype)
+    proj = SVDProjector({}, 5, 10, scale)
+    proj.refresh(G, 0)
+    R = proj.project(G) * 1e-3  # an update-sized low-rank tensor
+    P = proj.matrix()
+    product = R @ P if proj.state["proj_right"] else P @ R
+    assert torch.equal(proj.project_back(R), product * scale)
