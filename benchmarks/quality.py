@@ -164,13 +164,18 @@ def trim(batch: dict) -> dict:
     return {k: (v[:, :length] if v.dim() == 2 else v) for k, v in batch.items()}
 
 
+def training_batches(train: Any, steps: int, batch: int, seed: int) -> list[dict]:
+    """``steps`` batches of ``batch`` examples in the seed's order (every example once per pass over the data)."""
+    order = torch.Generator().manual_seed(seed)
+    passes = math.ceil(steps * batch / len(train)) + 1
+    indices = torch.cat([torch.randperm(len(train), generator=order) for _ in range(passes)])
+    return [trim(train[indices[i * batch : (i + 1) * batch].tolist()]) for i in range(steps)]
+
+
 def run_one(method: str, lr: float, seed: int, data: dict, args: argparse.Namespace, keep_model: bool = False) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
-    train = data["train"]
-    order = torch.Generator().manual_seed(seed)
-    indices = torch.cat([torch.randperm(len(train), generator=order) for _ in range(math.ceil(args.steps * args.batch / len(train)) + 1)])
-    batches = [trim(train[indices[i * args.batch : (i + 1) * args.batch].tolist()]) for i in range(args.steps)]
+    batches = training_batches(data["train"], args.steps, args.batch, seed)
     warmup = max(1, int(0.06 * args.steps))
     model = build(method, seed, batches, lr, warmup)
     model.train()
@@ -216,6 +221,46 @@ def run_one(method: str, lr: float, seed: int, data: dict, args: argparse.Namesp
         "train_mem_bytes": param_bytes + 3 * trainable_bytes + activation_bytes,
         **({"model": model} if keep_model else {}),
     }
+
+
+def step_times(methods: list[str], data: dict, args: argparse.Namespace, rounds: int = 5,
+               steps: int = 3) -> dict[str, dict]:
+    """Training-step time per method on a quiet machine: every method's model is built once (seed 0, its first
+    learning rate), warmed up by one step, then timed for ``steps`` steps per round, rounds interleaved across
+    methods so drifts of the machine hit all alike. Returns {method: {"median_ms", "min_ms", "max_ms"}}."""
+    from tqdm.auto import tqdm
+
+    batches = training_batches(data["train"], rounds * steps + 1, args.batch, 0)
+    runs = {}
+    for method in methods:
+        model = build(method, 0, batches, LR_GRID[method][0], 1)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR_GRID[method][0])
+        ggpo = None
+        if "GGPO" in method:
+            from leantune.adapters.ggpo import GGPO
+
+            ggpo = GGPO(model, seed=0)
+        runs[method] = (model, optimizer, ggpo)
+
+    def one_step(model, optimizer, ggpo, batch):
+        model(**batch).loss.backward()
+        if ggpo is not None:
+            ggpo.after_backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for method, run in runs.items():
+        one_step(*run, batches[0])  # warm-up: allocations, first-call dispatch
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for r in tqdm(range(rounds), desc="timing rounds"):
+        for method, run in runs.items():
+            for i in range(steps):
+                start = time.perf_counter()
+                one_step(*run, batches[1 + r * steps + i])
+                times[method].append(time.perf_counter() - start)
+    return {m: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t)}
+            for m, t in times.items()}
 
 
 def load_data(args: argparse.Namespace) -> dict:
@@ -268,13 +313,20 @@ def summarize(runs: list[dict], methods: list[str], select_seed: int | None = No
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], timing: dict | None = None) -> str:
+    """The results table; with ``timing`` (``--time-steps``) a column of quiet-machine step times."""
+    timed = timing is not None and all(r["method"] in timing["methods"] for r in rows)
     lines = [
         "| method | test acc % (mean ± std) | final train loss | chosen lr | val acc % per lr (seeds it was chosen on) "
-        "| adapter params | + LayerNorm | + head | total trainable | saved file | train time (s) | train memory (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| adapter params | + LayerNorm | + head | total trainable | saved file | train time (s) | "
+        + ("step ms, quiet (median, min–max) | " if timed else "") + "train memory (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if timed else ""),
     ]
     for r in rows:
+        step = ""
+        if timed:
+            t = timing["methods"][r["method"]]
+            step = f"{t['median_ms']:.0f} ({t['min_ms']:.0f}–{t['max_ms']:.0f}) | "
         t = r["trainable"]
         val = ", ".join(f"{lr:g}: {v:.1f}" for lr, v in r["val_by_lr"].items())
         size = r["file_bytes"] / 1024
@@ -283,7 +335,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {r['method']} | {r['test_mean']:.1f} ± {r['test_std']:.1f} (n={r['seeds']}) | "
             f"{r.get('final_loss', float('nan')):.3f} | {r['lr']:g} | {val} | "
             f"{t['adapter']:,} | {t['layer_norm']:,} | {t['other']:,} | {t['total']:,} | {size_text} | "
-            f"{r['wall_s']:.0f} | {r['train_mem_mb']:.0f} |"
+            f"{r['wall_s']:.0f} | {step}{r['train_mem_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -334,6 +386,9 @@ def main() -> None:
     parser.add_argument("--tag", default="quality", help="output file stem under benchmarks/results/")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the cached runs of these settings; run nothing")
+    parser.add_argument("--time-steps", action="store_true",
+                        help="measure every method's training-step time (interleaved rounds; run it with nothing "
+                             "else on the machine), save it as <tag>_timing.json for the report, then report only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     DATA["name"] = args.data
@@ -356,6 +411,11 @@ def main() -> None:
     if args.report_only and not cache["runs"]:
         raise SystemExit(f"--report-only: no cached runs in {cache_path} for these settings {setting}")
     data = load_data(args)
+    timing_path = RESULTS / f"{args.tag}_timing.json"
+    if args.time_steps:
+        timing_path.write_text(json.dumps({"threads": args.threads, "batch": args.batch,
+                                           "methods": step_times(methods, data, args)}, indent=1))
+        args.report_only = True
     # seed-major, so an interrupted run still has every method and learning rate for the first seed
     grid = {m: LR_GRID[m][:1] if args.one_lr else LR_GRID[m] for m in methods}
     first = args.seeds[0]
@@ -395,7 +455,9 @@ def write_report(cache: dict, jobs: list, methods: list[str], data: dict, args: 
                  select_seed: int | None = None) -> str:
     runs = [cache["runs"][f"{m}|{lr}|{s}"] for m, lr, s in jobs if f"{m}|{lr}|{s}" in cache["runs"]]
     rows = summarize(runs, methods, select_seed)
-    table = markdown(rows)
+    timing_path = RESULTS / f"{args.tag}_timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
+    table = markdown(rows, timing)
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(rows, indent=1))
     plot(rows, RESULTS / f"{args.tag}.png")
     done = f"{len(runs)} of {len(jobs)} runs finished." if len(runs) < len(jobs) else "All runs finished."
