@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 import tempfile
@@ -74,7 +75,7 @@ LR_GRID = {  # first entry: the rate used with --one-lr (our best guess for shor
     "LoRA-XS r=16": [1e-2, 3e-2],
     "LoRA-SB r=16": [2e-3, 1e-2],
     "ALLoRA r=8": [2e-3, 5e-4],
-    "DyLoRA r=8": [2e-3, 1e-2],
+    "DyLoRA r=8": [2e-3, 5e-4, 1e-2],  # α/b is up to r× LoRA's scale: 2e-3 can collapse, 5e-4 underfits
     "DyLoRA r=8 unfrozen": [2e-3, 1e-2],
     "NOLA k=l=256 r=8": [2e-2, 5e-3],
     "Compacter": [1e-2, 3e-3],
@@ -423,7 +424,7 @@ def main() -> None:
     later = [(m, s) for s in args.seeds[1:] for m in methods]
     if not args.select_on_first_seed:
         jobs += [(m, lr, s) for m, s in later for lr in grid[m]]
-    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/quality.py " + shlex.join(sys.argv[1:])  # quoted: re-runnable as printed
     select_seed = first if args.select_on_first_seed else None
 
     def pending():
