@@ -11,6 +11,7 @@ method (peft ``task_type="SEQ_CLS"`` puts it in ``modules_to_save``; checked for
 
     python benchmarks/quality.py            # full run (~30-60 min on 2 CPU cores)
     python benchmarks/quality.py --quick    # smoke run (a minute)
+    python benchmarks/quality.py ... --time-steps   # then, on a quiet machine: step times for the report
 
 Prints a markdown table and writes benchmarks/results/quality.{md,png,json}. Finished runs are cached in
 benchmarks/results/quality_runs.json, so an interrupted run resumes (``--fresh`` ignores the cache).
@@ -316,7 +317,7 @@ def summarize(runs: list[dict], methods: list[str], select_seed: int | None = No
 
 def markdown(rows: list[dict], timing: dict | None = None) -> str:
     """The results table; with ``timing`` (``--time-steps``) a column of quiet-machine step times."""
-    timed = timing is not None and all(r["method"] in timing["methods"] for r in rows)
+    timed = timing is not None and any(r["method"] in timing["methods"] for r in rows)
     lines = [
         "| method | test acc % (mean ± std) | final train loss | chosen lr | val acc % per lr (seeds it was chosen on) "
         "| adapter params | + LayerNorm | + head | total trainable | saved file | train time (s) | "
@@ -326,8 +327,8 @@ def markdown(rows: list[dict], timing: dict | None = None) -> str:
     for r in rows:
         step = ""
         if timed:
-            t = timing["methods"][r["method"]]
-            step = f"{t['median_ms']:.0f} ({t['min_ms']:.0f}–{t['max_ms']:.0f}) | "
+            t = timing["methods"].get(r["method"])
+            step = f"{t['median_ms']:.0f} ({t['min_ms']:.0f}–{t['max_ms']:.0f}) | " if t else "— | "
         t = r["trainable"]
         val = ", ".join(f"{lr:g}: {v:.1f}" for lr, v in r["val_by_lr"].items())
         size = r["file_bytes"] / 1024
@@ -409,13 +410,15 @@ def main() -> None:
     cache = {} if args.fresh or not cache_path.exists() else json.loads(cache_path.read_text())
     if cache.get("setting") != setting:
         cache = {"setting": setting, "runs": {}}
-    if args.report_only and not cache["runs"]:
+    if (args.report_only or args.time_steps) and not cache["runs"]:  # never overwrite a report with an empty one
         raise SystemExit(f"--report-only: no cached runs in {cache_path} for these settings {setting}")
     data = load_data(args)
     timing_path = RESULTS / f"{args.tag}_timing.json"
-    if args.time_steps:
-        timing_path.write_text(json.dumps({"threads": args.threads, "batch": args.batch,
-                                           "methods": step_times(methods, data, args)}, indent=1))
+    if args.time_steps:  # merged into an earlier timing of the same setting (a subset can be re-timed)
+        old = _timing(timing_path, args) or {"methods": {}}
+        old = old if old.get("threads") == args.threads else {"methods": {}}
+        timing = {**_timing_setting(args), "methods": {**old["methods"], **step_times(methods, data, args)}}
+        timing_path.write_text(json.dumps(timing, indent=1))
         args.report_only = True
     # seed-major, so an interrupted run still has every method and learning rate for the first seed
     grid = {m: LR_GRID[m][:1] if args.one_lr else LR_GRID[m] for m in methods}
@@ -452,13 +455,24 @@ def main() -> None:
     print(write_report(cache, jobs, methods, data, args, command, select_seed))
 
 
+def _timing_setting(args: argparse.Namespace) -> dict:
+    return {"threads": args.threads, "batch": args.batch, "data": args.data}
+
+
+def _timing(path: Path, args: argparse.Namespace) -> dict | None:
+    """The saved step times, if they were measured with this run's threads, batch and data (else None)."""
+    if not path.exists():
+        return None
+    timing = json.loads(path.read_text())
+    same = all(timing.get(k) == v for k, v in _timing_setting(args).items() if k != "threads")
+    return timing if same else None
+
+
 def write_report(cache: dict, jobs: list, methods: list[str], data: dict, args: argparse.Namespace, command: str,
                  select_seed: int | None = None) -> str:
     runs = [cache["runs"][f"{m}|{lr}|{s}"] for m, lr, s in jobs if f"{m}|{lr}|{s}" in cache["runs"]]
     rows = summarize(runs, methods, select_seed)
-    timing_path = RESULTS / f"{args.tag}_timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else None
-    table = markdown(rows, timing)
+    table = markdown(rows, _timing(RESULTS / f"{args.tag}_timing.json", args))
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(rows, indent=1))
     plot(rows, RESULTS / f"{args.tag}.png")
     done = f"{len(runs)} of {len(jobs)} runs finished." if len(runs) < len(jobs) else "All runs finished."
