@@ -174,6 +174,26 @@ def training_batches(train: Any, steps: int, batch: int, seed: int) -> list[dict
     return [trim(train[indices[i * batch : (i + 1) * batch].tolist()]) for i in range(steps)]
 
 
+def attach_ggpo(method: str, model: torch.nn.Module, seed: int):
+    """LoRA-GGPO's training-time perturbation for the "+ GGPO" methods (None for the others)."""
+    if "GGPO" not in method:
+        return None
+    from leantune.adapters.ggpo import GGPO
+
+    return GGPO(model, seed=seed)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ggpo, batch: dict) -> torch.Tensor:
+    """One training step (forward, backward, GGPO's gradient hook if any, AdamW); returns the loss."""
+    loss = model(**batch).loss
+    loss.backward()
+    if ggpo is not None:
+        ggpo.after_backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def run_one(method: str, lr: float, seed: int, data: dict, args: argparse.Namespace, keep_model: bool = False) -> dict:
     from transformers import get_linear_schedule_with_warmup
 
@@ -190,22 +210,12 @@ def run_one(method: str, lr: float, seed: int, data: dict, args: argparse.Namesp
     activation_bytes = saved_activation_bytes(model, batches[0])
     trainable_bytes = sum(p.numel() * p.element_size() for p in params)
     param_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    ggpo = None
-    if "GGPO" in method:
-        from leantune.adapters.ggpo import GGPO
-
-        ggpo = GGPO(model, seed=seed)
+    ggpo = attach_ggpo(method, model, seed)
     start = time.perf_counter()
     losses = []
     for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        if ggpo is not None:
-            ggpo.after_backward()
-        optimizer.step()
+        losses.append(train_step(model, optimizer, ggpo, batch).item())
         schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
     wall = time.perf_counter() - start
     if ggpo is not None:
         ggpo.remove()
@@ -238,28 +248,15 @@ def step_times(methods: list[str], data: dict, args: argparse.Namespace, rounds:
         model = build(method, 0, batches, LR_GRID[method][0], 1)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR_GRID[method][0])
-        ggpo = None
-        if "GGPO" in method:
-            from leantune.adapters.ggpo import GGPO
-
-            ggpo = GGPO(model, seed=0)
-        runs[method] = (model, optimizer, ggpo)
-
-    def one_step(model, optimizer, ggpo, batch):
-        model(**batch).loss.backward()
-        if ggpo is not None:
-            ggpo.after_backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+        runs[method] = (model, optimizer, attach_ggpo(method, model, 0))
     for method, run in runs.items():
-        one_step(*run, batches[0])  # warm-up: allocations, first-call dispatch
+        train_step(*run, batches[0])  # warm-up: allocations, first-call dispatch
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in tqdm(range(rounds), desc="timing rounds"):
         for method, run in runs.items():
             for i in range(steps):
                 start = time.perf_counter()
-                one_step(*run, batches[1 + r * steps + i])
+                train_step(*run, batches[1 + r * steps + i])
                 times[method].append(time.perf_counter() - start)
     return {m: {"median_ms": 1e3 * statistics.median(t), "min_ms": 1e3 * min(t), "max_ms": 1e3 * max(t)}
             for m, t in times.items()}
@@ -413,12 +410,11 @@ def main() -> None:
     if (args.report_only or args.time_steps) and not cache["runs"]:  # never overwrite a report with an empty one
         raise SystemExit(f"--report-only: no cached runs in {cache_path} for these settings {setting}")
     data = load_data(args)
-    timing_path = RESULTS / f"{args.tag}_timing.json"
-    if args.time_steps:  # merged into an earlier timing of the same setting (a subset can be re-timed)
-        old = _timing(timing_path, args) or {"methods": {}}
-        old = old if old.get("threads") == args.threads else {"methods": {}}
-        timing = {**_timing_setting(args), "methods": {**old["methods"], **step_times(methods, data, args)}}
-        timing_path.write_text(json.dumps(timing, indent=1))
+    if args.time_steps:  # merged into an earlier timing of the same setting and threads (a subset can be re-timed)
+        old = _timing(args)
+        kept = old["methods"] if old and old["threads"] == args.threads else {}
+        timing = {**_timing_setting(args), "methods": {**kept, **step_times(methods, data, args)}}
+        _timing_path(args).write_text(json.dumps(timing, indent=1))
         args.report_only = True
     # seed-major, so an interrupted run still has every method and learning rate for the first seed
     grid = {m: LR_GRID[m][:1] if args.one_lr else LR_GRID[m] for m in methods}
@@ -459,20 +455,25 @@ def _timing_setting(args: argparse.Namespace) -> dict:
     return {"threads": args.threads, "batch": args.batch, "data": args.data}
 
 
-def _timing(path: Path, args: argparse.Namespace) -> dict | None:
-    """The saved step times, if they were measured with this run's threads, batch and data (else None)."""
+def _timing_path(args: argparse.Namespace) -> Path:
+    return RESULTS / f"{args.tag}_timing.json"
+
+
+def _timing(args: argparse.Namespace) -> dict | None:
+    """The saved step times if they were measured with this run's batch and data (their thread count is recorded
+    in them: a report may show step times at another count than its runs used), else None."""
+    path = _timing_path(args)
     if not path.exists():
         return None
     timing = json.loads(path.read_text())
-    same = all(timing.get(k) == v for k, v in _timing_setting(args).items() if k != "threads")
-    return timing if same else None
+    return timing if (timing.get("batch"), timing.get("data")) == (args.batch, args.data) else None
 
 
 def write_report(cache: dict, jobs: list, methods: list[str], data: dict, args: argparse.Namespace, command: str,
                  select_seed: int | None = None) -> str:
     runs = [cache["runs"][f"{m}|{lr}|{s}"] for m, lr, s in jobs if f"{m}|{lr}|{s}" in cache["runs"]]
     rows = summarize(runs, methods, select_seed)
-    table = markdown(rows, _timing(RESULTS / f"{args.tag}_timing.json", args))
+    table = markdown(rows, _timing(args))
     (RESULTS / f"{args.tag}.json").write_text(json.dumps(rows, indent=1))
     plot(rows, RESULTS / f"{args.tag}.png")
     done = f"{len(runs)} of {len(jobs)} runs finished." if len(runs) < len(jobs) else "All runs finished."
