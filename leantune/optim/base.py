@@ -254,10 +254,10 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         """A finiteness decision every rank of the current FSDP2 shard agrees on (``flag`` itself otherwise)."""
         return bool(flag if self._shard is None else all_ranks_true(flag.reshape(1), self._shard))
 
-    def project(self, projector: Projector, X: torch.Tensor) -> torch.Tensor:
-        """R = projector.project(X), refused (the parameter skipped) when it holds NaN/inf: call it before the
-        update changes any state."""
-        R = projector.project(X)
+    def project(self, projector: Projector, X: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """R = projector.project(diag(rows) X), refused (the parameter skipped) when it holds NaN/inf: call it
+        before the update changes any state."""
+        R = projector.project(X, rows=rows)
         # one reduction instead of isfinite's four passes; a non-finite sum (NaN/inf inside, or an overflow of the
         # sum itself) is confirmed element-wise
         total = R.sum(dtype=torch.float64 if R.dtype == torch.float64 else torch.float32)

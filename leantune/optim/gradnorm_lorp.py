@@ -33,26 +33,29 @@ from leantune.optim.projectors import Projector
 WN_KEYS = ("wn_g", "wn_nu", "wn_g_exp_avg", "wn_g_exp_avg_sq")
 
 
-def weight_norm_grads(W: torch.Tensor, grad: torch.Tensor, g: torch.Tensor,
-                      nu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(∇g, ∇V, zero-row directions) in fp32 (fp64 for fp64) for W = g ⊙ V/‖V‖_row, ‖V‖_row = ``nu``.
+def weight_norm_grads(W: torch.Tensor, grad: torch.Tensor, g: torch.Tensor, nu: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(∇g, X, a, zero-row directions) in fp32 (fp64 for fp64) for W = g ⊙ V/‖V‖_row, ‖V‖_row = ``nu``, with
+    ∇V = diag(a) X.
 
-    With ĥ = W/g: ∇g = (W·∇W)_row / g and ∇V = (g/ν) ∇W − (∇g/ν) W, each row a combination of two full rows (no
-    ĥ materialized). A zero row (g = 0) takes ĥ = ∇w/‖∇w‖, so ∇g = ‖∇w‖ and ∇V = 0 there; the third value holds
-    those ĥ rows (None when there is no zero row, the usual case).
+    With ĥ = W/g: ∇g = (W·∇W)_row / g, X = ∇W − diag(∇g/g) W (each row of ∇W minus its component along ĥ: one
+    pass, no ĥ materialized) and a = g/ν; the row scale a is left to the projection, where it costs an m × r product
+    (R = project(diag(a) X)) instead of a full m × n pass. A zero row (g = 0) takes ĥ = ∇w/‖∇w‖, so ∇g = ‖∇w‖ and
+    ∇V = 0 there (a = 0); the fourth value holds those ĥ rows (None when there is no zero row, the usual case).
     """
     Wf, Gf = upcast(W), upcast(grad)
     zero = g == 0
-    grad_g = torch.linalg.vecdot(Wf, Gf, dim=1) / torch.where(zero, torch.ones_like(g), g)
+    safe_g = torch.where(zero, torch.ones_like(g), g)
+    grad_g = torch.linalg.vecdot(Wf, Gf, dim=1) / safe_g
     steepest = None
     if bool(zero.any()):  # e.g. LoRA's B at init
         rows = Gf[zero]
         norms = torch.linalg.vector_norm(rows, dim=1)
         grad_g[zero] = norms
         steepest = rows / norms.clamp_min(torch.finfo(norms.dtype).tiny)[:, None]
-    grad_v = Gf * (g / nu)[:, None]
-    grad_v.addcmul_(Wf, (-grad_g / nu)[:, None])  # zero rows: W_i = 0 adds nothing, and g_i/ν_i = 0
-    return grad_g, grad_v, steepest
+    # zero rows: W_i = 0 adds nothing to X_i, and a_i = 0
+    X = torch.addcmul(Gf, Wf, torch.where(zero, torch.zeros_like(g), -grad_g / safe_g)[:, None])
+    return grad_g, X, g / nu, steepest
 
 
 class GradNormLoRPAdamW(GaLoreAdamW):
@@ -72,37 +75,49 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         return norms, torch.where(norms > 0, norms, torch.ones_like(norms))
 
     def projection_source(self, p, grad, state, group) -> torch.Tensor:
-        return weight_norm_grads(p, grad, *self._magnitudes(p, state))[1].to(grad.dtype)
+        _, X, a, _ = weight_norm_grads(p, grad, *self._magnitudes(p, state))
+        return X.mul_(a[:, None]).to(grad.dtype)  # ∇V, the subspace's source at a refresh
 
     def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
                projector: Projector | None) -> None:
         if projector is None:
             return super().update(p, grad, state, group, None)  # plain AdamW
         g, nu = self._magnitudes(p, state)
-        grad_g, grad_v, steepest = weight_norm_grads(p, grad, g, nu)
-        R = self.project(projector, grad_v.to(grad.dtype))  # (a non-finite R skips the parameter here)
+        grad_g, X, a, steepest = weight_norm_grads(p, grad, g, nu)
+        R = self.project(projector, X.to(grad.dtype), rows=a)  # project(∇V); a non-finite R skips the parameter
+        del X
         if "wn_g" not in state:
             state["wn_g"], state["wn_nu"] = g, nu
             state["wn_g_exp_avg"], state["wn_g_exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
         state["step"] += 1
         N, step_size = self.direction(R, state, group)  # ρ: Adam (or 8-bit Adam) on the projected ∇V
         zero = g == 0
-        V = upcast(p) * (nu / torch.where(zero, torch.ones_like(g), g))[:, None]  # V = ν ĥ = (ν/g) W
-        if steepest is not None:
+        if steepest is not None:  # a zero row has no V = (ν/g) W to recover: form V and take its direction there
+            V = upcast(p) * (nu / torch.where(zero, torch.ones_like(g), g))[:, None]
             V[zero] = nu[zero][:, None] * steepest
+            rows, to_nu, sign = None, torch.ones_like(g), torch.ones_like(g)
+        else:  # V' = (ν/g) U with U = W − η_t diag(g/ν) back(N); so ‖V'‖ = (ν/|g|)‖U‖ and W' = g' V'/‖V'‖ =
+            # g' sign(g) U/‖U‖ (g < 0 after crossing zero, e.g. a LoRA B row's first step): V is never formed
+            V = upcast(p)  # p itself in fp32 / fp64 (updated in place), a fp32 copy of 16-bit weights
+            rows, to_nu, sign = a, nu / g.abs(), torch.sign(g)  # before g moves
         if V.dtype == N.dtype:
-            projector.add_back(V, N, alpha=-step_size)  # V ← V − η_t α back(N), one GEMM into V
-        else:  # 16-bit moments, fp32 direction
+            projector.add_back(V, N, alpha=-step_size, rows=rows)  # one GEMM into V, row scale in the factor
+        elif rows is None:  # 16-bit moments, fp32 direction
             V.sub_(upcast(projector.project_back(N)), alpha=step_size)
+        else:
+            V.addcmul_(upcast(projector.project_back(N)), rows[:, None], value=-step_size)
         beta1, beta2 = group["betas"]
         state["wn_g_exp_avg"].mul_(beta1).add_(grad_g, alpha=1.0 - beta1)
         state["wn_g_exp_avg_sq"].mul_(beta2).addcmul_(grad_g, grad_g, value=1.0 - beta2)
         N_g, g_step_size = adam_normalize(state["wn_g_exp_avg"], state["wn_g_exp_avg_sq"], state["step"], group)
         apply_update(g, N_g, g_step_size, group)  # g ← g − η_t Adam(∇g), decoupled decay on g
-        nu.copy_(torch.linalg.vector_norm(V, dim=1))
-        row = torch.where(nu > 0, g / nu.clamp_min(torch.finfo(nu.dtype).tiny), torch.zeros_like(g))
-        if V.dtype == p.dtype:
-            torch.mul(V, row[:, None], out=p)  # W = g ⊙ V/‖V‖
+        norms = torch.linalg.vector_norm(V, dim=1)
+        nu.copy_(norms * to_nu)  # ‖V'‖
+        row = torch.where(norms > 0, g * sign / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(g))
+        if V is p:
+            p.mul_(row[:, None])  # W = g ⊙ V/‖V‖
+        elif V.dtype == p.dtype:
+            torch.mul(V, row[:, None], out=p)
         else:
             p.copy_(V.mul_(row[:, None]))
 

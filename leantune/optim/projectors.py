@@ -89,11 +89,13 @@ class Projector:
         """P: r x n (right side) or m x r (left side)."""
         raise NotImplementedError
 
-    def project(self, grad: torch.Tensor) -> torch.Tensor:
+    def project(self, grad: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """R = project(diag(rows) G): G Pᵀ (row scale applied to the m × r result) or Pᵀ G (folded into P)."""
         P = self.matrix()
         if self.state["proj_right"]:
-            return torch.matmul(grad, P.t())
-        return torch.matmul(P.t(), grad)
+            R = torch.matmul(grad, P.t())
+            return R if rows is None else R.mul_(rows.to(R.dtype)[:, None])
+        return torch.matmul(_row_scaled(P, rows).t(), grad)
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
         """α · back(low_rank): α (P R) or α (R P), in the references' rounding (the product, then × α)."""
@@ -105,13 +107,18 @@ class Projector:
             full = torch.matmul(P, low_rank)
         return full if late is None else full * late
 
-    def add_back(self, target: torch.Tensor, low_rank: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
-        """target ← beta · target + alpha · back(low_rank), as one GEMM into ``target`` (``addmm_``)."""
+    def add_back(self, target: torch.Tensor, low_rank: torch.Tensor, alpha: float, beta: float = 1.0,
+                 rows: torch.Tensor | None = None) -> None:
+        """target ← beta · target + alpha · diag(rows) back(low_rank), as one GEMM into ``target`` (``addmm_``).
+
+        ``rows`` (m,) scales the rows of the back-projection; it is folded into the m-sided factor (N on the right
+        side, P on the left), an m × r product instead of an m × n pass."""
         P = self.matrix()
+        low_rank = low_rank.to(P.dtype)
         if self.state["proj_right"]:
-            target.addmm_(low_rank.to(P.dtype), P, beta=beta, alpha=alpha * self.scale)
+            target.addmm_(_row_scaled(low_rank, rows), P, beta=beta, alpha=alpha * self.scale)
         else:
-            target.addmm_(P, low_rank.to(P.dtype), beta=beta, alpha=alpha * self.scale)
+            target.addmm_(_row_scaled(P, rows), low_rank, beta=beta, alpha=alpha * self.scale)
 
     def subtract_back(self, full: torch.Tensor, low_rank: torch.Tensor, alpha: float) -> torch.Tensor:
         """full − alpha · back(low_rank) / scale (the unscaled back-projection), as one GEMM into a new tensor."""
@@ -143,6 +150,11 @@ class Projector:
             stacklevel=3,
         )
         return False
+
+
+def _row_scaled(factor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """diag(rows) · factor (m × r), in the factor's dtype; the factor itself when ``rows`` is None."""
+    return factor if rows is None else factor * rows.to(factor.dtype)[:, None]
 
 
 def compact_like(t: torch.Tensor) -> torch.Tensor:
@@ -275,17 +287,18 @@ class TwoSidedSVDProjector(StoredBasisProjector):
             self.state["proj_ortho_right"] = right
         return ok
 
-    def project(self, grad: torch.Tensor) -> torch.Tensor:
-        return self.state["proj_ortho"].t() @ grad @ self.state["proj_ortho_right"].t()
+    def project(self, grad: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return _row_scaled(self.state["proj_ortho"], rows).t() @ grad @ self.state["proj_ortho_right"].t()
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
         low_rank, late = scale_early(low_rank, self.scale)
         full = self.state["proj_ortho"] @ low_rank @ self.state["proj_ortho_right"]
         return full if late is None else full * late
 
-    def add_back(self, target: torch.Tensor, low_rank: torch.Tensor, alpha: float, beta: float = 1.0) -> None:
-        target.addmm_(self.state["proj_ortho"] @ low_rank, self.state["proj_ortho_right"], beta=beta,
-                      alpha=alpha * self.scale)
+    def add_back(self, target: torch.Tensor, low_rank: torch.Tensor, alpha: float, beta: float = 1.0,
+                 rows: torch.Tensor | None = None) -> None:
+        target.addmm_(_row_scaled(self.state["proj_ortho"], rows) @ low_rank, self.state["proj_ortho_right"],
+                      beta=beta, alpha=alpha * self.scale)
 
     def subtract_back(self, full: torch.Tensor, low_rank: torch.Tensor, alpha: float) -> torch.Tensor:
         return torch.addmm(full, self.state["proj_ortho"] @ low_rank, self.state["proj_ortho_right"], alpha=-alpha)

@@ -148,8 +148,8 @@ class ShardedProjector(Projector):
             P = P[self.shard.start:self.shard.start + self.shard.rows]  # computed kinds (DCT): this rank's rows
         return P
 
-    def project(self, grad: torch.Tensor) -> torch.Tensor:
-        R = super().project(grad)  # right: G_k Pᵀ (this rank's rows of R); left: P_kᵀ G_k (a partial sum)
+    def project(self, grad: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        R = super().project(grad, rows)  # right: G_k Pᵀ (this rank's rows of R); left: P_kᵀ G_k (a partial sum)
         return R if self.state["proj_right"] else all_reduce_sum(R, self.shard)
 
     def transition(self, old_matrix: torch.Tensor) -> torch.Tensor:  # pragma: no cover - refused at construction
