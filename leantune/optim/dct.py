@@ -24,12 +24,15 @@ _BASES: dict[tuple[int, str, torch.dtype], torch.Tensor] = {}
 
 
 def dct_matrix(d: int, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Orthonormal Q = C^T (columns = DCT-II basis vectors), computed in float64 then cast."""
+    """Orthonormal Q = C^T (columns = DCT-II basis vectors), computed in float64 then cast.
+
+    Q is the transposed view of a row-major C: a basis vector is a contiguous row of C, so gathering the r selected
+    ones (:meth:`DCTProjector.matrix`, every step) copies r rows instead of picking r strided columns."""
     k = torch.arange(d, dtype=torch.float64).unsqueeze(1)
     j = torch.arange(d, dtype=torch.float64).unsqueeze(0)
     C = math.sqrt(2.0 / d) * torch.cos(math.pi * k * (2 * j + 1) / (2 * d))
     C[0] *= math.sqrt(0.5)
-    return C.t().contiguous().to(device=device, dtype=dtype)
+    return C.to(device=device, dtype=dtype).contiguous().t()
 
 
 def shared_dct_basis(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -58,8 +61,8 @@ class DCTProjector(Projector):
 
     def matrix(self) -> torch.Tensor:
         if getattr(self, "_P", None) is None:  # a projector object lives for one step: gather once per step
-            cols = self.basis().index_select(1, self.state["proj_indices"].long())  # d x r
-            self._P = cols.t() if self.state["proj_right"] else cols
+            rows = self.basis().t().index_select(0, self.state["proj_indices"].long())  # r x d, C's rows
+            self._P = rows if self.state["proj_right"] else rows.t()
         return self._P
 
     def scores(self, grad: torch.Tensor) -> torch.Tensor:
