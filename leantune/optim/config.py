@@ -134,6 +134,12 @@ class OptimizerConfig:
                                                                                    for b in betas):
                 raise ValueError(f"OptimizerConfig.betas must be two numbers in [0, 1), got {betas!r}.")
             self.betas = tuple(betas)
+        adam_only = [f for f in ("betas", "eps") if getattr(self, f) is not None] + (["reference_adam"]
+                                                                                    if self.reference_adam else [])
+        if adam_only and not spec.adam:
+            raise ValueError(f"OptimizerConfig: {adam_only} are Adam settings; {self.name!r} is not Adam-based "
+                             f"({spec.summary}). Leave them unset and pass {spec.cls.__name__}'s own options in "
+                             f"optimizer_kwargs; accepted: {sorted(optimizer_options(spec.cls))}.")
         if not isinstance(self.optimizer_kwargs, dict) or not all(isinstance(k, str) for k in self.optimizer_kwargs):
             raise ValueError(f"OptimizerConfig.optimizer_kwargs must be a dict of option names, got "
                              f"{self.optimizer_kwargs!r}.")

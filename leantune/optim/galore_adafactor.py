@@ -13,8 +13,10 @@ For the projected gradient R (or the raw gradient of a non-targeted parameter), 
     if beta1: M = beta1 M + (1-beta1) D; D = M
     W     <- W - eta_t wd W - alpha back(D)
 
-This is the HF ``Adafactor`` arithmetic that galore-torch wraps, so it can be compared with
-``galore_torch.GaLoreAdafactor``.  Moments cannot be rotated (they are factored); ``moment_policy`` "keep" or
+This is the HF ``Adafactor`` arithmetic that galore-torch wraps. By default the last line is one GEMM into W
+(``addmm_``, decay as its beta); ``reference_order=True`` forms alpha back(D) in full and subtracts it, as
+galore-torch does, which reproduces ``galore_torch.GaLoreAdafactor`` bit for bit at the cost of one more full-size
+pass (the two orders round differently).  Moments cannot be rotated (they are factored); ``moment_policy`` "keep" or
 "reset".
 """
 
@@ -61,6 +63,7 @@ class GaLoreAdafactor(LowRankOptimizer):
         projector: str = "svd",
         moment_policy: str = "keep",
         max_grad_norm_per_param: float | None = None,
+        reference_order: bool = False,
     ) -> None:
         if lr is not None and relative_step:
             raise ValueError("Adafactor: pass lr=None with relative_step=True (the step size is then 1/sqrt(t)).")
@@ -83,6 +86,7 @@ class GaLoreAdafactor(LowRankOptimizer):
             "projector": projector,
             "moment_policy": moment_policy,
             "max_grad_norm_per_param": max_grad_norm_per_param,
+            "reference_order": reference_order,
         }
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 
@@ -138,10 +142,13 @@ class GaLoreAdafactor(LowRankOptimizer):
         if group["beta1"] is not None:
             state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
             update = state["exp_avg"]
-        if projector is not None:
-            update = projector.project_back(update)
-        if group["weight_decay"] != 0:
-            p32.add_(p32, alpha=-group["weight_decay"] * eta)
-        p32.sub_(update)  # = add_(-update) bit for bit, without the negated copy
+        if projector is not None and not group["reference_order"]:  # W ← (1 − η_t wd) W − α back(D), one GEMM
+            projector.add_back(p32, update, alpha=-1.0, beta=1.0 - group["weight_decay"] * eta)
+        else:
+            if projector is not None:
+                update = projector.project_back(update)
+            if group["weight_decay"] != 0:
+                p32.add_(p32, alpha=-group["weight_decay"] * eta)
+            p32.sub_(update)  # = add_(-update) bit for bit, without the negated copy
         if p32 is not p:
             p.copy_(p32)

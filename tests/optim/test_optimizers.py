@@ -19,6 +19,7 @@ from leantune.optim import (
     GaLoreAdamW,
     GaLoreAdamW8bit,
     NaturalGaLoreAdamW,
+    OptimizerConfig,
     make_param_groups,
 )
 from tests.optim.helpers import batches, loss_fn, make_net, params_equal, train
@@ -211,11 +212,13 @@ def test_eight_bit_states_are_uint8_and_track_fp32():
     assert not params_equal(a, make_net())
 
 
+@pytest.mark.parametrize("reference_order", [True, False], ids=["reference-order", "one-GEMM"])
 @pytest.mark.parametrize("scale_parameter", [False, True], ids=["lr", "lr·RMS(W)"])
 @pytest.mark.parametrize("scale", [0.25, 0.3, 1.0], ids=["power-of-two", "other", "one"])
-def test_adafactor_matches_galore_torch(scale, scale_parameter):
-    """Bit for bit, also where leantune takes the cheaper route (α folded into the low-rank factor for α = 2^k,
-    RMS(W) computed only when η_t uses it)."""
+def test_adafactor_matches_galore_torch(scale, scale_parameter, reference_order):
+    """With ``reference_order=True`` bit for bit, also where leantune takes the cheaper route (α folded into the
+    low-rank factor for α = 2^k, RMS(W) computed only when η_t uses it); by default (the update as one GEMM into W,
+    decay as its beta) equal up to float32 rounding."""
     galore_torch = pytest.importorskip("galore_torch")
     a, b = make_net(), make_net()
     low = [a.up.weight, a.mid.weight, a.down.weight]
@@ -224,10 +227,25 @@ def test_adafactor_matches_galore_torch(scale, scale_parameter):
         warnings.simplefilter("ignore")
         ref = galore_torch.GaLoreAdafactor(
             [{"params": rest}, {"params": low, "rank": 4, "update_proj_gap": 3, "scale": scale, "proj_type": "std"}],
-            lr=3e-3, relative_step=False, scale_parameter=scale_parameter, warmup_init=False, beta1=0.9)
-    ours = GaLoreAdafactor(make_param_groups(b, target_modules=TARGETS, rank=4, update_proj_gap=3, scale=scale),
-                           lr=3e-3, beta1=0.9, scale_parameter=scale_parameter)
+            lr=3e-3, relative_step=False, scale_parameter=scale_parameter, warmup_init=False, beta1=0.9,
+            weight_decay=0.1)
+    groups = make_param_groups(b, target_modules=TARGETS, rank=4, update_proj_gap=3, scale=scale)
+    for group in groups:
+        group["weight_decay"] = 0.1  # galore-torch decays every parameter (biases and norms too)
+    ours = GaLoreAdafactor(groups, lr=3e-3, beta1=0.9, scale_parameter=scale_parameter,
+                           reference_order=reference_order)
     train(a, ref, batches(8))
     train(b, ours, batches(8))
-    assert params_equal(a, b)
+    if reference_order:
+        assert params_equal(a, b)
+    else:
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pb, pa, rtol=1e-5, atol=1e-6)
     assert not params_equal(b, make_net())
+
+
+def test_adam_settings_refused_for_adafactor():
+    """betas / eps / reference_adam mean nothing to Adafactor: refused, naming its own options."""
+    for bad in ({"betas": (0.9, 0.99)}, {"eps": 1e-8}, {"reference_adam": True}):
+        with pytest.raises(ValueError, match=r"are Adam settings; 'galore_adafactor' is not Adam-based.*reference_order"):
+            OptimizerConfig("galore_adafactor", **bad)
