@@ -4,7 +4,8 @@ against torch AdamW, and the projector refresh (DCT vs SVD). Medians and spreads
 (b) ``--part step``: the 7 weight matrices of one Llama layer at d=1024, ffn 2752, rank 256, refresh excluded
     (T larger than the run; its cost is in (a)). Each round times every optimizer's step and, right after, the
     same GEMMs it cannot avoid, on the same shapes and memory layouts (GaLore family: project + back-project;
-    Fira: + back-projection of R; Natural GaLore: + its Woodbury products with s = 4; APOLLO: project only;
+    DCT-Fira (α = 1): + back-projection of R (Fira at its default α = 0.25 needs none: fira.py merges its residual
+    into GaLore's products); Natural GaLore: + its Woodbury products with s = 4; APOLLO: project only;
     Conda: rotate G and M, rotate back; AdamW: none).
 (a) ``--part train``: Llama d=1024, 4 layers, seq 512, batch 4 (vocab 32000), forward + backward + optimizer step,
     rank 256, refresh every 200 steps amortised (one refresh of every projector, timed, / 200).
@@ -37,7 +38,7 @@ OPTIMIZERS: dict[str, tuple[str | None, dict, str]] = {
     "GaLore": ("galore_adamw", {}, "galore"),
     "8-bit GaLore": ("galore_adamw8bit", {}, "galore"),
     "GaLore-Adafactor": ("galore_adafactor", {}, "galore"),
-    "Fira": ("fira_adamw", {}, "fira"),
+    "Fira": ("fira_adamw", {}, "galore"),  # α = 0.25: residual merged, no back(R) product (FiraAdamW.add_update)
     "DCT-AdamW": ("dct_adamw", {}, "galore"),
     "DCT-Fira": ("dct_fira_adamw", {}, "fira"),
     "rSVD GaLore": ("rsvd_galore_adamw", {}, "galore"),

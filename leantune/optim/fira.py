@@ -9,7 +9,10 @@ After the GaLore Adam step (R = project(G), N = Adam-normalised R, see ``galore_
     limiter (gamma = 1.01): if ||S_t|| / ||S_{t-1}|| > gamma then S_t <- S_t * gamma ||S_{t-1}|| / ||S_t||
     W    <- W - eta_t (alpha * back(N) + S)
 
-The only extra state is the previous residual norm (one scalar per matrix).
+The only extra state is the previous residual norm (one scalar per matrix). By default (``reference_adam=False``)
+and for α ≤ 1/2 the residual is never formed: its norm comes from the channel norms of G and R and its low-rank
+part rides in GaLore's back-projection GEMM (:meth:`FiraAdamW.add_update`), so Fira costs GaLore's two products
+plus one pass over G.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import torch
 from leantune.optim.base import LowRankOptimizer
 from leantune.optim.galore_adamw import GaLoreAdamW, adam_direction
 from leantune.optim.sharded import norm_over_rows
+
+#: projectors whose P has orthonormal rows (right side) or columns (left side)
+ORTHONORMAL_KINDS = ("svd", "rsvd", "dct")
 
 
 class FiraAdamW(GaLoreAdamW):
@@ -52,6 +58,40 @@ class FiraAdamW(GaLoreAdamW):
         beta1, beta2 = group["betas"]
         bc1, bc2 = 1.0 - beta1 ** state["step"], 1.0 - beta2 ** state["step"]
         return residual * (bc1 / math.sqrt(bc2))
+
+    def add_update(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
+        """The default-arithmetic update without back(R) or S₀ (:meth:`add_residual` forms both).
+
+        For an orthonormal one-sided P, per channel c (row of a tall G, column of a wide one) ⟨G_c, back₁(R)_c⟩ =
+        ‖R_c‖² and ‖back₁(R)_c‖ = ‖R_c‖ (back₁: back-projection without α), so S₀ = G − α' back₁(R) has
+        ‖S₀_c‖² = ‖G_c‖² − (2α' − α'²)‖R_c‖²: the limiter's norm needs only ‖G_c‖. With c = φ/λ per channel,
+
+            W ← (1 − η wd) W − η_t α back₁(N − (α'/α) R c) − η_t G c
+
+        is GaLore's one GEMM into W (the residual's low-rank part rides along) and one pass over G, instead of a
+        second GEMM for back(R) and a full-size S₀. Taken where α' ≤ 1/2 (the default α = 0.25): then ‖S₀_c‖² ≥
+        ‖G_c‖²/4 and the subtraction cannot cancel (rounding stays that of the squared norms); otherwise
+        (``orthogonal_residual``, α > 1/2, a random or two-sided projector) S₀ is formed."""
+        alpha = projector.scale
+        alpha_res = 1.0 if group["orthogonal_residual"] and alpha != 0 else alpha
+        if not (0 < alpha_res <= 0.5 and projector.one_sided and projector.kind in ORTHONORMAL_KINDS):
+            return super().add_update(p, grad, R, N, state, group, projector, step_size)
+        right = state["proj_right"]
+        phi = _channel_ratio(N, R, right)
+        dim = 1 if right else 0
+        wide = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        g_sq = norm_over_rows(grad, self._shard, dim=dim, dtype=wide).square()  # ‖G_c‖², over the ranks' rows
+        r_sq = torch.linalg.vector_norm(R, dim=dim, dtype=wide).square()  # R's channels are whole on each rank
+        s0 = (g_sq - (2 * alpha_res - alpha_res**2) * r_sq).clamp_min_(0).sqrt_()  # ‖S₀_c‖
+        if right:  # φ: (m, 1); the norm over all rows (reduced over the ranks under FSDP2)
+            norm = norm_over_rows(phi.squeeze(1).to(wide) * s0, self._shard)
+        else:
+            norm = torch.linalg.vector_norm(phi.to(wide) * s0)
+        limiter = growth_limiter(norm, state, "fira_prev_norm", group["gamma"])
+        coef = phi if limiter is None else phi / limiter  # φ/λ per channel
+        low = torch.addcmul(N, R, coef, value=-alpha_res / alpha)  # N − (α'/α) R φ/λ
+        projector.add_back(p, low, alpha=-step_size, beta=1.0 - group["lr"] * group["weight_decay"])
+        p.addcmul_(grad, coef.to(p.dtype), value=-step_size)
 
     def add_residual(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
         """The default-arithmetic W ← W − η_t S without forming S: S₀ = G − α back(R) as one GEMM, ‖S₀ ⊙ φ‖ from

@@ -174,9 +174,7 @@ class GaLoreAdamW(LowRankOptimizer):
             update = projector.project_back(N)
             apply_update(p, update if isinstance(residual, float) else update + residual, step_size, group)
             return
-        # W ← (1 − η wd) W − η_t α back(N) as one GEMM into W (no full-size temporary), then the residual if any
-        projector.add_back(p, N, alpha=-step_size, beta=1.0 - group["lr"] * group["weight_decay"])
-        self.add_residual(p, grad, R, N, state, group, projector, step_size)
+        self.add_update(p, grad, R, N, state, group, projector, step_size)
 
     def direction(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
         """Adam on R: update the moments (created at the first step) and return ``(N, step size)``
@@ -191,6 +189,12 @@ class GaLoreAdamW(LowRankOptimizer):
     def residual(self, grad, R, N, state, group, projector) -> torch.Tensor | float:
         """Full-rank term S added to the back-projected update (0; Fira: its scaled residual)."""
         return 0.0
+
+    def add_update(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
+        """W ← (1 − η wd) W − η_t (α back(N) + S) in the default arithmetic: one GEMM into W (no full-size
+        temporary), then the residual if any (:meth:`add_residual`; a subclass may merge the two)."""
+        projector.add_back(p, N, alpha=-step_size, beta=1.0 - group["lr"] * group["weight_decay"])
+        self.add_residual(p, grad, R, N, state, group, projector, step_size)
 
     def add_residual(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
         """W ← W − η_t S for :meth:`residual`'s S, in the default arithmetic (a subclass may fuse it)."""

@@ -109,13 +109,15 @@ def full_gradient(grad: torch.Tensor) -> torch.Tensor:
     return full
 
 
-def norm_over_rows(x: torch.Tensor, shard: RowShard | None, dim: int | None = None) -> torch.Tensor:
+def norm_over_rows(x: torch.Tensor, shard: RowShard | None, dim: int | None = None,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """‖x‖₂ (over everything, or along ``dim``) of a matrix whose rows are spread over the ranks: the vector norm
-    itself without sharding, else √(Σ_ranks Σ x²). ``dim=1`` (within rows) needs no communication."""
+    itself without sharding, else √(Σ_ranks Σ x²). ``dim=1`` (within rows) needs no communication. ``dtype``: that
+    of the result (default x's), accumulated in it or wider."""
     if shard is None or dim == 1:
-        return torch.linalg.vector_norm(x, dim=dim)
+        return torch.linalg.vector_norm(x, dim=dim, dtype=dtype)
     squares = x.float().square().sum(dim=dim) if x.dtype != torch.float64 else x.square().sum(dim=dim)
-    return all_reduce_sum(squares, shard).sqrt().to(x.dtype)
+    return all_reduce_sum(squares, shard).sqrt().to(dtype or x.dtype)
 
 
 class ShardedProjector(Projector):

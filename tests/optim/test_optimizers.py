@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -249,3 +250,53 @@ def test_adam_settings_refused_for_adafactor():
     for bad in ({"betas": (0.9, 0.99)}, {"eps": 1e-8}, {"reference_adam": True}):
         with pytest.raises(ValueError, match=r"are Adam settings; 'galore_adafactor' is not Adam-based.*reference_order"):
             OptimizerConfig("galore_adafactor", **bad)
+
+
+def _fira_run(projector: str, gamma: float, dtype: torch.dtype, steps: int, merged: bool, monkeypatch,
+              state: dict | None = None):
+    """A model trained ``steps`` steps by default-arithmetic Fira, merged update or S₀ formed (from ``state``)."""
+    import leantune.optim.fira as fira_module
+
+    if not merged:
+        monkeypatch.setattr(fira_module, "ORTHONORMAL_KINDS", ())
+    model = make_net().to(dtype)
+    groups = make_param_groups(model, target_modules=TARGETS, rank=4, update_proj_gap=4, scale=0.25,
+                               projector=projector, weight_decay=0.1)
+    opt = FiraAdamW(groups, lr=1e-2, gamma=gamma)
+    data = [(x.to(dtype), y.to(dtype)) for x, y in batches(10)]
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        data = data[-steps:]
+    train(model, opt, data[:steps])
+    monkeypatch.undo()
+    return model, opt
+
+
+@pytest.mark.parametrize("projector", ["svd", "rsvd", "dct"])
+@pytest.mark.parametrize("gamma", [1.01, 1.0], ids=["default-limiter", "limiter-always"])
+def test_fira_merged_update_equals_forming_the_residual(projector, gamma, monkeypatch):
+    """Fira's default update (‖S₀_c‖ from ‖G_c‖ and ‖R_c‖, the residual's low-rank part inside GaLore's GEMM, one
+    pass over G) equals forming S₀ = G − α back(R) and adding it (the path it replaces): 10 fp32 steps on tall and
+    wide matrices, with weight decay, projector refreshes and the growth limiter, to float32 rounding."""
+    merged, _ = _fira_run(projector, gamma, torch.float32, 10, True, monkeypatch)
+    formed, _ = _fira_run(projector, gamma, torch.float32, 10, False, monkeypatch)
+    for (name, a), b, w0 in zip(merged.named_parameters(), formed.parameters(), make_net().parameters()):
+        moved = float((b - w0).abs().max())
+        assert moved > 0
+        assert float((a - b).abs().max()) <= 1e-5 * max(moved, 1.0), name
+
+
+@pytest.mark.parametrize("projector", ["svd", "dct"])
+def test_fira_merged_update_in_bf16_is_within_rounding_of_forming_the_residual(projector, monkeypatch):
+    """bf16 weights: from the same state (6 steps in), one step each way lands within two bf16 spacings (each path
+    rounds W twice; over 10 steps the different roundings lead to different trajectories, so one step is compared)."""
+    model, opt = _fira_run(projector, 1.0, torch.bfloat16, 6, True, monkeypatch)
+    state = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict())}
+    merged, _ = _fira_run(projector, 1.0, torch.bfloat16, 1, True, monkeypatch, state)
+    formed, _ = _fira_run(projector, 1.0, torch.bfloat16, 1, False, monkeypatch, state)
+    for (name, a), b, w in zip(merged.named_parameters(), formed.parameters(), model.parameters()):
+        assert not torch.equal(b, w), name  # the step moved it
+        # rounding happens at the scale of the operands: W and the step (whose parts may be larger than W after it)
+        ulp = torch.finfo(torch.bfloat16).eps * (w.abs() + (a - w).abs() + (b - w).abs()).float()
+        assert bool(((a - b).float().abs() <= 2 * ulp).all()), name  # each within a rounding of the exact step
