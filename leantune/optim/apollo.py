@@ -30,6 +30,7 @@ from typing import Any, Iterable
 
 import torch
 
+from leantune._utils import channel_norms
 from leantune.optim.base import LowRankOptimizer
 from leantune.optim.fira import growth_limiter, limit_norm_growth
 from leantune.optim.galore_adamw import GaLoreAdamW, apply_update
@@ -38,12 +39,14 @@ from leantune.optim.projectors import Projector
 SCALE_TYPES = ("channel", "tensor")
 
 
-def scaling_factor(N: torch.Tensor, R: torch.Tensor, scale_type: str) -> torch.Tensor:
-    """s = ‖N‖/(‖R‖ + 1e-8) per channel of the larger side (a column vector when R is tall) or for the whole tensor."""
+def scaling_factor(N: torch.Tensor, R: torch.Tensor, scale_type: str, fast: bool = False) -> torch.Tensor:
+    """s = ‖N‖/(‖R‖ + 1e-8) per channel of the larger side (a column vector when R is tall) or for the whole tensor.
+    ``fast``: channel norms by :func:`channel_norms` (default arithmetic; apollo-torch's order keeps torch's)."""
     if scale_type == "tensor":
         return torch.linalg.vector_norm(N) / (torch.linalg.vector_norm(R) + 1e-8)
     dim = 0 if R.shape[0] < R.shape[1] else 1  # the r-long side: reduce over it
-    s = torch.linalg.vector_norm(N, dim=dim) / (torch.linalg.vector_norm(R, dim=dim) + 1e-8)
+    norm = (lambda x: channel_norms(x, dim)) if fast else (lambda x: torch.linalg.vector_norm(x, dim=dim))
+    s = norm(N) / (norm(R) + 1e-8)
     return s.unsqueeze(1) if dim == 1 else s
 
 
@@ -83,7 +86,7 @@ class APOLLOAdamW(GaLoreAdamW):
         R = self.project(projector, grad)
         state["step"] += 1
         N, step_size = self.direction(R, state, group)  # Adam on R: N = M / (√V + ε)
-        s = scaling_factor(N, R, group["scale_type"])
+        s = scaling_factor(N, R, group["scale_type"], fast=not group["reference_adam"])
         alpha = math.sqrt(group["scale"])
         if group["reference_adam"]:  # apollo-torch's op order (bitwise parity)
             S = grad * s  # the raw gradient, rescaled
@@ -113,7 +116,7 @@ class APOLLOAdamW(GaLoreAdamW):
             return s * torch.linalg.vector_norm(G)
         if s.dim() == 2:  # (m, 1): one per row
             return torch.linalg.vector_norm(s.squeeze(1) * torch.linalg.vector_norm(G, dim=1))
-        return torch.linalg.vector_norm(s * torch.linalg.vector_norm(G, dim=0))
+        return torch.linalg.vector_norm(s * channel_norms(G, 0))
 
 
 class APOLLOMini(APOLLOAdamW):

@@ -22,6 +22,7 @@ from typing import Any, Iterable
 
 import torch
 
+from leantune._utils import channel_norms
 from leantune.optim.base import LowRankOptimizer
 from leantune.optim.galore_adamw import GaLoreAdamW, adam_direction
 from leantune.optim.sharded import norm_over_rows
@@ -77,18 +78,18 @@ class FiraAdamW(GaLoreAdamW):
         if not (0 < alpha_res <= 0.5 and projector.one_sided and projector.kind in ORTHONORMAL_KINDS):
             return super().add_update(p, grad, R, N, state, group, projector, step_size)
         right = state["proj_right"]
-        phi = _channel_ratio(N, R, right)
         dim = 1 if right else 0
         wide = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        r_norm = channel_norms(R, dim, wide)  # R's channels are whole on each rank
+        phi = channel_norms(N, dim, wide) / (r_norm + 1e-8)  # φ, as _channel_ratio
         g_sq = norm_over_rows(grad, self._shard, dim=dim, dtype=wide).square()  # ‖G_c‖², over the ranks' rows
-        r_sq = torch.linalg.vector_norm(R, dim=dim, dtype=wide).square()  # R's channels are whole on each rank
-        s0 = (g_sq - (2 * alpha_res - alpha_res**2) * r_sq).clamp_min_(0).sqrt_()  # ‖S₀_c‖
-        if right:  # φ: (m, 1); the norm over all rows (reduced over the ranks under FSDP2)
-            norm = norm_over_rows(phi.squeeze(1).to(wide) * s0, self._shard)
-        else:
-            norm = torch.linalg.vector_norm(phi.to(wide) * s0)
+        s0 = (g_sq - (2 * alpha_res - alpha_res**2) * r_norm.square()).clamp_min_(0).sqrt_()  # ‖S₀_c‖
+        # the norm of S₀ φ over all channels (rows: reduced over the ranks under FSDP2)
+        norm = norm_over_rows(phi * s0, self._shard) if right else torch.linalg.vector_norm(phi * s0)
         limiter = growth_limiter(norm, state, "fira_prev_norm", group["gamma"])
         coef = phi if limiter is None else phi / limiter  # φ/λ per channel
+        if right:
+            coef = coef.unsqueeze(1)  # one per row
         low = torch.addcmul(N, R, coef, value=-alpha_res / alpha)  # N − (α'/α) R φ/λ
         projector.add_back(p, low, alpha=-step_size, beta=1.0 - group["lr"] * group["weight_decay"])
         p.addcmul_(grad, coef.to(p.dtype), value=-step_size)
@@ -96,7 +97,7 @@ class FiraAdamW(GaLoreAdamW):
     def add_residual(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
         """The default-arithmetic W ← W − η_t S without forming S: S₀ = G − α back(R) as one GEMM, ‖S₀ ⊙ φ‖ from
         S₀'s channel norms, then W += −η_t S₀ φ / λ in one pass (``addcdiv_``)."""
-        phi = _channel_ratio(N, R, state["proj_right"])
+        phi = _channel_ratio(N, R, state["proj_right"], fast=True)
         alpha = 1.0 if group["orthogonal_residual"] and projector.scale != 0 else projector.scale
         S0 = projector.subtract_back(grad, R, alpha)
         # under FSDP2 S0's rows are spread over the ranks: norms across rows are reduced (sharded.py)
@@ -119,11 +120,13 @@ class FiraAdamW(GaLoreAdamW):
                                  norm=norm_over_rows(residual, self._shard))
 
 
-def _channel_ratio(N: torch.Tensor, R: torch.Tensor, right: bool) -> torch.Tensor:
+def _channel_ratio(N: torch.Tensor, R: torch.Tensor, right: bool, fast: bool = False) -> torch.Tensor:
     """φ = ‖N‖_c / (‖R‖_c + 1e-8) per channel of the larger side: (m, 1) when R is tall (m x r, the right side),
-    (n,) when wide. The side comes from the projector, not R's shape: an FSDP2 rank may hold fewer than r rows."""
+    (n,) when wide. The side comes from the projector, not R's shape: an FSDP2 rank may hold fewer than r rows.
+    ``fast``: the norms by :func:`channel_norms` (default arithmetic; the reference path keeps torch.norm's)."""
     dim = 1 if right else 0
-    phi = torch.norm(N, dim=dim) / (torch.norm(R, dim=dim) + 1e-8)
+    norm = (lambda x: channel_norms(x, dim)) if fast else (lambda x: torch.norm(x, dim=dim))
+    phi = norm(N) / (norm(R) + 1e-8)
     return phi.unsqueeze(1) if dim == 1 else phi
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from leantune._utils import is_sharded, local
+from leantune._utils import channel_norms, is_sharded, local
 from leantune.optim.projectors import Projector, compact_like
 
 ROW_SHARDABLE_PROJECTORS = ("svd", "rsvd", "dct")
@@ -115,7 +115,7 @@ def norm_over_rows(x: torch.Tensor, shard: RowShard | None, dim: int | None = No
     itself without sharding, else √(Σ_ranks Σ x²). ``dim=1`` (within rows) needs no communication. ``dtype``: that
     of the result (default x's), accumulated in it or wider."""
     if shard is None or dim == 1:
-        return torch.linalg.vector_norm(x, dim=dim, dtype=dtype)
+        return torch.linalg.vector_norm(x, dim=dim, dtype=dtype) if dim is None else channel_norms(x, dim, dtype)
     squares = x.float().square().sum(dim=dim) if x.dtype != torch.float64 else x.square().sum(dim=dim)
     return all_reduce_sum(squares, shard).sqrt().to(dtype or x.dtype)
 

@@ -148,3 +148,22 @@ def test_project_back_equals_the_references_rounding(shape, scale, dtype):
     P = proj.matrix()
     product = R @ P if proj.state["proj_right"] else P @ R
     assert torch.equal(proj.project_back(R), product * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["row-major", "transposed-view"])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_channel_norms_equal_torchs_vector_norm(dim, layout, dtype):
+    """The fast column norm (sum of squares on CPU) is torch's vector norm up to the rounding of the sum."""
+    from leantune._utils import channel_norms
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 53, dtype=torch.float64) * torch.logspace(-3, 3, 53, dtype=torch.float64)
+    x = (x if layout == "row-major" else x.t().contiguous().t()).to(dtype)
+    exact = torch.linalg.vector_norm(x.double(), dim=dim)
+    got = channel_norms(x, dim)
+    assert got.dtype == dtype and got.shape == exact.shape
+    rel = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got.double(), exact, rtol=rel, atol=0)
+    if dtype != torch.float64:  # (torch refuses a narrowing dtype)
+        assert channel_norms(x, dim, torch.float32).dtype == torch.float32
