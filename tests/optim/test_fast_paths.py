@@ -4,7 +4,6 @@ against the reference packages in test_exactness / test_apollo)."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn
