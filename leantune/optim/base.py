@@ -325,6 +325,9 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         saved = state_dict["state"]
         self._check_loaded_state(state_dict)  # before anything changes: a bad checkpoint leaves the optimizer as it was
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # an option added after the checkpoint was written takes today's value
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in saved.get(pid, {}).items():

@@ -94,7 +94,9 @@ class Projector:
         P = self.matrix()
         if self.state["proj_right"]:
             R = torch.matmul(grad, P.t())
-            return R if rows is None else R.mul_(rows.to(R.dtype)[:, None])
+            if rows is None:
+                return R
+            return R.mul_(rows[:, None]) if R.dtype == rows.dtype else (R.float() * rows[:, None]).to(R.dtype)
         return torch.matmul(_row_scaled(P, rows).t(), grad)
 
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ def norm_over_rows(x: torch.Tensor, shard: RowShard | None, dim: int | None = No
                    dtype: torch.dtype | None = None) -> torch.Tensor:
     """‖x‖₂ (over everything, or along ``dim``) of a matrix whose rows are spread over the ranks: the vector norm
     itself without sharding, else √(Σ_ranks Σ x²). ``dim=1`` (within rows) needs no communication. ``dtype``: that
-    of the result (default x's), accumulated in it or wider."""
+    of the result (default x's)."""
     if shard is None or dim == 1:
         return torch.linalg.vector_norm(x, dim=dim, dtype=dtype) if dim is None else channel_norms(x, dim, dtype)
     squares = x.float().square().sum(dim=dim) if x.dtype != torch.float64 else x.square().sum(dim=dim)
@@ -151,6 +151,8 @@ class ShardedProjector(Projector):
         return P
 
     def project(self, grad: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        if rows is not None and not self.state["proj_right"]:  # P's rows would need this rank's slice of ``rows``
+            raise NotImplementedError("a row scale on a left-side projection of FSDP2-sharded rows")
         R = super().project(grad, rows)  # right: G_k Pᵀ (this rank's rows of R); left: P_kᵀ G_k (a partial sum)
         return R if self.state["proj_right"] else all_reduce_sum(R, self.shard)
 

@@ -300,3 +300,56 @@ def test_fira_merged_update_in_bf16_is_within_rounding_of_forming_the_residual(p
         # rounding happens at the scale of the operands: W and the step (whose parts may be larger than W after it)
         ulp = torch.finfo(torch.bfloat16).eps * (w.abs() + (a - w).abs() + (b - w).abs()).float()
         assert bool(((a - b).float().abs() <= 2 * ulp).all()), name  # each within a rounding of the exact step
+
+
+def test_checkpoint_from_before_an_option_existed_resumes():
+    """A state dict written before ``reference_order`` existed (GaLoreAdafactor's group lacks the key) loads, and
+    the option takes the optimizer's value."""
+    a, b = make_net(), make_net()
+    opt = GaLoreAdafactor(make_param_groups(a, target_modules=TARGETS, rank=4, update_proj_gap=3), lr=3e-3)
+    train(a, opt, batches(3))
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["reference_order"]
+    b.load_state_dict(a.state_dict())
+    resumed = GaLoreAdafactor(make_param_groups(b, target_modules=TARGETS, rank=4, update_proj_gap=3), lr=3e-3)
+    resumed.load_state_dict(saved)
+    assert all(group["reference_order"] is False for group in resumed.param_groups)
+    train(a, opt, batches(5)[3:])
+    train(b, resumed, batches(5)[3:])
+    assert params_equal(a, b)
+
+
+@pytest.mark.parametrize("projector", ["svd", "svd2"])
+def test_gradnorm_lorp_bf16_step_is_the_fp32_step_rounded(projector):
+    """bf16 weights (the fp32 copy of W, the row scale in the 16-bit projection): one step from a trained state
+    lands within two bf16 spacings (of the operands' scale) of the same step taken in fp32 from that state. (Not
+    DCT: its bf16 basis is itself a rounded copy of the fp32 one, a difference of the basis, not of the step.)"""
+    torch.manual_seed(0)
+    model = make_net().to(torch.bfloat16)
+    groups = lambda m: make_param_groups(m, target_modules=TARGETS, rank=4, update_proj_gap=100,  # noqa: E731
+                                         projector=projector)
+    opt = GradNormLoRPAdamW(groups(model), lr=1e-2)
+    data = [(x.to(torch.bfloat16), y.to(torch.bfloat16)) for x, y in batches(5)]
+    train(model, opt, data[:4])
+    states = copy.deepcopy(opt.state_dict())
+    x, y = data[4]
+    model.zero_grad()
+    loss_fn(model, (x, y)).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    start = [p.detach().clone() for p in model.parameters()]
+    twin = copy.deepcopy(model).float()
+    twin_opt = GradNormLoRPAdamW(groups(twin), lr=1e-2)
+    for st in states["state"].values():  # the same state, in fp32 (moments, projector)
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
+                st[key] = value.float()
+    twin_opt.load_state_dict(states)
+    for p, q, g in zip(model.parameters(), twin.parameters(), grads):
+        p.grad, q.grad = g, g.float()
+    opt.step()
+    twin_opt.step()
+    for (name, a), b, w in zip(model.named_parameters(), twin.parameters(), start):
+        assert not torch.equal(a, w), name
+        scale = w.float().abs() + (b - w.float()).abs()
+        assert bool(((a.float() - b).abs() <= 2 * torch.finfo(torch.bfloat16).eps * scale + 1e-30).all()), name
