@@ -10,7 +10,7 @@ After the GaLore Adam step (R = project(G), N = Adam-normalised R, see ``galore_
     W    <- W - eta_t (alpha * back(N) + S)
 
 The only extra state is the previous residual norm (one scalar per matrix). By default (``reference_adam=False``)
-and for α ≤ 1/2 the residual is never formed: its norm comes from the channel norms of G and R and its low-rank
+and for |1 − α| ≥ 1/2 the residual is never formed: its norm comes from the channel norms of G and R and its low-rank
 part rides in GaLore's back-projection GEMM (:meth:`FiraAdamW.add_update`), so Fira costs GaLore's two products
 plus one pass over G.
 """
@@ -70,12 +70,14 @@ class FiraAdamW(GaLoreAdamW):
             W ← (1 − η wd) W − η_t α back₁(N − (α'/α) R c) − η_t G c
 
         is GaLore's one GEMM into W (the residual's low-rank part rides along) and one pass over G, instead of a
-        second GEMM for back(R) and a full-size S₀. Taken where α' ≤ 1/2 (the default α = 0.25): then ‖S₀_c‖² ≥
-        ‖G_c‖²/4 and the subtraction cannot cancel (rounding stays that of the squared norms); otherwise
-        (``orthogonal_residual``, α > 1/2, a random or two-sided projector) S₀ is formed."""
+        second GEMM for back(R) and a full-size S₀. As ‖R_c‖ ≤ ‖G_c‖, ‖S₀_c‖² ≥ (1 − α')²‖G_c‖²: taken where
+        |1 − α'| ≥ 1/2 (the default α = 0.25, LLaMA-Factory's fine-tuning α = 2), where ‖S₀_c‖² ≥ ‖G_c‖²/4 and the
+        subtraction cannot cancel (rounding stays that of the squared norms); otherwise (``orthogonal_residual``,
+        1/2 < α < 3/2 as DCT-Fira's α = 1, a random or two-sided projector) S₀ is formed."""
         alpha = projector.scale
         alpha_res = 1.0 if group["orthogonal_residual"] and alpha != 0 else alpha
-        if not (0 < alpha_res <= 0.5 and projector.one_sided and projector.kind in ORTHONORMAL_KINDS):
+        if not (alpha > 0 and abs(1.0 - alpha_res) >= 0.5 and projector.one_sided
+                and projector.kind in ORTHONORMAL_KINDS):
             return super().add_update(p, grad, R, N, state, group, projector, step_size)
         right = state["proj_right"]
         dim = 1 if right else 0

@@ -253,14 +253,14 @@ def test_adam_settings_refused_for_adafactor():
 
 
 def _fira_run(projector: str, gamma: float, dtype: torch.dtype, steps: int, merged: bool, monkeypatch,
-              state: dict | None = None):
+              state: dict | None = None, scale: float = 0.25):
     """A model trained ``steps`` steps by default-arithmetic Fira, merged update or S₀ formed (from ``state``)."""
     import leantune.optim.fira as fira_module
 
     if not merged:
         monkeypatch.setattr(fira_module, "ORTHONORMAL_KINDS", ())
     model = make_net().to(dtype)
-    groups = make_param_groups(model, target_modules=TARGETS, rank=4, update_proj_gap=4, scale=0.25,
+    groups = make_param_groups(model, target_modules=TARGETS, rank=4, update_proj_gap=4, scale=scale,
                                projector=projector, weight_decay=0.1)
     opt = FiraAdamW(groups, lr=1e-2, gamma=gamma)
     data = [(x.to(dtype), y.to(dtype)) for x, y in batches(10)]
@@ -273,14 +273,16 @@ def _fira_run(projector: str, gamma: float, dtype: torch.dtype, steps: int, merg
     return model, opt
 
 
+@pytest.mark.parametrize("scale", [0.25, 2.0, 3.0], ids=["alpha-0.25", "alpha-2", "alpha-3"])
 @pytest.mark.parametrize("projector", ["svd", "rsvd", "dct"])
 @pytest.mark.parametrize("gamma", [1.01, 1.0], ids=["default-limiter", "limiter-always"])
-def test_fira_merged_update_equals_forming_the_residual(projector, gamma, monkeypatch):
+def test_fira_merged_update_equals_forming_the_residual(projector, gamma, scale, monkeypatch):
     """Fira's default update (‖S₀_c‖ from ‖G_c‖ and ‖R_c‖, the residual's low-rank part inside GaLore's GEMM, one
     pass over G) equals forming S₀ = G − α back(R) and adding it (the path it replaces): 10 fp32 steps on tall and
-    wide matrices, with weight decay, projector refreshes and the growth limiter, to float32 rounding."""
-    merged, _ = _fira_run(projector, gamma, torch.float32, 10, True, monkeypatch)
-    formed, _ = _fira_run(projector, gamma, torch.float32, 10, False, monkeypatch)
+    wide matrices, with weight decay, projector refreshes and the growth limiter, to float32 rounding, at GaLore's
+    α = 0.25, LLaMA-Factory's fine-tuning α = 2 (where 2α − α² = 0) and α = 3 (where it is negative)."""
+    merged, _ = _fira_run(projector, gamma, torch.float32, 10, True, monkeypatch, scale=scale)
+    formed, _ = _fira_run(projector, gamma, torch.float32, 10, False, monkeypatch, scale=scale)
     for (name, a), b, w0 in zip(merged.named_parameters(), formed.parameters(), make_net().parameters()):
         moved = float((b - w0).abs().max())
         assert moved > 0
