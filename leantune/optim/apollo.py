@@ -45,8 +45,7 @@ def scaling_factor(N: torch.Tensor, R: torch.Tensor, scale_type: str, fast: bool
     if scale_type == "tensor":
         return torch.linalg.vector_norm(N) / (torch.linalg.vector_norm(R) + 1e-8)
     dim = 0 if R.shape[0] < R.shape[1] else 1  # the r-long side: reduce over it
-    norm = (lambda x: channel_norms(x, dim)) if fast else (lambda x: torch.linalg.vector_norm(x, dim=dim))
-    s = norm(N) / (norm(R) + 1e-8)
+    s = channel_norms(N, dim, exact=not fast) / (channel_norms(R, dim, exact=not fast) + 1e-8)
     return s.unsqueeze(1) if dim == 1 else s
 
 

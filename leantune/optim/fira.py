@@ -125,10 +125,9 @@ class FiraAdamW(GaLoreAdamW):
 def _channel_ratio(N: torch.Tensor, R: torch.Tensor, right: bool, fast: bool = False) -> torch.Tensor:
     """φ = ‖N‖_c / (‖R‖_c + 1e-8) per channel of the larger side: (m, 1) when R is tall (m x r, the right side),
     (n,) when wide. The side comes from the projector, not R's shape: an FSDP2 rank may hold fewer than r rows.
-    ``fast``: the norms by :func:`channel_norms` (default arithmetic; the reference path keeps torch.norm's)."""
+    ``fast``: :func:`channel_norms`' faster rounding (default arithmetic; the reference path keeps torch's norm)."""
     dim = 1 if right else 0
-    norm = (lambda x: channel_norms(x, dim)) if fast else (lambda x: torch.norm(x, dim=dim))
-    phi = norm(N) / (norm(R) + 1e-8)
+    phi = channel_norms(N, dim, exact=not fast) / (channel_norms(R, dim, exact=not fast) + 1e-8)
     return phi.unsqueeze(1) if dim == 1 else phi
 
 

@@ -165,5 +165,6 @@ def test_channel_norms_equal_torchs_vector_norm(dim, layout, dtype):
     assert got.dtype == dtype and got.shape == exact.shape
     rel = {torch.float64: 1e-14, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(got.double(), exact, rtol=rel, atol=0)
+    assert torch.equal(channel_norms(x, dim, exact=True), torch.linalg.vector_norm(x, dim=dim))  # reference paths
     if dtype != torch.float64:  # (torch refuses a narrowing dtype)
         assert channel_norms(x, dim, torch.float32).dtype == torch.float32
