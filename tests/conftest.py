@@ -12,6 +12,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.machine import emulate_from_env  # noqa: E402
+
+emulate_from_env()
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:

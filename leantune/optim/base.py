@@ -5,6 +5,8 @@ projected, everything else in the same optimizer gets the plain (full-rank) upda
 
 ``rank``, ``update_proj_gap`` (T), ``scale`` (alpha), ``projector`` ("svd" | "rsvd" | "dct"),
 ``moment_policy`` ("keep" | "reset" | "rotate": what happens to the low-rank moments when P changes),
+``svd_signs`` ("aligned": each new SVD basis sign-oriented, ``leantune.optim.svd``; "lapack": LAPACK's raw signs, as
+galore-torch / fira; None, the default: "lapack" with ``reference_adam`` / ``reference_order``, else "aligned"),
 ``max_grad_norm_per_param`` (clip each parameter's gradient by its own norm; None = off).
 
 Subclasses implement :meth:`LowRankOptimizer.update` (their update rule for one parameter).
@@ -36,8 +38,10 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
     "scale": 0.25,
     "projector": "svd",
     "moment_policy": "keep",
+    "svd_signs": None,
     "max_grad_norm_per_param": None,
 }
+SVD_SIGNS = ("aligned", "lapack")
 
 
 class LowRankOptimizer(LayerwiseMixin, Optimizer):
@@ -124,6 +128,8 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             raise ValueError(
                 f"param group {index}: moment_policy={group['moment_policy']!r}, expected one of {MOMENT_POLICIES}"
             )
+        if group.get("svd_signs") not in (None, *SVD_SIGNS):
+            raise ValueError(f"param group {index}: svd_signs={group['svd_signs']!r}, expected one of {SVD_SIGNS} or None")
         if group["moment_policy"] == "rotate" and group["projector"] == "svd2":
             raise ValueError(f"param group {index}: the two-sided projector ('svd2') cannot rotate moments; use "
                              "moment_policy='keep' or 'reset'")

@@ -29,6 +29,7 @@ import torch
 from leantune.optim.base import LowRankOptimizer
 from leantune.optim.galore_adamw import (GaLoreAdamW, adam_normalize, apply_update, check_betas, init_moments,
                                          resolve_eps)
+from leantune.optim.svd import thin_svd
 
 
 class CondaAdamW(GaLoreAdamW):
@@ -91,7 +92,7 @@ class CondaAdamW(GaLoreAdamW):
         a rank-deficient M are otherwise decided by rounding, and Conda's first step gives them full size), cast back; on failure the previous Q is kept, or
         the identity (plain Adam) the first time, with a warning."""
         try:
-            U, _, Vh = torch.linalg.svd(M.float(), full_matrices=False)
+            U, _, Vh = thin_svd(M.float())  # Conda is sign-invariant (N Q): any valid signs give the same step
             Q = (Vh if tall else U).to(M.dtype)
             if not bool(torch.isfinite(Q).all()):
                 raise RuntimeError("non-finite singular vectors")

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from leantune.optim.svd import orient_basis, orientation, thin_svd
+
 PROJECTOR_KINDS = ("svd", "rsvd", "dct", "random", "svd2")
 
 
@@ -177,20 +179,31 @@ def _grad_as_fp32(grad: torch.Tensor) -> torch.Tensor:
     return grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
 
 
-def _svd_or_reason(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | str:
+def _svd_or_reason(grad: torch.Tensor, raw: bool) -> tuple[torch.Tensor, torch.Tensor] | str:
     """``(U, Vh)`` of the thin SVD of ``grad`` (fp32 for half dtypes), or why it cannot be taken (the reason a
-    refresh reports when it keeps the previous projector)."""
+    refresh reports when it keeps the previous projector). ``raw``: LAPACK's signs, as the references."""
     if not bool(torch.isfinite(grad).all()):
         return "non-finite gradient"
     try:
-        U, _, Vh = torch.linalg.svd(_grad_as_fp32(grad), full_matrices=False)
+        U, _, Vh = thin_svd(_grad_as_fp32(grad), raw=raw)
     except RuntimeError as err:  # e.g. "linalg.svd: failed to converge" (GaLore #58)
         return f"torch.linalg.svd raised: {err}"
     return U, Vh
 
 
 class StoredBasisProjector(Projector):
-    """Projectors that keep P itself in ``state["proj_ortho"]`` (written by :meth:`Projector._accept`)."""
+    """Projectors that keep P itself in ``state["proj_ortho"]`` (written by :meth:`Projector._accept`).
+
+    A new basis is sign-oriented (``leantune.optim.svd``: canonical the first time, then aligned with the previous
+    basis) unless ``raw_signs`` (the references' LAPACK signs, for bitwise parity with galore-torch / fira).
+    ``overlap``: how ⟨p_old, p_new⟩ is summed when the state holds only this rank's rows of P (FSDP2).
+    """
+
+    def __init__(self, state: dict[str, Any], rank: int, update_proj_gap: int, scale: float,
+                 raw_signs: bool = False) -> None:
+        super().__init__(state, rank, update_proj_gap, scale)
+        self.raw_signs = raw_signs
+        self.overlap = None
 
     @property
     def initialized(self) -> bool:
@@ -198,6 +211,12 @@ class StoredBasisProjector(Projector):
 
     def matrix(self) -> torch.Tensor:
         return self.state["proj_ortho"]
+
+    def _oriented(self, new: torch.Tensor) -> torch.Tensor:
+        """``new`` (a tensor of its own) with sign-consistent vectors, or as it is with ``raw_signs``."""
+        if self.raw_signs:
+            return new
+        return orient_basis(new, self.state.get("proj_ortho"), self.state["proj_right"], self.overlap)
 
 
 class SVDProjector(StoredBasisProjector):
@@ -213,13 +232,13 @@ class SVDProjector(StoredBasisProjector):
 
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
         self.state["proj_right"] = self.is_right(grad.shape)
-        factors = _svd_or_reason(grad)
+        factors = _svd_or_reason(grad, self.raw_signs)
         if isinstance(factors, str):
             return self._accept(grad, None, factors)
         U, Vh = factors
         new = Vh[: self.rank, :] if self.state["proj_right"] else U[:, : self.rank]
-        new = compact_like(new) if grad.dtype == torch.float32 else new.to(dtype=grad.dtype).contiguous()
-        return self._accept(grad, new, "non-finite singular vectors")
+        new = compact_like(new) if grad.dtype == torch.float32 else new.to(dtype=grad.dtype, copy=True).contiguous()
+        return self._accept(grad, self._oriented(new), "non-finite singular vectors")
 
 
 class RandomizedSVDProjector(StoredBasisProjector):
@@ -233,8 +252,9 @@ class RandomizedSVDProjector(StoredBasisProjector):
 
     kind = "rsvd"
 
-    def __init__(self, state, rank, update_proj_gap, scale, oversample: int = 8, power_iters: int = 2, seed: int = 0):
-        super().__init__(state, rank, update_proj_gap, scale)
+    def __init__(self, state, rank, update_proj_gap, scale, oversample: int = 8, power_iters: int = 2, seed: int = 0,
+                 raw_signs: bool = False):
+        super().__init__(state, rank, update_proj_gap, scale, raw_signs)
         self.oversample = oversample
         self.power_iters = power_iters
         self.seed = seed
@@ -256,19 +276,20 @@ class RandomizedSVDProjector(StoredBasisProjector):
             for _ in range(self.power_iters):
                 Q = torch.linalg.qr(A.t() @ Q).Q
                 Q = torch.linalg.qr(A @ Q).Q
-            U_B, _, _ = torch.linalg.svd(Q.t() @ A, full_matrices=False)
+            U_B, _, _ = thin_svd(Q.t() @ A, raw=self.raw_signs)
         except RuntimeError as err:
             return self._accept(grad, None, f"randomized SVD raised: {err}")
         U = (Q @ U_B)[:, : self.rank]  # basis of the small side: n x r (right) or m x r (left)
-        new = U.t() if right else U
-        return self._accept(grad, new.to(dtype=grad.dtype).contiguous(), "non-finite singular vectors")
+        new = (U.t() if right else U).to(dtype=grad.dtype, copy=True).contiguous()
+        return self._accept(grad, self._oriented(new), "non-finite singular vectors")
 
 
 class TwoSidedSVDProjector(StoredBasisProjector):
     """Both sides (GradNormLoRP's D̃ = U ρ(Uᵀ D V) Vᵀ, Huang et al. 2025): R = U_rᵀ G V_r (r x r core),
     back(N) = alpha U_r N V_rᵀ, with U_r, V_r the top-r singular vectors of G (refreshed every T steps).
 
-    Stores U_r (m x r) in ``proj_ortho`` and V_rᵀ (r x n) in ``proj_ortho_right``: the moments shrink to r x r.
+    Stores U_r (m x r) in ``proj_ortho`` and V_rᵀ (r x n) in ``proj_ortho_right``: the moments shrink to r x r. A pair
+    (u_i, v_i) flips together, its sign oriented by u_i (the left basis: canonical, then aligned with the previous).
     """
 
     kind = "svd2"
@@ -276,12 +297,16 @@ class TwoSidedSVDProjector(StoredBasisProjector):
 
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
         self.state["proj_right"] = self.is_right(grad.shape)
-        factors = _svd_or_reason(grad)
+        factors = _svd_or_reason(grad, self.raw_signs)
         if isinstance(factors, str):
             return self._accept(grad, None, factors)
         U, Vh = factors
-        left = U[:, : self.rank].to(grad.dtype).contiguous()
-        right = Vh[: self.rank].to(grad.dtype).contiguous()
+        left = U[:, : self.rank].to(grad.dtype, copy=True).contiguous()
+        right = Vh[: self.rank].to(grad.dtype, copy=True).contiguous()
+        if not self.raw_signs:
+            signs = orientation(left, self.state.get("proj_ortho"), right=False).to(grad.dtype)
+            left.mul_(signs[None, :])
+            right.mul_(signs[:, None])
         if not bool(torch.isfinite(right).all()):
             return self._accept(grad, None, "non-finite singular vectors")
         ok = self._accept(grad, left, "non-finite singular vectors")
@@ -360,13 +385,17 @@ class RandomProjector(Projector):
 
 def make_projector(kind: str, state: dict[str, Any], group: dict[str, Any], seed: int = 0) -> Projector:
     """Build the projector named by ``kind`` ("svd" | "rsvd" | "dct" | "random") from a param group's config
-    (``seed``: the parameter's 0-based position in the optimizer; "random" starts from ``seed + 1``, as APOLLO)."""
+    (``seed``: the parameter's 0-based position in the optimizer; "random" starts from ``seed + 1``, as APOLLO;
+    ``svd_signs``: see ``base.py``)."""
     rank, gap, scale = group["rank"], group["update_proj_gap"], group["scale"]
+    signs = group.get("svd_signs") or ("lapack" if group.get("reference_adam") or group.get("reference_order")
+                                       else "aligned")
+    raw = signs == "lapack"  # the references' raw LAPACK signs
     if kind == "svd":
-        return SVDProjector(state, rank, gap, scale)
+        return SVDProjector(state, rank, gap, scale, raw)
     if kind == "rsvd":
         return RandomizedSVDProjector(
-            state, rank, gap, scale, group.get("rsvd_oversample", 8), group.get("rsvd_power_iters", 2), seed
+            state, rank, gap, scale, group.get("rsvd_oversample", 8), group.get("rsvd_power_iters", 2), seed, raw
         )
     if kind == "dct":
         from leantune.optim.dct import DCTProjector
@@ -375,7 +404,7 @@ def make_projector(kind: str, state: dict[str, Any], group: dict[str, Any], seed
     if kind == "random":
         return RandomProjector(state, rank, gap, scale, seed=seed + 1)
     if kind == "svd2":
-        return TwoSidedSVDProjector(state, rank, gap, scale)
+        return TwoSidedSVDProjector(state, rank, gap, scale, raw)
     raise ValueError(f"Unknown projector {kind!r}; choose one of {PROJECTOR_KINDS}.")
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from leantune._utils import upcast
+from leantune.optim.svd import canonical_pairs, thin_svd
 
 RESET_MOMENTS = ("all", "first")
 #: state keys holding a first moment (Adam's m, 8-bit codes and their block scales, GradNormLoRP's magnitude m)
@@ -64,12 +65,13 @@ def refactorize(B: torch.Tensor, A: torch.Tensor, rtol: float = 1e-6) -> bool:
     False (and changes nothing) when B A has fewer than r singular values above ``rtol``·σ_max."""
     r = A.shape[0]
     W = upcast(B) @ upcast(A)
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = thin_svd(W)
     if S.numel() < r or S[0] == 0 or bool(S[r - 1] <= rtol * S[0]):
         return False
+    U, Vh = canonical_pairs(U, Vh, r)  # B and A themselves (and so their optimizer's steps) do not depend on LAPACK
     root = S[:r].sqrt()
-    B.copy_(U[:, :r] * root)
-    A.copy_(root[:, None] * Vh[:r])
+    B.copy_(U * root)
+    A.copy_(root[:, None] * Vh)
     return True
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from leantune._utils import channel_norms, is_sharded, local
 from leantune.optim.projectors import Projector, compact_like
+from leantune.optim.svd import dots
 
 ROW_SHARDABLE_PROJECTORS = ("svd", "rsvd", "dct")
 SUPPORTED = "galore_adamw, galore_adamw8bit, fira_adamw, dct_adamw, dct_fira_adamw or rsvd_galore_adamw"
@@ -128,6 +129,16 @@ class ShardedProjector(Projector):
         self.state, self.rank, self.update_proj_gap, self.scale = inner.state, inner.rank, inner.update_proj_gap, \
             inner.scale
         self.kind, self.one_sided = inner.kind, inner.one_sided
+        if hasattr(inner, "overlap"):  # a stored basis oriented against the previous one, whose rows are spread
+            inner.overlap = self._overlap
+
+    def _overlap(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """⟨p_i^old, p_i^new⟩ per basis vector when the state holds this rank's rows of a left-side P (m × r): the
+        partial sum over those rows, summed over ranks (r numbers per refresh); a whole P: the plain sum."""
+        if old.shape == new.shape:
+            return dots(old, new, self.state["proj_right"])
+        part = dots(old, new[self.shard.start:self.shard.start + self.shard.rows], right=False)
+        return all_reduce_sum(part, self.shard, phase="refresh")
 
     @property
     def initialized(self) -> bool:

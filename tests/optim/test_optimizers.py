@@ -219,7 +219,8 @@ def test_eight_bit_states_are_uint8_and_track_fp32():
 def test_adafactor_matches_galore_torch(scale, scale_parameter, reference_order):
     """With ``reference_order=True`` bit for bit, also where leantune takes the cheaper route (α folded into the
     low-rank factor for α = 2^k, RMS(W) computed only when η_t uses it); by default (the update as one GEMM into W,
-    decay as its beta) equal up to float32 rounding."""
+    decay as its beta) equal up to float32 rounding, given LAPACK's signs as galore-torch takes them (by default a
+    basis is sign-oriented: another trajectory of kept moments, by design)."""
     galore_torch = pytest.importorskip("galore_torch")
     a, b = make_net(), make_net()
     low = [a.up.weight, a.mid.weight, a.down.weight]
@@ -233,6 +234,8 @@ def test_adafactor_matches_galore_torch(scale, scale_parameter, reference_order)
     groups = make_param_groups(b, target_modules=TARGETS, rank=4, update_proj_gap=3, scale=scale)
     for group in groups:
         group["weight_decay"] = 0.1  # galore-torch decays every parameter (biases and norms too)
+        if "rank" in group:
+            group["svd_signs"] = "lapack"
     ours = GaLoreAdafactor(groups, lr=3e-3, beta1=0.9, scale_parameter=scale_parameter,
                            reference_order=reference_order)
     train(a, ref, batches(8))
