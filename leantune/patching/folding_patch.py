@@ -30,7 +30,7 @@ from .folding import (
     GAMMA_TOLERANCE, base_layer, fold_into_linear, is_conv1d, norm_affine, norm_eps, unfold_linear)
 
 from .ops_patch import norm_display_name
-from .state import rebind
+from .state import foreign_forward, rebind
 
 
 def _tied(model: nn.Module, weight: torch.Tensor) -> bool:
@@ -69,7 +69,7 @@ def fold_check(state, site) -> str:
     config, norm = state.memory, site.norm
     if isinstance(norm, ModulesToSaveWrapper):
         return "norm is trained with the adapter (modules_to_save); left unchanged"
-    if "forward" in norm.__dict__:
+    if foreign_forward(norm):
         return "forward already replaced by someone else; left unchanged"
     if getattr(norm, "weight", None) is None:
         return "norm has no affine weight; left unchanged"
@@ -151,7 +151,7 @@ def _compensate(state, applied, cname: str, consumer: nn.Module, gamma: torch.Te
         applied.undo.append(lambda: consumer.__dict__.pop("_leantune_input_affine", None))
         for adapter, lora_a in consumer.lora_A.items():
             rebind(applied, lora_a, _scaled_lora_a(gamma), "GammaScaledLinear",
-                   f"{lora_a.in_features}, {lora_a.out_features}, input scaled by the folded norm's γ")
+                   f"{lora_a.in_features}, {lora_a.out_features}, input scaled by the folded norm's γ", state=state)
             dropout = consumer.lora_dropout[adapter]
             if isinstance(dropout, nn.Dropout) and dropout.p > 0:
                 state.warn_once(cname, "dropout", f"leantune.memory: {cname} (adapter {adapter!r}) has "
@@ -215,7 +215,7 @@ def patch_norm_folded(state, applied, site) -> bool:
     consumer_names = ", ".join(c.rsplit(".", 1)[-1] for c, _ in site.consumers)
     rebind(applied, norm, forward, norm_display_name(kind),
            f"eps={eps}, affine folded into {consumer_names}" + (" (post-norm: γ ⊙ ŷ + β also returned)"
-                                                                  if post_norm else ""))
+                                                                  if post_norm else ""), state=state)
 
     def pre_hook(module: nn.Module, args: tuple):
         x = args[0]

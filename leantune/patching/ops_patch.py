@@ -23,7 +23,7 @@ from leantune.kernels.norms import ms_norm
 from leantune.kernels.velora import VeLoRAProjection
 
 from .folding import norm_eps
-from .state import rebind
+from .state import foreign_forward, rebind
 
 
 def own_call(module: nn.Module) -> Callable:
@@ -32,7 +32,7 @@ def own_call(module: nn.Module) -> Callable:
 
 
 def _foreign(state, applied, module: nn.Module, name: str) -> bool:
-    if "forward" in module.__dict__:
+    if foreign_forward(module):
         state.note(f"{name}: forward already replaced by someone else; left unchanged")
         return True
     return False
@@ -56,7 +56,8 @@ def patch_norm_unfolded(state, applied, site) -> bool:
         bias = getattr(self, "bias", None)
         return y if bias is None else y + bias
 
-    rebind(applied, norm, forward, norm_display_name(kind), f"{norm.weight.shape[0]}, eps={eps}, affine after the op")
+    rebind(applied, norm, forward, norm_display_name(kind), f"{norm.weight.shape[0]}, eps={eps}, affine after the op",
+           state=state)
     return True
 
 
@@ -71,7 +72,7 @@ def patch_activation(state, applied, site) -> bool:
         return approx_activation(x, site.kind, site.approximate, original)
 
     name = "ReSiLU2" if site.kind == "silu" else "ReGELU2"
-    rebind(applied, module, forward, name, f"forward={type(module).__name__}")
+    rebind(applied, module, forward, name, f"forward={type(module).__name__}", state=state)
     return True
 
 
@@ -93,7 +94,7 @@ def patch_gated_mlp(state, applied, site) -> bool:
             return out
         return self.down_proj(gated_activation(self.gate_proj(x), self.up_proj(x), activation, act))
 
-    rebind(applied, mlp, forward, "FusedGatedMLP")
+    rebind(applied, mlp, forward, "FusedGatedMLP", state=state)
     return True
 
 
@@ -151,7 +152,7 @@ def patch_adapter_linear(state, applied, site) -> bool:
             lora_a = scale_columns(lora_a, fusable.gamma)
         return fused_lora_linear(x, fusable.weight, fusable.bias, lora_a, lora_b, scaling)
 
-    rebind(applied, layer, forward, "FusedLowRankLinear" if lowrank else "FusedLoRALinear")
+    rebind(applied, layer, forward, "FusedLowRankLinear" if lowrank else "FusedLoRALinear", state=state)
     return True
 
 
@@ -174,7 +175,7 @@ def patch_velora(state, applied, site) -> bool:
         def forward(self, x, projection=projection):
             return projection.linear(x, self.weight)
 
-        rebind(applied, linear, forward, "VeLoRALinear", f"{in_features}, groups={groups}")
+        rebind(applied, linear, forward, "VeLoRALinear", f"{in_features}, groups={groups}", state=state)
         count += 1
     applied.count = count
     return count > 0

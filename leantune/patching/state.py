@@ -58,9 +58,48 @@ class PatchState:
         return [r for a in self.kinds("norm", "folded") for r in a.records]
 
 
+def foreign_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s forward was replaced by someone else than leantune and its owner's machinery. A hub kernel
+    installed by transformers' ``kernelize`` (``_kernel_repo`` beside it) is not foreign: leantune's patch replaces it
+    on that module, and the module is then no longer kernelized (:func:`rebind`)."""
+    return "forward" in module.__dict__ and "_kernel_repo" not in module.__dict__
+
+
+_PINNED: dict[type, type] = {}
+
+
+def _never_kernelize(module: nn.Module) -> bool:
+    return False
+
+
+def _pinned_class(cls: type) -> type:
+    """A subclass of a hub-kernel layer class (one with ``kernel_layer_name``) that ``kernels.kernelize`` skips (its
+    ``kernel_condition`` says no), under the same name."""
+    if cls not in _PINNED:
+        _PINNED[cls] = type(cls.__name__, (cls,), {"kernel_condition": staticmethod(_never_kernelize),
+                                                  "_leantune_pinned": True, "__module__": cls.__module__,
+                                                  "__qualname__": cls.__qualname__})
+    return _PINNED[cls]
+
+
 def rebind(applied: Applied, module: nn.Module, fn: Callable, name: str | None = None,
-           extra: str | None = None) -> None:
-    """Bind ``fn`` as ``module``'s instance ``forward`` (and its printed name), undone by ``applied``."""
+           extra: str | None = None, state: "PatchState | None" = None) -> None:
+    """Bind ``fn`` as ``module``'s instance ``forward`` (and its printed name), undone by ``applied``.
+
+    transformers (5.x, with the ``kernels`` package) re-kernelizes a model at every ``train()`` / ``eval()`` that
+    changes its mode, and for a layer class with a hub kernel (``@use_kernel_forward_from_hub``, e.g. every RMSNorm)
+    that pops the instance's ``forward`` — leantune's patch would vanish while its folded consumers stayed. So a
+    patched module of such a class is moved to a subclass that ``kernelize`` skips (the patch owns its forward);
+    undoing the patch moves it back and restores the forward it had (a hub kernel's included)."""
+    saved = {attr: module.__dict__[attr] for attr in ("forward", "_get_name", "extra_repr", "_kernel_repo")
+             if attr in module.__dict__}
+    cls = type(module)
+    pinned = hasattr(cls, "kernel_layer_name") and not getattr(cls, "_leantune_pinned", False)
+    if pinned:
+        module.__class__ = _pinned_class(cls)
+        module.__dict__.pop("_kernel_repo", None)
+        if state is not None:
+            state.note(f"{cls.__name__}: hub kernels off on the modules leantune patches (their forward is leantune's)")
     module.forward = types.MethodType(fn, module)
     if name is not None:
         module._get_name = lambda: name
@@ -70,6 +109,9 @@ def rebind(applied: Applied, module: nn.Module, fn: Callable, name: str | None =
     def undo() -> None:
         for attr in ("forward", "_get_name", "extra_repr"):
             module.__dict__.pop(attr, None)
+        module.__dict__.update(saved)
+        if pinned:
+            module.__class__ = cls
 
     applied.undo.append(undo)
 
