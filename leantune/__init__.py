@@ -11,7 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .adapters import (
+from ._notices import drop_optional_kernel_notices
+
+drop_optional_kernel_notices()  # before peft imports bitsandbytes (see _notices.py)
+
+from .adapters import (  # noqa: E402
     ALLoRAConfig,
     BottleneckConfig,
     CompacterConfig,
@@ -26,11 +30,11 @@ from .adapters import (
     estimate_first_step,
     get_lora_sb_model,
 )
-from .integrations.callback import LeanTuneCallback
-from .integrations.checkpoints import LeanTuneError, load_adapter, save_adapter
-from .integrations.fsdp import shard_model
-from .integrations.interop import export_to_lora, inspect_adapter, merge_to_directory
-from .compress import compress_adapter, decompress_adapter
+from .integrations.callback import LeanTuneCallback  # noqa: E402
+from .integrations.checkpoints import LeanTuneError, load_adapter, save_adapter  # noqa: E402
+from .integrations.fsdp import shard_model  # noqa: E402
+from .integrations.interop import export_to_lora, inspect_adapter, merge_to_directory  # noqa: E402
+from .compress import compress_adapter, decompress_adapter  # noqa: E402
 
 __version__ = "0.1.0"
 

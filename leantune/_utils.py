@@ -10,6 +10,10 @@ import torch
 PEFT_PREFIX = "base_model.model."
 
 
+class LeanTuneError(Exception):
+    """A user-facing error: the CLI prints its message on one line and exits with code 2."""
+
+
 class NonFiniteGradientWarning(RuntimeWarning):
     """A gradient held NaN/inf and its update was skipped (the weights never receive it)."""
 

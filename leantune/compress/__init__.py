@@ -30,13 +30,12 @@ from typing import Any
 import numpy as np
 import torch
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from leantune._utils import PEFT_PREFIX
 from leantune.compress.compeft import ENCODINGS, SCOPES, concat, decode, encode, stored_bits, ternarize
 from leantune.integrations.checkpoints import (ADAPTER_WEIGHTS, LeanTuneError, atomic_output_dir, check_output_dir,
-                                               verify_adapter_files)
+                                               load_safetensors, open_safetensors, verify_adapter_files)
 
 COMPRESSED = "compeft.safetensors"
 FORMAT = "leantune-compeft-1"
@@ -136,14 +135,8 @@ def _compress(tensors: dict[str, torch.Tensor], inits: dict[str, float], kept: d
 
 
 def _decompress(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("compeft", "null"))
-            stored = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, json.JSONDecodeError) as err:
-        raise LeanTuneError(f"{path}: not a readable {COMPRESSED} ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise LeanTuneError(f"{path}: not a leantune ComPEFT file (format {FORMAT} expected)")
+    meta = _read_meta(path)
+    stored = load_safetensors(path)
     out: dict[str, torch.Tensor] = {}
     for u in meta["units"]:
         coded = {"positions": stored[f"{u['tag']}.positions"].numpy(), "signs": stored[f"{u['tag']}.signs"].numpy(),
@@ -173,7 +166,7 @@ def compress_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
     _check_options(density, alpha, scope, encoding)
     config = verify_adapter_files(adapter_dir)
     src = Path(adapter_dir)
-    tensors = load_file(str(src / ADAPTER_WEIGHTS))
+    tensors = load_safetensors(src / ADAPTER_WEIGHTS)
     inits, kept = _classify(config, tensors)
     dense, stored, meta = _compress(tensors, inits, kept, density, alpha, scope, encoding)
     meta["method"] = str(getattr(config.peft_type, "value", config.peft_type))
@@ -258,13 +251,26 @@ def decompress_adapter(compressed_dir: str | os.PathLike, out_dir: str | os.Path
     return Path(out_dir)
 
 
+def _check_model_config(model_dir: Path) -> None:
+    """Refuse a folder whose ``config.json`` transformers cannot read as a model config."""
+    import transformers
+
+    if not (model_dir / "config.json").is_file():
+        raise LeanTuneError(f"{str(model_dir)!r} has no config.json: not a model folder")
+    try:
+        transformers.AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LeanTuneError(f"{model_dir / 'config.json'} is not a model config transformers reads: "
+                            f"{str(err).strip().splitlines()[0]}") from None
+
+
 def _model_tensors(model_dir: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise LeanTuneError(f"{str(model_dir)!r} has no .safetensors weights")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
-        tensors.update(load_file(str(file)))
+        tensors.update(load_safetensors(file))
     return tensors, [f.name for f in files]
 
 
@@ -276,6 +282,7 @@ def compress_full(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out
     its weights replaced by base + τ̃ (loadable with ``from_pretrained``), plus ``compeft.safetensors``."""
     _check_options(density, alpha, scope, encoding)
     base, tuned = Path(base_dir), Path(tuned_dir)
+    _check_model_config(tuned)  # the output is the tuned folder with new weights: it must load with from_pretrained
     base_tensors, _ = _model_tensors(base)
     tuned_tensors, files = _model_tensors(tuned)
     inits, kept, deltas, base_key = {}, {}, {}, {}
@@ -338,8 +345,24 @@ def _base_key(key: str, base: dict[str, torch.Tensor]) -> str | None:
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
-    with safe_open(str(path), framework="pt") as f:
-        return json.loads((f.metadata() or {})["compeft"])
+    """The ComPEFT metadata of a compressed file, checked for the keys the readers use."""
+    with open_safetensors(path) as f:
+        text = (f.metadata() or {}).get("compeft", "null")
+        names = set(f.keys())
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise LeanTuneError(f"{path}: its ComPEFT metadata is not JSON ({err})") from None
+    units = meta.get("units") if isinstance(meta, dict) else None
+    unit_keys = {"tag", "keys", "shapes", "dtypes", "inits", "numel", "count", "scale", "nbits", "b",
+                 "original_bytes", "stored_bits"}
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not {"density", "alpha", "scope", "encoding"} <= \
+            set(meta) or not isinstance(units, list) or not all(
+            isinstance(u, dict) and unit_keys <= set(u) for u in units) or not isinstance(meta.get("kept"), (dict, list)) or \
+            not {f"dense.{k}" for k in meta["kept"]} <= names or not all(
+            {f"{u['tag']}.positions", f"{u['tag']}.signs"} <= names for u in units):
+        raise LeanTuneError(f"{path}: not a leantune ComPEFT file (format {FORMAT} expected)")
+    return meta
 
 
 def compression_info(directory: str | os.PathLike) -> dict[str, Any] | None:
@@ -351,7 +374,7 @@ def compression_info(directory: str | os.PathLike) -> dict[str, Any] | None:
     meta = _read_meta(path)
     original = sum(u["original_bytes"] for u in meta["units"])
     stored = sum(u["stored_bits"] for u in meta["units"]) / 8
-    with safe_open(str(path), framework="pt") as f:
+    with open_safetensors(path) as f:
         kept_bytes = sum(f.get_tensor(f"dense.{k}").numel() * f.get_tensor(f"dense.{k}").element_size()
                          for k in meta["kept"])
     elements = sum(u["numel"] for u in meta["units"])

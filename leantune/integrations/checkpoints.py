@@ -20,7 +20,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -28,14 +28,10 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 
-from leantune._utils import PEFT_PREFIX
+from leantune._utils import PEFT_PREFIX, LeanTuneError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-
-
-class LeanTuneError(Exception):
-    """A user-facing error: the CLI prints its message on one line and exits with code 2."""
 
 
 def _require_dir(path: str | os.PathLike, what: str, must_have: str) -> Path:
@@ -63,23 +59,52 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> PeftConfig:
 def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     """The tensor entries of a safetensors file's header, after checking the file holds all the bytes it declares."""
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise LeanTuneError(f"{path} is truncated ({size} bytes): not a safetensors file")
-        (length,) = struct.unpack("<Q", raw)
-        if length > size - 8:
-            raise LeanTuneError(f"{path} is truncated: its header needs {length} bytes, the file has {size - 8}")
-        try:
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise LeanTuneError(f"{path} is truncated ({size} bytes): not a safetensors file")
+            (length,) = struct.unpack("<Q", raw)
+            if length > size - 8:
+                raise LeanTuneError(f"{path} is truncated: its header needs {length} bytes, the file has {size - 8}")
             header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise LeanTuneError(f"{path} has a corrupt safetensors header ({err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise LeanTuneError(f"{path} has a corrupt safetensors header ({err})") from err
+    except OSError as err:
+        raise LeanTuneError(f"cannot read {path}: {err.strerror or err}") from err
+    if not isinstance(header, dict):
+        raise LeanTuneError(f"{path} has a corrupt safetensors header (not a JSON object)")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    for key, entry in tensors.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)):
+            raise LeanTuneError(f"{path} has a corrupt safetensors header (entry {key!r})")
     end = max((v["data_offsets"][1] for v in tensors.values()), default=0)
     if 8 + length + end > size:
         raise LeanTuneError(f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has {size}")
     return tensors
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | os.PathLike) -> Iterator[Any]:
+    """``safetensors.safe_open(path)`` after :func:`safetensors_header`'s checks; whatever safetensors still finds
+    wrong with the file is one :class:`LeanTuneError` naming it (not a ``SafetensorError`` traceback)."""
+    from safetensors import SafetensorError, safe_open
+
+    safetensors_header(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as err:
+        raise LeanTuneError(f"{path} is not a valid safetensors file: {str(err).splitlines()[0]}") from err
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (``safetensors.torch.load_file`` with :func:`open_safetensors`' checks)."""
+    with open_safetensors(path) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
 
 
 def verify_adapter_files(adapter_dir: str | os.PathLike) -> PeftConfig:

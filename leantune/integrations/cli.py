@@ -48,8 +48,15 @@ def _print_inspect(info: dict) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one ``leantune: error:`` line (exit 2), not a usage block."""
+
+    def error(self, message: str):  # noqa: D102 - argparse's hook
+        self.exit(2, f"leantune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="leantune", description="Merge, export and inspect leantune adapters.")
+    parser = _Parser(prog="leantune", description="Merge, export and inspect leantune adapters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     merge = sub.add_parser("merge", help="write a full model folder with the adapter merged into the weights")
@@ -92,9 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    from leantune._notices import quiet_command_line
+
+    quiet_command_line()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from leantune.integrations.interop import LeanTuneError, export_to_lora, inspect_adapter, merge_to_directory
+    from leantune._utils import LeanTuneError
+    from leantune.integrations.interop import export_to_lora, inspect_adapter, merge_to_directory
 
     try:
         if args.command == "merge":
@@ -133,6 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return int(args.func(args) or 0)
     except LeanTuneError as err:
         print(f"leantune: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # what the file system refused (a read-only or full output location, a vanished file)
+        where = f" {err.filename}" if err.filename else ""
+        print(f"leantune: error: cannot access{where}: {err.strerror or err}", file=sys.stderr)
         return 2
     return 0
 

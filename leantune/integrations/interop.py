@@ -19,14 +19,15 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import ModulesToSaveWrapper
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import leantune.adapters  # noqa: F401  (registers the tuner types)
+from leantune import _notices
 from leantune._utils import PEFT_PREFIX
 from leantune.adapters.low_rank import LowRankLayer
 from leantune.integrations.checkpoints import (
-    ADAPTER_WEIGHTS, LeanTuneError, _require_dir, atomic_output_dir, load_adapter, read_adapter_config)
+    ADAPTER_WEIGHTS, LeanTuneError, _require_dir, atomic_output_dir, load_adapter, open_safetensors,
+    safetensors_header, verify_adapter_files)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
@@ -53,8 +54,16 @@ def load_base_model(
     """
     import transformers
 
+    from safetensors import SafetensorError
+
     path = _require_dir(base_dir, "base model directory", "config.json")
-    config = transformers.AutoConfig.from_pretrained(path)
+    for weights in sorted(path.glob("*.safetensors")):  # a truncated or corrupt file: named before transformers reads it
+        safetensors_header(weights)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise LeanTuneError(f"{path / 'config.json'} is not a model config transformers reads: "
+                            f"{str(err).strip().splitlines()[0]}") from None
     name = model_class or next(iter(getattr(config, "architectures", None) or []), None)
     model_cls = getattr(transformers, name, None) if name else None
     model_cls = model_cls or transformers.AutoModel
@@ -62,7 +71,7 @@ def load_base_model(
     try:
         with _quiet_transformers():
             model = model_cls.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise LeanTuneError(f"cannot load the base model from {str(path)!r}: {str(err).splitlines()[0]}") from err
     return model.eval()
 
@@ -84,7 +93,7 @@ def _saved_head_labels(adapter_dir: Path, model: torch.nn.Module) -> Optional[in
     """Number of labels of a saved classification head whose size differs from the freshly built one."""
     prefix = PEFT_PREFIX
     own = model.state_dict()
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as f:
+    with open_safetensors(adapter_dir / ADAPTER_WEIGHTS) as f:
         for key in f.keys():
             name = key.removeprefix(prefix)
             if name.endswith(".weight") and name in own and own[name].dim() == 2:
@@ -95,8 +104,9 @@ def _saved_head_labels(adapter_dir: Path, model: torch.nn.Module) -> Optional[in
 
 
 def load_adapted_model(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike) -> PeftModel:
-    """Base model + adapter, built as the class the adapter was trained on; errors become one-liners."""
-    config = read_adapter_config(adapter_dir)
+    """Base model + adapter, built as the class the adapter was trained on; errors become one-liners (the adapter's
+    files are checked before the base is loaded)."""
+    config = verify_adapter_files(adapter_dir)
     task = str(getattr(config.task_type, "value", config.task_type)) if config.task_type else None
     model_class = (config.auto_mapping or {}).get("base_model_class") or TASK_TYPE_TO_AUTO_CLASS.get(task)
     base = load_base_model(base_dir, model_class)
@@ -128,7 +138,7 @@ def merge_to_directory(
     model = load_adapted_model(base_dir, adapter_dir)
     with atomic_output_dir(out_dir, overwrite) as tmp:
         try:
-            merged = model.merge_and_unload(progressbar=True)
+            merged = model.merge_and_unload(progressbar=_notices.progress_bars)
         except (ValueError, TypeError, NotImplementedError) as err:
             raise LeanTuneError(f"cannot merge this adapter: {str(err).splitlines()[0]}") from err
         merged.save_pretrained(tmp, safe_serialization=True)
@@ -154,7 +164,8 @@ def lowrank_factors_of(model: PeftModel, adapter_name: str = "default") -> LoraF
     from peft.tuners.lora import LoraLayer
 
     factors = LoraFactors()
-    for name, module in tqdm(list(model.named_modules()), desc="Collecting low-rank factors", leave=False):
+    for name, module in tqdm(list(model.named_modules()), desc="Collecting low-rank factors", leave=False,
+                             disable=not _notices.progress_bars):
         key = name.removeprefix(PEFT_PREFIX)
         if isinstance(module, LowRankLayer):
             if adapter_name not in module.r:
@@ -197,7 +208,7 @@ def export_to_lora(
     classifier head) are carried over. The base model is needed for methods whose factors depend on
     it; it defaults to the adapter's recorded ``base_model_name_or_path``.
     """
-    config = read_adapter_config(adapter_dir)
+    config = verify_adapter_files(adapter_dir)
     base_dir = base_dir or config.base_model_name_or_path
     if not base_dir:
         raise LeanTuneError("the adapter does not record its base model; pass --base MODEL_DIR")
@@ -242,13 +253,13 @@ def export_to_lora(
 # --- inspecting ------------------------------------------------------------------------------------------
 def inspect_adapter(adapter_dir: str | os.PathLike) -> dict[str, Any]:
     """Method, targets, ranks, trainable parameter count and base model of a saved adapter (no model load)."""
-    config = read_adapter_config(adapter_dir)
+    config = verify_adapter_files(adapter_dir)
     tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(config.peft_type)
     prefix = getattr(tuner, "prefix", "lora_")
     trainable_names = set(getattr(getattr(tuner, "tuner_layer_cls", None), "adapter_layer_names", ()))
     trainable = frozen = head = 0
     modules: set[str] = set()
-    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), framework="pt") as f:
+    with open_safetensors(Path(adapter_dir) / ADAPTER_WEIGHTS) as f:
         for key in f.keys():
             numel = 1
             for dim in f.get_slice(key).get_shape():

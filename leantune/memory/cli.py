@@ -83,7 +83,14 @@ def make_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict:
 
 
 def _prepare(args: argparse.Namespace, config: MemoryConfig | None) -> nn.Module:
-    model = load_model(args.model, DTYPES[args.dtype])
+    from safetensors import SafetensorError
+
+    from leantune._utils import LeanTuneError
+
+    try:
+        model = load_model(args.model, DTYPES[args.dtype])
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # no or a corrupt config.json / weights
+        raise LeanTuneError(f"cannot build a model from {args.model!r}: {str(err).strip().splitlines()[0]}") from None
     if args.gradient_checkpointing:
         from leantune.memory import enable_checkpointing
 
@@ -100,8 +107,16 @@ def _prepare(args: argparse.Namespace, config: MemoryConfig | None) -> nn.Module
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    """Handler of ``leantune profile``: prints one markdown table per run."""
-    config = memory_config_from_string(args.memory)
+    """Handler of ``leantune profile``: prints one markdown table per run (bad input: :class:`LeanTuneError`)."""
+    from leantune._utils import LeanTuneError
+
+    for name, least in (("batch_size", 1), ("seq_len", 1), ("lora_rank", 0)):
+        if getattr(args, name) < least:
+            raise LeanTuneError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    try:
+        config = memory_config_from_string(args.memory)
+    except ValueError as err:
+        raise LeanTuneError(str(err)) from None
     runs = [("eager", None), ("leantune.memory", config)] if args.compare and config else [(args.memory, config)]
     for label, run_config in runs:
         torch.manual_seed(0)

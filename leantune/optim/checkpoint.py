@@ -31,7 +31,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) ->
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
-    from leantune.integrations.checkpoints import LeanTuneError
+    from leantune._utils import LeanTuneError
 
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")

@@ -110,10 +110,22 @@ def _adapter_config(name: str, options: dict[str, Any], task: str):
                "sltrain": leantune.SLTrainConfig, "lost": leantune.LostConfig}
     if name not in configs:
         raise ValueError(f"unknown adapter {name!r}; choose one of {sorted(configs)}")
+    fields = {f.name: f for f in dataclasses.fields(configs[name]) if f.init and f.name not in ("task_type", "peft_type")}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"adapter {name!r} has no option(s) {unknown}; its options: {sorted(fields)}")
+    for key, value in options.items():  # peft's configs do not check the type of every number (r='abc' would fail
+        default = fields[key].default      # deep inside the injection)
+        expected = {bool: (bool,), int: (int,), float: (int, float)}.get(type(default))
+        if expected and (not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool)):
+            raise ValueError(f"adapter {name!r}: {key} must be {type(default).__name__}, got {value!r}")
     options = {"target_modules": "all-linear", **options} if name not in ("bottleneck", "compacter") else options
     if name == "lora":
         options.setdefault("lora_dropout", 0.0)
-    config = configs[name](task_type=task, **options)
+    try:
+        config = configs[name](task_type=task, **options)
+    except TypeError as err:  # a value of the wrong type that the config's own checks did not name
+        raise ValueError(f"adapter {name!r}: {err}") from None
     if name == "lora_sb":  # its factors come from a gradient estimate; for shapes and bytes the placeholders do
         config.gradient_init_done = True
     return config
@@ -214,6 +226,7 @@ def _check_possible(net, adapter: str | None, optimizer: str | None, options: di
     quantizable nn.Linear."""
     from torch import nn
 
+    _check_optimizer_options(optimizer or "adamw", options)
     _, adapter_options = parse_spec(adapter)
     r = adapter_options.get("r")
     if isinstance(r, int):
@@ -232,14 +245,35 @@ def _check_possible(net, adapter: str | None, optimizer: str | None, options: di
                          "(e.g. GPT-2's Conv1D)")
 
 
+def _check_optimizer_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse an unknown optimizer, an option it does not have, or a value ``OptimizerConfig`` refuses."""
+    from leantune.optim import OPTIMIZERS, OptimizerConfig
+    from leantune.optim.config import optimizer_options
+
+    if name in ("adamw", "adamw8bit"):
+        if set(options) - {"layerwise"}:
+            raise ValueError(f"optimizer {name!r} takes no options here (got {sorted(options)})")
+        return
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose adamw, adamw8bit or one of {sorted(OPTIMIZERS)}")
+    fields = {f.name for f in dataclasses.fields(OptimizerConfig)} - {"name", "optimizer_kwargs"}
+    own = set(optimizer_options(OPTIMIZERS[name].cls))
+    unknown = sorted(set(options) - fields - own)
+    if unknown:
+        raise ValueError(f"optimizer {name!r} has no option(s) {unknown}; its options: {sorted(fields | own)}")
+    try:
+        OptimizerConfig(name, **{k: v for k, v in options.items() if k in fields},
+                        optimizer_kwargs={k: v for k, v in options.items() if k not in fields})
+    except TypeError as err:
+        raise ValueError(f"optimizer {name!r}: {err}") from None
+
+
 def _optimizer_state(net, name: str, options: dict[str, Any], trainable: list[torch.Tensor]) -> int:
     from leantune.optim import OPTIMIZERS
     from leantune.optim.param_groups import find_target_weights
 
     if name in ("adamw", "adamw8bit"):
         return optimizer_state_bytes(name, trainable, set())
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose adamw, adamw8bit or one of {sorted(OPTIMIZERS)}")
     spec = OPTIMIZERS[name]
     rank = options.get("rank", spec.rank)
     targets = find_target_weights(net, options.get("target_modules", "all-linear"))

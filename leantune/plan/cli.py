@@ -82,7 +82,7 @@ def _print_all_memory(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from leantune.integrations.checkpoints import LeanTuneError
+    from leantune._utils import LeanTuneError
 
     try:
         if args.search:
