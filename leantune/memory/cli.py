@@ -89,7 +89,7 @@ def _prepare(args: argparse.Namespace, config: MemoryConfig | None) -> nn.Module
 
     try:
         model = load_model(args.model, DTYPES[args.dtype])
-    except (OSError, ValueError, KeyError, SafetensorError) as err:  # no or a corrupt config.json / weights
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # no or a corrupt config / weights
         raise LeanTuneError(f"cannot build a model from {args.model!r}: {str(err).strip().splitlines()[0]}") from None
     if args.gradient_checkpointing:
         from leantune.memory import enable_checkpointing

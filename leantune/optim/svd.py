@@ -66,7 +66,7 @@ def orientation(new: torch.Tensor, old: torch.Tensor | None, right: bool,
     dim = 1 if right else 0
     acc = torch.float64 if new.dtype == torch.float64 else torch.float32
     canonical = canonical_signs(new.to(acc), dim)
-    if old is None:
+    if old is None or (overlap is None and old.shape != new.shape):  # no previous basis of this shape
         return canonical
     overlaps = overlap(old, new) if overlap is not None else dots(old, new, right)
     return torch.where(overlaps.abs() >= ALIGN_MIN, overlaps.sign(), canonical)

@@ -49,6 +49,6 @@ def config_from(source: str | dict[str, Any]):
         path = os.path.dirname(source) if source.endswith(".json") else source
         try:
             return AutoConfig.from_pretrained(path)
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:  # TypeError: a JSON list (transformers < 5.25)
             raise ValueError(f"{source}: not a readable transformers config ({str(err).splitlines()[0]})") from None
     raise ValueError(f"unknown model {source!r}: give a model folder, a config.json, or one of {sorted(PRESETS)}")

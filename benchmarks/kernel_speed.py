@@ -4,8 +4,8 @@ For each kernel: median time of forward and forward+backward (the optimizer step
 CUDA memory of forward+backward above the inputs. Prints one markdown table, writes
 ``benchmarks/results/kernels.md`` and ``benchmarks/results/kernels.png``.
 
-    python benchmarks/kernels.py                     # bf16, 4096 tokens, hidden 4096, ffn 11008, LoRA r 16
-    python benchmarks/kernels.py --tokens 8192 --rank 64
+    python benchmarks/kernel_speed.py                     # bf16, 4096 tokens, hidden 4096, ffn 11008, LoRA r 16
+    python benchmarks/kernel_speed.py --tokens 8192 --rank 64
 
 Needs a CUDA GPU; on a CPU-only machine it says so and exits 0 (the kernels' CPU path is the torch reference).
 """
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     table = to_markdown(rows, args)
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/kernels.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python benchmarks/kernel_speed.py " + " ".join(sys.argv[1:] if argv is None else argv)
     args.out.write_text(f"# leantune Triton kernels\n\nCommand: `{command.strip()}`\n\n{table}\n\n![kernels](kernels.png)\n")
     plot(rows, args.out.with_suffix(".png"))
     return 0
