@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import leantune.optim.svd as svd  # noqa: E402
 from benchmarks import optim_pretrain as pretrain  # noqa: E402
 from leantune.optim import OptimizerConfig, build_optimizer  # noqa: E402
-from tests.machine import scrambled_signs  # noqa: E402
+from tests.machine import scrambled_signs, scrambling  # noqa: E402
 
 LOW = pretrain.LOW
 METHODS = {
@@ -57,12 +57,7 @@ def train(config: OptimizerConfig, signs: str, scramble: bool, data: list[torch.
     svd.sign_hook = scrambled_signs if scramble else None
     raw = torch.linalg.svd
     if scramble and signs == "lapack":  # raw signs skip the hook: scramble LAPACK itself for this run
-        def scrambled(A, full_matrices=True, **kw):
-            U, S, Vh = raw(A, full_matrices=full_matrices, **kw)
-            U, Vh = scrambled_signs(A, U, Vh)
-            return U, S, Vh
-
-        torch.linalg.svd = scrambled
+        torch.linalg.svd = scrambling(raw)
     losses = []
     try:
         for x in data:

@@ -26,6 +26,16 @@ def scrambled_signs(A: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor) -> tuple
     return U * signs[None, :], Vh * signs[:, None]
 
 
+def scrambling(svd):
+    """``svd`` (``torch.linalg.svd``) returning :func:`scrambled_signs` factors: for the raw-sign paths
+    (``svd_signs="lapack"``, the reference switches), which bypass ``leantune.optim.svd.sign_hook``."""
+    def scrambled(A, full_matrices=True, **kwargs):
+        U, S, Vh = svd(A, full_matrices=full_matrices, **kwargs)
+        U, Vh = scrambled_signs(A, U, Vh)
+        return U, S, Vh
+    return scrambled
+
+
 def emulate_from_env() -> None:
     """Apply the ``LEANTUNE_TEST_*`` settings of the environment to this process."""
     threads = os.environ.get("LEANTUNE_TEST_THREADS")

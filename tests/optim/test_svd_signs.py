@@ -74,7 +74,7 @@ def test_training_does_not_depend_on_the_svd_signs(monkeypatch, case, dtype):
     can fail: the scramble changes raw-sign runs)."""
     import leantune.optim as optim
     import leantune.optim.svd as svd
-    from tests.machine import scrambled_signs
+    from tests.machine import scrambled_signs, scrambling
     from tests.optim.helpers import batches, galore_groups, loss_fn, make_net
 
     name, projector, policy = case
@@ -82,13 +82,7 @@ def test_training_does_not_depend_on_the_svd_signs(monkeypatch, case, dtype):
     def run(scramble: bool, signs: str | None = None):
         monkeypatch.setattr(svd, "sign_hook", scrambled_signs if scramble else None)
         if scramble and signs == "lapack":  # raw signs bypass the hook: scramble LAPACK itself
-            raw = torch.linalg.svd
-
-            def scrambled(A, full_matrices=True, **kw):
-                U, S, Vh = raw(A, full_matrices=full_matrices, **kw)
-                U, Vh = scrambled_signs(A, U, Vh)
-                return U, S, Vh
-            monkeypatch.setattr(torch.linalg, "svd", scrambled)
+            monkeypatch.setattr(torch.linalg, "svd", scrambling(torch.linalg.svd))
         model = make_net().to(dtype)
         groups = galore_groups(model, rank=4, update_proj_gap=3, scale=0.25, projector=projector,
                                moment_policy=policy, **({"svd_signs": signs} if signs else {}))
