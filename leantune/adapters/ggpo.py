@@ -6,7 +6,7 @@ covariance built from weight *and* gradient norms:
     min_{A,B} E_ε L(W′ + ε),   W′ = W₀ + s·B A,   ε_ij ~ N(0, σ_i²)   (independent per entry, one σ per output row i)
     σ_i = f_t · (σ · ‖W′_i‖ + β · ‖G_i‖²) / √n,   G = s·(∇B·A + B·∇A)   (the gradient of ΔW from the factors')
 
-The paper's method section could not be retrieved here (see ``../shared/specs/methods2.md`` §7); the formula above is
+The paper's method section was not available to us (only its abstract, v1); the formula above is
 the published description (weight norms + gradient norms, row-wise) in the form of the implementation written from
 the v1 text (kohya-ss sd-scripts, PR 1974), with these choices, each an option: ‖W′_i‖ is the exact row norm (not a
 mean over rows), ‖G_i‖ is the last step's (the first step has only the weight term), n = in_features (Flat-LoRA's

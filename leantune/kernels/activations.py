@@ -29,7 +29,8 @@ from . import cpu_native
 from ._triton import next_power_of_2, tl, triton
 from .dispatch import kernel_for, register_kernel
 
-# (a1, a2, a3), (c1, c2, c3) fitted by the paper (k = 2 → 3 thresholds), see spec §1.1.
+# (a1, a2, a3), (c1, c2, c3) fitted by the paper (Yang et al., ICML 2024, "Reducing Fine-Tuning Memory Overhead by
+# Approximate and Memory-Sharing Backpropagation"; k = 2 → 3 thresholds).
 REGELU2_CONSTANTS = (
     (-0.04922261145617846, 1.0979632065417297, -0.048740595085551286),
     (-3.1858810036855245, -0.001178821281161997, 3.190832613414926),

@@ -1,6 +1,7 @@
 """Fused low-rank (GaLore / Fira / DCT) Adam step: projected moments + back-projection + weight update.
 
-GaLoreAdamW for W ∈ R^{m×n}, gradient G, projector P, step t (counted after its increment), spec optim §1.2:
+GaLoreAdamW for W ∈ R^{m×n}, gradient G, projector P, step t (counted after its increment), as GaLore's
+Algorithm 2 (Zhao et al., ICML 2024, arXiv 2403.03507) and galore-torch 1.0 run it:
 
     R   = Pᵀ G (side "left", P ∈ R^{m×r})   or   G Pᵀ (side "right", P ∈ R^{r×n})     ← library GEMM
     m   = β1 m + (1−β1) R,   v = β2 v + (1−β2) R²                                      ← Triton, elementwise

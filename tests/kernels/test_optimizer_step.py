@@ -77,7 +77,7 @@ def test_reference_matches_galore_torch(shape):
 
 
 def test_torch_eps_mode_full_basis_equals_adamw_in_rotated_coordinates():
-    """DCT-AdamW with r = d and an orthonormal basis Q is torch AdamW on W Q (spec optim §9 (e))."""
+    """DCT-AdamW with r = d and an orthonormal basis Q is torch AdamW on W Q (a full orthonormal basis rotates Adam's coordinates)."""
     m_, n = 12, 8
     q = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))[0]
     w0 = torch.randn(m_, n, dtype=torch.float64)

@@ -54,7 +54,7 @@ def test_matches_apollo_torch_bitwise(case):
 @pytest.mark.parametrize("shape", [(12, 5), (5, 12)], ids=["tall", "wide"])
 @pytest.mark.parametrize("scale_type,rank", [("channel", 1), ("channel", 3), ("tensor", 1), ("tensor", 2)])
 def test_first_step_closed_form(shape, scale_type, rank):
-    """Paper/spec §1.3 with ε → 0: channel Δ = −η √scale √r G_c / ‖R_c‖ per channel; tensor
+    """The paper's rule (APOLLO, arXiv 2412.05270) with ε → 0: channel Δ = −η √scale √r G_c / ‖R_c‖ per channel; tensor
     Δ = −η √scale √numel(R) / ‖R‖_F · G (evaluated by hand in float64; the +1e-8 of the norm ratio kept)."""
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(*shape, dtype=torch.float64))

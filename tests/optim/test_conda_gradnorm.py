@@ -81,7 +81,7 @@ def test_conda_matches_formula_reference(T, wd):
 
 def test_conda_matches_pytorch_optimizer_port():
     """pytorch-optimizer 4.1.0's Conda refreshes at 1, T, 2T … (ours and the official code at 1, T+1, …): compare with
-    T ≥ steps, in float64 (spec §2.5), all 2-D parameters projected as the port does."""
+    T ≥ steps, in float64, all 2-D parameters projected as the port does."""
     po = pytest.importorskip("pytorch_optimizer")
     data = [(x.double(), y.double()) for x, y in batches(8)]
     ref, ours = make_net().double(), make_net().double()
