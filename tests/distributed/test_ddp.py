@@ -15,11 +15,16 @@ STEPS = 5
 #: the optimizer comparison: 8 steps with refreshes at 0, 3, 6 (two refreshes carry state into a new basis)
 OPT_STEPS, OPT_GAP = 8, 3
 FP64_OPTIMIZERS = ["galore_adamw", "galore_adafactor", "fira_adamw", "natural_galore_adamw", "dct_adamw",
-                   "dct_fira_adamw", "rsvd_galore_adamw", "apollo_adamw", "apollo_mini", "conda_adamw", "gradnorm_lorp"]
+                   "dct_fira_adamw", "rsvd_galore_adamw", "apollo_adamw", "apollo_mini", "gradnorm_lorp"]
 INT8_OPTIMIZERS = ["galore_adamw8bit", "gradnorm_lorp8bit"]
 #: Conda's SVD runs in float32 whatever the parameter dtype (as the official code), so its float64 runs agree to
 #: float32 rounding of the basis, amplified over 5 steps; every other optimizer stays at float64 rounding
-RTOL = {"conda_adamw": 1e-4}
+#: Conda is not in FP64_OPTIMIZERS: its SVD runs in float32 whatever the parameter dtype (the official code's choice)
+#: and its first moment is rank-deficient early on, so the basis of its (near-)null directions is decided by float32
+#: rounding, which differs with the process count and the CPU's GEMM path (measured after 8 steps: up to 1.3% of the
+#: largest weight of a q_proj under MKL_ENABLE_INSTRUCTIONS=AVX2). Its signs do not matter (test_svd_signs.py); the
+#: rotation within near-degenerate singular subspaces does. Its claim: ranks identical, losses follow one process.
+RTOL: dict[str, float] = {}
 #: optimizers whose state lives in an SVD basis, and the moment policies each takes
 SVD_POLICIES = {"galore_adamw": ("reset", "rotate"), "galore_adafactor": ("reset",), "fira_adamw": ("reset", "rotate"),
                 "natural_galore_adamw": ("reset", "rotate"), "rsvd_galore_adamw": ("reset", "rotate"),
@@ -119,14 +124,21 @@ def test_low_rank_optimizers_under_ddp_equal_one_process(tmp_path, policy):
     optimizer and moment policy. The two sum the gradient in other orders (last-bit differences), and LAPACK may
     then return singular vectors of other signs: each new basis is sign-oriented (``leantune.optim.svd``), so kept
     and rotated moments mean the same in both. ``.ci/run`` reruns this with the SVD's signs scrambled
-    (``LEANTUNE_TEST_SVD_SIGNS=scramble``) and at 1 and 2 threads. Conda's SVD runs in float32 (the official code's
-    choice), so its basis agrees to float32 rounding only."""
+    (``LEANTUNE_TEST_SVD_SIGNS=scramble``), under emulated CPUs and at 1 and 2 threads. Conda: see ``RTOL``."""
     ranks = spawn(_train_optimizers, tmp_path, FP64_OPTIMIZERS, torch.float64, policy, OPT_STEPS, OPT_GAP)
     single = _train_optimizers(None, FP64_OPTIMIZERS, torch.float64, policy, OPT_STEPS, OPT_GAP)
     assert set(single) == {n for n in FP64_OPTIMIZERS if policy == "keep" or policy in SVD_POLICIES.get(n, ())}
     for name in single:
         _assert_same(single[name]["weights"], [r[name]["weights"] for r in ranks], rtol=RTOL.get(name, 1e-9),
                      label=name)
+
+
+def test_conda_under_ddp_keeps_ranks_identical_and_follows_one_process(tmp_path):
+    ranks = spawn(_train_optimizers, tmp_path, ["conda_adamw"], torch.float64, "keep", OPT_STEPS, OPT_GAP)
+    single = _train_optimizers(None, ["conda_adamw"], torch.float64, "keep", OPT_STEPS, OPT_GAP)
+    for key in single["conda_adamw"]["weights"]:
+        assert torch.equal(ranks[0]["conda_adamw"]["weights"][key], ranks[1]["conda_adamw"]["weights"][key]), key
+    torch.testing.assert_close(ranks[0]["conda_adamw"]["losses"], single["conda_adamw"]["losses"], rtol=1e-3, atol=0)
 
 
 def test_8bit_optimizers_under_ddp_keep_ranks_identical(tmp_path):

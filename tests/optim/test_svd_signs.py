@@ -100,3 +100,24 @@ def test_training_does_not_depend_on_the_svd_signs(monkeypatch, case, dtype):
     if policy != "reset" and projector != "svd2":  # raw signs + kept/rotated moments: the scramble shows
         raw_plain, raw_scrambled = run(False, "lapack"), run(True, "lapack")
         assert not all(torch.equal(a, b) for a, b in zip(raw_plain, raw_scrambled))
+
+
+def test_conda_does_not_depend_on_the_svd_signs(monkeypatch):
+    """Conda rotates into the full singular basis Q of its first moment: N Q is unchanged by any sign flip of Q's
+    vectors (V is accumulated from squares), bit for bit."""
+    import leantune.optim.svd as svd
+    from leantune.optim import CondaAdamW
+    from tests.machine import scrambled_signs
+    from tests.optim.helpers import batches, galore_groups, loss_fn, make_net
+
+    def run(hook):
+        monkeypatch.setattr(svd, "sign_hook", hook)
+        model = make_net()
+        opt = CondaAdamW(galore_groups(model, rank=None, update_proj_gap=3), lr=1e-2)
+        for xy in batches(8):
+            loss_fn(model, xy).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in model.parameters()]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(None), run(scrambled_signs)))
