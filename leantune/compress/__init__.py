@@ -35,7 +35,8 @@ from safetensors.torch import save_file
 from leantune._utils import PEFT_PREFIX
 from leantune.compress.compeft import ENCODINGS, SCOPES, concat, decode, encode, stored_bits, ternarize
 from leantune.integrations.checkpoints import (ADAPTER_WEIGHTS, LeanTuneError, atomic_output_dir, check_output_dir,
-                                               load_safetensors, open_safetensors, verify_adapter_files)
+                                               load_safetensors, open_safetensors, read_model_config,
+                                               verify_adapter_files)
 
 COMPRESSED = "compeft.safetensors"
 FORMAT = "leantune-compeft-1"
@@ -251,19 +252,6 @@ def decompress_adapter(compressed_dir: str | os.PathLike, out_dir: str | os.Path
     return Path(out_dir)
 
 
-def _check_model_config(model_dir: Path) -> None:
-    """Refuse a folder whose ``config.json`` transformers cannot read as a model config."""
-    import transformers
-
-    if not (model_dir / "config.json").is_file():
-        raise LeanTuneError(f"{str(model_dir)!r} has no config.json: not a model folder")
-    try:
-        transformers.AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise LeanTuneError(f"{model_dir / 'config.json'} is not a model config transformers reads: "
-                            f"{str(err).strip().splitlines()[0]}") from None
-
-
 def _model_tensors(model_dir: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
@@ -282,7 +270,7 @@ def compress_full(base_dir: str | os.PathLike, tuned_dir: str | os.PathLike, out
     its weights replaced by base + τ̃ (loadable with ``from_pretrained``), plus ``compeft.safetensors``."""
     _check_options(density, alpha, scope, encoding)
     base, tuned = Path(base_dir), Path(tuned_dir)
-    _check_model_config(tuned)  # the output is the tuned folder with new weights: it must load with from_pretrained
+    read_model_config(tuned, "tuned model directory")  # the output is the tuned folder with new weights: it must load
     base_tensors, _ = _model_tensors(base)
     tuned_tensors, files = _model_tensors(tuned)
     inits, kept, deltas, base_key = {}, {}, {}, {}

@@ -56,6 +56,19 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> PeftConfig:
         raise LeanTuneError(f"{path / 'adapter_config.json'} is not a valid adapter config: {err}") from err
 
 
+def read_model_config(model_dir: str | os.PathLike, what: str = "model directory"):
+    """The transformers config of a model folder, with one :class:`LeanTuneError` when the folder has none or
+    transformers cannot read it as a model config."""
+    import transformers
+
+    path = _require_dir(model_dir, what, "config.json")
+    try:
+        return transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # TypeError: a JSON list (transformers < 5.25)
+        raise LeanTuneError(f"{path / 'config.json'} is not a model config transformers reads: "
+                            f"{str(err).strip().splitlines()[0]}") from None
+
+
 def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
     """The tensor entries of a safetensors file's header, after checking the file holds all the bytes it declares."""
     path = Path(path)

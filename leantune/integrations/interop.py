@@ -27,7 +27,7 @@ from leantune._utils import PEFT_PREFIX
 from leantune.adapters.low_rank import LowRankLayer
 from leantune.integrations.checkpoints import (
     ADAPTER_WEIGHTS, LeanTuneError, _require_dir, atomic_output_dir, load_adapter, open_safetensors,
-    safetensors_header, verify_adapter_files)
+    read_model_config, safetensors_header, verify_adapter_files)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
@@ -56,14 +56,10 @@ def load_base_model(
 
     from safetensors import SafetensorError
 
-    path = _require_dir(base_dir, "base model directory", "config.json")
+    config = read_model_config(base_dir, "base model directory")
+    path = Path(base_dir)
     for weights in sorted(path.glob("*.safetensors")):  # a truncated or corrupt file: named before transformers reads it
         safetensors_header(weights)
-    try:
-        config = transformers.AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise LeanTuneError(f"{path / 'config.json'} is not a model config transformers reads: "
-                            f"{str(err).strip().splitlines()[0]}") from None
     name = model_class or next(iter(getattr(config, "architectures", None) or []), None)
     model_cls = getattr(transformers, name, None) if name else None
     model_cls = model_cls or transformers.AutoModel

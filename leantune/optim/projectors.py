@@ -174,6 +174,11 @@ def compact_like(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)  # a copy even when t is already contiguous
 
 
+def _fresh(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A row-major copy of ``t`` in ``dtype`` (one copy, never a view of the SVD's factors: orientation is in place)."""
+    return t.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+
+
 def _grad_as_fp32(grad: torch.Tensor) -> torch.Tensor:
     # galore-torch: SVD of grad.float(), reuse the tensor itself when it is already fp32 (bitwise parity)
     return grad if grad.dtype in (torch.float32, torch.float64) else grad.float()
@@ -237,7 +242,7 @@ class SVDProjector(StoredBasisProjector):
             return self._accept(grad, None, factors)
         U, Vh = factors
         new = Vh[: self.rank, :] if self.state["proj_right"] else U[:, : self.rank]
-        new = compact_like(new) if grad.dtype == torch.float32 else new.to(dtype=grad.dtype, copy=True).contiguous()
+        new = compact_like(new) if grad.dtype == torch.float32 else _fresh(new, grad.dtype)
         return self._accept(grad, self._oriented(new), "non-finite singular vectors")
 
 
@@ -280,7 +285,7 @@ class RandomizedSVDProjector(StoredBasisProjector):
         except RuntimeError as err:
             return self._accept(grad, None, f"randomized SVD raised: {err}")
         U = (Q @ U_B)[:, : self.rank]  # basis of the small side: n x r (right) or m x r (left)
-        new = (U.t() if right else U).to(dtype=grad.dtype, copy=True).contiguous()
+        new = _fresh(U.t() if right else U, grad.dtype)
         return self._accept(grad, self._oriented(new), "non-finite singular vectors")
 
 
@@ -301,8 +306,7 @@ class TwoSidedSVDProjector(StoredBasisProjector):
         if isinstance(factors, str):
             return self._accept(grad, None, factors)
         U, Vh = factors
-        left = U[:, : self.rank].to(grad.dtype, copy=True).contiguous()
-        right = Vh[: self.rank].to(grad.dtype, copy=True).contiguous()
+        left, right = _fresh(U[:, : self.rank], grad.dtype), _fresh(Vh[: self.rank], grad.dtype)
         if not self.raw_signs:
             signs = orientation(left, self.state.get("proj_ortho"), right=False).to(grad.dtype)
             left.mul_(signs[None, :])
