@@ -166,7 +166,7 @@ def refresh_seconds(opt: torch.optim.Optimizer) -> float:
     """One refresh of every projector of ``opt`` (what a refresh step adds), timed."""
     from leantune.optim.base import LowRankOptimizer
     from leantune.optim.conda import CondaAdamW
-    from leantune.optim.projectors import make_projector
+    from leantune.optim.projector_kinds import make_projector
 
     if not isinstance(opt, LowRankOptimizer):
         return 0.0

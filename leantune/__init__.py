@@ -15,6 +15,8 @@ from ._notices import drop_optional_kernel_notices
 
 drop_optional_kernel_notices()  # before peft imports bitsandbytes (see _notices.py)
 
+from . import kernels as _kernels  # noqa: E402
+from ._utils import LeanTuneError  # noqa: E402
 from .adapters import (  # noqa: E402
     ALLoRAConfig,
     BottleneckConfig,
@@ -24,17 +26,27 @@ from .adapters import (  # noqa: E402
     LoraSBConfig,
     LoraXSConfig,
     LostConfig,
-    SLTrainConfig,
     NolaConfig,
+    SLTrainConfig,
     count_trainable,
     estimate_first_step,
     get_lora_sb_model,
 )
+from .compress import compress_adapter, decompress_adapter  # noqa: E402
 from .integrations.callback import LeanTuneCallback  # noqa: E402
-from .integrations.checkpoints import LeanTuneError, load_adapter, save_adapter  # noqa: E402
+from .integrations.checkpoints import load_adapter, save_adapter  # noqa: E402
 from .integrations.fsdp import shard_model  # noqa: E402
 from .integrations.interop import export_to_lora, inspect_adapter, merge_to_directory  # noqa: E402
-from .compress import compress_adapter, decompress_adapter  # noqa: E402
+from .patching import kernels_view as _kernels_view  # noqa: E402
+
+# ``leantune.kernels.apply / restore / patched_modules`` and the kernel names are the kernels view of the one patcher.
+# The ops package sits below the patcher (ARCHITECTURE.md), so the view is attached here, at the top, instead of the ops
+# package importing upwards.
+for _name in ("apply", "restore", "patched_modules", "ALL_KERNELS", "EXACT_KERNELS", "APPROXIMATE_KERNELS"):
+    setattr(_kernels, _name, getattr(_kernels_view, _name))
+_kernels.__all__ = sorted({*_kernels.__all__, "apply", "restore", "patched_modules", "ALL_KERNELS", "EXACT_KERNELS",
+                           "APPROXIMATE_KERNELS"})
+del _name
 
 __version__ = "0.1.0"
 

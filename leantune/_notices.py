@@ -11,6 +11,8 @@ two messages, for that one kernel, are dropped; everything else those loggers sa
 from __future__ import annotations
 
 import logging
+import sys
+import warnings
 
 #: logger name → the start of the one message dropped from it
 NOTICES = {
@@ -52,14 +54,12 @@ def quiet_command_line() -> None:
     """What the ``leantune`` command sets before it runs: a successful command writes nothing to stderr when stderr
     is not a terminal (a script, CI): no progress bars (leantune's, peft's merge, transformers' loading), no
     :data:`VERSION_SKEW_WARNINGS`. On a terminal the progress bars stay."""
-    import sys
-    import warnings
-
     global progress_bars
     for category, message in VERSION_SKEW_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)
     if not sys.stderr.isatty():
         progress_bars = False
-        from transformers.utils import logging as hf_logging
+        from transformers.utils import logging as hf_logging  # local: leantune/__init__ installs the notice filters
+                                                              # from this module before transformers is imported
 
         hf_logging.disable_progress_bar()

@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
+
+from leantune._utils import PEFT_PREFIX
 
 
 @dataclass(frozen=True)
@@ -158,3 +161,24 @@ def sublayer_output_regex(model_type: str | None, which: str) -> str | None:
         return None
     paths = [getattr(b, which) for b in architecture.blocks if getattr(b, which)]
     return "|".join(rf"(.*\.)?\d+\.{re.escape(p)}" for p in paths) or None
+
+
+def find_layer_stack(model: nn.Module, layers_attribute: str | None = None) -> nn.ModuleList:
+    """The decoder-layer ModuleList: ``layers_attribute`` (dotted path) or the first of the usual paths (LISA samples
+    from it, ``shard_model`` wraps each of its layers)."""
+    candidates = [layers_attribute] if layers_attribute else [
+        "model.layers", "model.model.layers", "transformer.h", f"{PEFT_PREFIX}model.layers", "layers", "model.decoder.layers",
+    ]
+    for path in candidates:
+        obj: Any = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    raise ValueError(
+        f"could not find the decoder layer list of {type(model).__name__} (tried {candidates}); "
+        "pass layers_attribute='path.to.layers'."
+    )

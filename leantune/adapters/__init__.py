@@ -21,10 +21,11 @@ from .lora_sb import LoraSBConfig, LoraSBModel, estimate_first_step, get_lora_sb
 from .lora_xs import LoraXSConfig, LoraXSModel
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
 from .nola import NolaConfig, NolaModel
-from .registration import LeanTuneType
+from .registration import ADAPTERS, LeanTuneType
 from .sparse_lowrank import LostConfig, LostModel, SLTrainConfig, SLTrainModel
 
 __all__ = [
+    "ADAPTERS",
     "ALLoRAConfig",
     "ALLoRAModel",
     "BottleneckConfig",

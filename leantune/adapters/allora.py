@@ -113,6 +113,10 @@ class ALLoRALayer(LowRankLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name)
 
+    def factor_pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return [(adapter, self.allora_B[adapter], a) for adapter, a in self.allora_A.items()
+                if a.requires_grad and self.allora_B[adapter].requires_grad]
+
     def update_layer(self, adapter_name: str, config: ALLoRAConfig, module_name: str) -> None:
         r = config.r
         self.r[adapter_name] = r

@@ -153,6 +153,9 @@ class DyLoRAModel(LowRankModel):
             seed = derive_seed(self.peft_config[adapter].seed, "dylora-step", step)
             self.rank_generators[adapter] = torch.Generator().manual_seed(seed)
 
+    def before_train_step(self, step: int) -> None:
+        self.reseed(step)
+
     def set_eval_rank(self, rank: int, adapter_name: Optional[str] = None) -> None:
         """Use rank ``rank`` outside training, for merging and for export (any ``1 <= rank <= r``)."""
         adapter_name = adapter_name or self.active_adapters[0]

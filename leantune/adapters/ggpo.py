@@ -25,6 +25,7 @@ import math
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 from transformers import TrainerCallback
 
@@ -118,8 +119,6 @@ def _check_options(sigma: float, beta: float, ramp: str, norm_features: str) -> 
 
 
 def _is_adapted_linear(module: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
     if not isinstance(module, (LoraLayer, LowRankLayer)):
         return False
     base = module.get_base_layer()

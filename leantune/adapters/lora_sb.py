@@ -36,6 +36,7 @@ from .lora_xs import SandwichLayer, truncated_svd
 from .low_rank import LowRankConfig, LowRankModel
 from .registration import LeanTuneType, register_tuner
 
+
 @dataclass
 class LoraSBConfig(LowRankConfig):
     """Configuration of a LoRA-SB adapter.
@@ -66,6 +67,16 @@ class LoraSBConfig(LowRankConfig):
         check_int(self, "num_init_batches", minimum=1)
         check_int(self, "svd_niter", minimum=0, optional=True)
         check_bool(self, "gradient_init_done")
+
+    def init_batches_needed(self) -> int:
+        return 0 if self.gradient_init_done else self.num_init_batches
+
+    def placeholder_init(self) -> None:
+        self.gradient_init_done = True
+
+    def inject_from_batches(self, model: nn.Module, batches: list, lr: float, loss_fn: Callable,
+                            adapter_name: str = "default") -> PeftModel:
+        return inject_lora_sb(model, self, estimate_first_step(model, self, batches, lr, loss_fn), adapter_name)
 
 
 class LoraSBLayer(SandwichLayer):

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 from peft.config import PeftConfig
@@ -93,6 +93,20 @@ class LowRankConfig(PeftConfig):
         check_choice(self, "init_weights", self.init_weight_options)
         check_module_selection(self)
         normalize_module_selection(self)
+
+    # ---- hooks for general code (the Trainer callback): a method that needs more overrides these -----------------
+    def init_batches_needed(self) -> int:
+        """How many training batches the initialisation still needs (0: ``get_peft_model`` builds it alone)."""
+        return 0
+
+    def placeholder_init(self) -> None:
+        """Let ``get_peft_model`` build the layers without a data-driven initialisation (placeholders of the right
+        shapes and dtypes: ``leantune plan`` on the meta device); a no-op for methods without one."""
+
+    def inject_from_batches(self, model: nn.Module, batches: list, lr: float, loss_fn: Callable,
+                            adapter_name: str = "default") -> Any:
+        """``get_peft_model`` for a data-driven initialisation (only called when :meth:`init_batches_needed`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no data-driven initialisation")
 
 
 def base_weight_out_in(layer: BaseTunerLayer) -> torch.Tensor:
@@ -233,6 +247,11 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
                 result = result + self.adapter_output(shift.to(dtype)[None], adapter).to(result.dtype)
         return result
 
+    def factor_pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(adapter, B, A)`` of trainable factors with ΔW ∝ B A that may be refactorized (restarts); most methods
+        have fixed or structured factors and return none."""
+        return []
+
     def __repr__(self) -> str:
         return f"{self.__class__.__name__.lower()}.{super().__repr__()}"
 
@@ -241,6 +260,10 @@ class LowRankModel(LeanTuneTuner):
     """peft tuner for a :class:`LowRankLayer` subclass (set ``prefix`` and ``tuner_layer_cls``)."""
 
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def before_train_step(self, step: int) -> None:
+        """Called by ``LeanTuneCallback`` before optimizer step ``step`` (0-based, resumed runs included); a method
+        whose training draws per step (DyLoRA's ranks) reseeds here so a resumed run draws the same."""
 
     def _check_new_adapter_config(self, config: PeftConfig) -> None:
         super()._check_new_adapter_config(config)

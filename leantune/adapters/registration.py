@@ -15,6 +15,7 @@ import enum
 
 import peft
 from packaging.version import Version
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 SUPPORTED_PEFT = (Version("0.21.0"), Version("0.22.0"))  # [min, max)
 
@@ -46,14 +47,15 @@ class LeanTuneType(str, enum.Enum):
     LOST = "LOST"
 
 
-def register_tuner(peft_type: LeanTuneType, config_cls: type, model_cls: type) -> None:
-    """Make ``peft_type`` known to peft (idempotent, so re-imports and reloads are harmless)."""
-    from peft.mapping import (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-    )
+#: THE registry of adapter names (``leantune plan --adapter NAME``, the support matrix): peft's own LoRA and every
+#: leantune tuner, filled by :func:`register_tuner` — a new method registers itself here from its own module.
+ADAPTERS: dict[str, type] = {"lora": peft.LoraConfig}
 
+
+def register_tuner(peft_type: LeanTuneType, config_cls: type, model_cls: type,
+                   variants: dict[str, type] | None = None) -> None:
+    """Make ``peft_type`` known to peft (idempotent, so re-imports and reloads are harmless) and to leantune by the
+    name ``peft_type.value.lower()``; ``variants``: further names for config subclasses of the same tuner."""
     prefix = model_cls.prefix
     for other_type, other_prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items():
         if other_prefix == prefix and other_type != peft_type:
@@ -61,3 +63,5 @@ def register_tuner(peft_type: LeanTuneType, config_cls: type, model_cls: type) -
     PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
     PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = prefix
+    ADAPTERS[peft_type.value.lower()] = config_cls
+    ADAPTERS.update(variants or {})

@@ -33,7 +33,8 @@ from typing import Any, ClassVar, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils.other import set_additional_trainable_modules
 from torch import nn
 
 from leantune._utils import upcast
@@ -317,9 +318,6 @@ class SLTrainModel(LeanTuneTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         config = self.peft_config[adapter_name]
         if config.train_dense_modules:  # pretraining: everything else trains too (and is saved with the adapter)
-            from peft.tuners.tuners_utils import BaseTuner
-            from peft.utils.other import set_additional_trainable_modules
-
             layers = [n for n, m in model.named_modules() if isinstance(m, SparseLowRankLayer)]
             dense = [n for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))
                      and not any(n == t or n.startswith(t + ".") for t in layers)

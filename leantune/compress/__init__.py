@@ -31,12 +31,19 @@ import numpy as np
 import torch
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from leantune._utils import PEFT_PREFIX
+from leantune._io import (
+    ADAPTER_WEIGHTS,
+    atomic_output_dir,
+    check_output_dir,
+    load_safetensors,
+    open_safetensors,
+    read_model_config,
+    verify_adapter_files,
+)
+from leantune._utils import PEFT_PREFIX, LeanTuneError
 from leantune.compress.compeft import ENCODINGS, SCOPES, concat, decode, encode, stored_bits, ternarize
-from leantune.integrations.checkpoints import (ADAPTER_WEIGHTS, LeanTuneError, atomic_output_dir, check_output_dir,
-                                               load_safetensors, open_safetensors, read_model_config,
-                                               verify_adapter_files)
 
 COMPRESSED = "compeft.safetensors"
 FORMAT = "leantune-compeft-1"
@@ -217,8 +224,6 @@ def tune_alpha(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, score
         raise LeanTuneError(f"score must be a callable taking a folder and returning a number, got {score!r}")
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from tqdm.auto import tqdm
-
     scores: dict[str, float] = {}
     best: Path | None = None
     best_alpha: float | str = candidates[0]

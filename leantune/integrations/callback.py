@@ -28,8 +28,12 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback
 
-from leantune.adapters.lora_sb import LoraSBConfig, estimate_first_step, inject_lora_sb
 from leantune._utils import NonFiniteGradientWarning
+from leantune.integrations.fsdp import check_fsdp2_units
+from leantune.optim import LISACallback, OptimizerConfig, install_in_trainer
+from leantune.patching.kernels_view import apply as apply_kernels
+from leantune.patching.memory_view import apply as apply_memory
+from leantune.patching.options import ALL_KERNELS, MemoryConfig
 
 
 def first_step_learning_rate(trainer: Trainer) -> float:
@@ -69,10 +73,6 @@ class LeanTuneCallback(TrainerCallback):
         adapter_name: str = "default",
         verbose: bool = True,
     ) -> None:
-        from leantune.kernels import ALL_KERNELS
-        from leantune.memory import MemoryConfig
-        from leantune.optim import LISACallback, OptimizerConfig
-
         if adapter is not None and not isinstance(adapter, PeftConfig):
             raise TypeError(f"adapter must be a peft or leantune config, got {type(adapter).__name__}.")
         if memory is True:
@@ -118,11 +118,9 @@ class LeanTuneCallback(TrainerCallback):
         return control
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
-        from leantune.adapters.dylora import DyLoRAModel
-
-        tuner = getattr(self.trainer.model, "base_model", None)
-        if isinstance(tuner, DyLoRAModel):  # ranks drawn from (seed, step): a resumed run draws the same ones
-            tuner.reseed(state.global_step)
+        hook = getattr(getattr(self.trainer.model, "base_model", None), "before_train_step", None)
+        if callable(hook):  # a leantune tuner (e.g. DyLoRA reseeds its rank draws: resumed runs draw the same)
+            hook(state.global_step)
         return control
 
     # --- the work --------------------------------------------------------------------------------------
@@ -139,16 +137,12 @@ class LeanTuneCallback(TrainerCallback):
         if self.memory is not None:
             self._apply_memory(trainer)
         if self.kernels or (self.kernels is None and _on_cuda(trainer)):
-            from leantune import kernels as lt_kernels
-
             enable = True if self.kernels in (None, True) else self.kernels
-            self._say(f"fused kernels on: {lt_kernels.apply(trainer.model, enable=enable)}")
+            self._say(f"fused kernels on: {apply_kernels(trainer.model, enable=enable)}")
         if getattr(trainer, "is_fsdp_enabled", False):  # before the optimizer: nothing half set up on refusal
             self._check_fsdp(trainer)
         if self.optimizer is not None:
-            from leantune import optim as lt_optim
-
-            lt_optim.install_in_trainer(trainer, self.optimizer)
+            install_in_trainer(trainer, self.optimizer)
             self._say(f"optimizer: {self.optimizer.name}")
         if self.lisa is not None:
             trainer.add_callback(self.lisa)
@@ -176,18 +170,14 @@ class LeanTuneCallback(TrainerCallback):
                              "gathers it), resume own loops from per-rank optimizer.state_dict(), or use DDP, "
                              "where checkpoints and resume are exact.")
         if version == 2:
-            from leantune.integrations.fsdp import check_fsdp2_units
-
             check_fsdp2_units(trainer.model)
 
     def _apply_memory(self, trainer: Trainer) -> None:
-        from leantune import memory as lt_memory
-
         kwargs = trainer.args.gradient_checkpointing_kwargs or {}
         if self.memory.ms_norms and trainer.args.gradient_checkpointing and kwargs.get("use_reentrant", False):
             raise ValueError("LeanTuneCallback(memory=...): folded norms need non-reentrant gradient checkpointing; "
                              "set TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': False}).")
-        handle = lt_memory.apply(trainer.model, self.memory)
+        handle = apply_memory(trainer.model, self.memory)
         if not handle.active:
             raise ValueError(f"LeanTuneCallback(memory=...): {handle.report[0]}")
         if self.memory.velora:  # VeLoRA's v comes from the first batch: the trainer's own, in every (resumed) run
@@ -209,8 +199,10 @@ class LeanTuneCallback(TrainerCallback):
         """Wrap ``model`` with the adapter now (for quantized models, which ``Trainer`` refuses unwrapped)."""
         if self.adapter is None:
             raise ValueError("prepare() needs an adapter config.")
-        if isinstance(self.adapter, LoraSBConfig):
-            raise ValueError("LoRA-SB needs training batches: use leantune.adapters.get_lora_sb_model(...).")
+        if _init_batches_needed(self.adapter):
+            raise ValueError(f"{type(self.adapter).__name__} needs training batches for its initialisation: pass "
+                             "the model to Trainer with LeanTuneCallback(adapter=...), or build it with the "
+                             "method's own function (LoRA-SB: leantune.adapters.get_lora_sb_model(...)).")
         return get_peft_model(model, self.adapter, adapter_name=self.adapter_name)
 
     def _inject_adapter(self, trainer: Trainer) -> None:
@@ -223,13 +215,12 @@ class LeanTuneCallback(TrainerCallback):
                 )
             self._say(f"model already carries adapter {self.adapter_name!r}; not injecting again")
             return
-        if isinstance(self.adapter, LoraSBConfig) and not self.adapter.gradient_init_done:
+        needed = _init_batches_needed(self.adapter)
+        if needed:  # a data-driven initialisation (LoRA-SB's first-step estimate), through the config's hook
             with torch.random.fork_rng():
-                factors = estimate_first_step(
-                    model, self.adapter, self._first_batches(trainer, self.adapter.num_init_batches),
-                    lr=first_step_learning_rate(trainer), loss_fn=lambda m, batch: trainer.compute_loss(m, batch),
-                )
-            peft_model = inject_lora_sb(model, self.adapter, factors, self.adapter_name)
+                peft_model = self.adapter.inject_from_batches(
+                    model, self._first_batches(trainer, needed), first_step_learning_rate(trainer),
+                    lambda m, batch: trainer.compute_loss(m, batch), self.adapter_name)
         else:
             peft_model = get_peft_model(model, self.adapter, adapter_name=self.adapter_name)
         trainer.model = trainer.model_wrapped = peft_model
@@ -242,6 +233,12 @@ class LeanTuneCallback(TrainerCallback):
     def _say(self, message: str) -> None:
         if self.verbose and (self.trainer is None or self.trainer.is_world_process_zero()):
             print(f"[leantune] {message}")
+
+
+def _init_batches_needed(adapter: Any) -> int:
+    """Training batches ``adapter``'s initialisation needs (a hook of leantune configs; 0 for peft's own)."""
+    hook = getattr(adapter, "init_batches_needed", None)
+    return int(hook()) if callable(hook) else 0
 
 
 def _on_cuda(trainer: Trainer) -> bool:

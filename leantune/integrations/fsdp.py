@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leantune.optim.lisa import find_layer_stack
+from leantune.architectures import find_layer_stack
 
 
 def _trainable_dtypes(module: nn.Module, exclude: set[int]) -> dict[torch.dtype, list[str]]:

@@ -16,18 +16,30 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
+import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 import leantune.adapters  # noqa: F401  (registers the tuner types)
 from leantune import _notices
-from leantune._utils import PEFT_PREFIX
+from leantune._io import (
+    ADAPTER_WEIGHTS,
+    _require_dir,
+    atomic_output_dir,
+    open_safetensors,
+    read_model_config,
+    safetensors_header,
+    verify_adapter_files,
+)
+from leantune._utils import PEFT_PREFIX, LeanTuneError
 from leantune.adapters.low_rank import LowRankLayer
-from leantune.integrations.checkpoints import (
-    ADAPTER_WEIGHTS, LeanTuneError, _require_dir, atomic_output_dir, load_adapter, open_safetensors,
-    read_model_config, safetensors_header, verify_adapter_files)
+from leantune.compress import compression_info
+from leantune.integrations.checkpoints import load_adapter
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
@@ -52,10 +64,6 @@ def load_base_model(
     The class is ``model_class`` (e.g. the ``BertForSequenceClassification`` an adapter was trained on),
     else the first of ``config.json``'s ``architectures``, else ``AutoModel``.
     """
-    import transformers
-
-    from safetensors import SafetensorError
-
     config = read_model_config(base_dir, "base model directory")
     path = Path(base_dir)
     for weights in sorted(path.glob("*.safetensors")):  # a truncated or corrupt file: named before transformers reads it
@@ -75,8 +83,6 @@ def load_base_model(
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence the expected "newly initialized head" report: the adapter's saved head replaces it."""
-    from transformers.utils import logging as hf_logging
-
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
@@ -157,8 +163,6 @@ def lowrank_factors_of(model: PeftModel, adapter_name: str = "default") -> LoraF
     leantune's low-rank layers give their own factors; peft LoRA layers (vanilla, no ``lora_bias``) give
     ``(A, s · B)``, so a LoRA adapter exports to itself.
     """
-    from peft.tuners.lora import LoraLayer
-
     factors = LoraFactors()
     for name, module in tqdm(list(model.named_modules()), desc="Collecting low-rank factors", leave=False,
                              disable=not _notices.progress_bars):
@@ -290,6 +294,4 @@ def inspect_adapter(adapter_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _compression(adapter_dir: str | os.PathLike) -> dict[str, Any] | None:
-    from leantune.compress import compression_info
-
     return compression_info(adapter_dir)

@@ -4,29 +4,52 @@ kernels, choosing the backend by one rule (:mod:`.dispatch`: Triton on CUDA, C l
 One file per op — ``activations`` (ReGELU2/ReSiLU2), ``norms`` (MS-RMSNorm/MS-LN, incl. the post-norm variant),
 ``gated_mlp`` (SwiGLU/GeGLU elementwise), ``fused_mlp`` (whole gated MLP with LoRA projections), ``lora_linear``
 (fused adapter linear), ``optimizer_step`` (fused low-rank Adam step) — plus ``cpu_native`` (the C loops) and
-``patching``, the kernels view of the one patcher: ``leantune.kernels.apply(model)`` /
-``leantune.kernels.restore(model)``.
+the public ``leantune.kernels.apply(model)`` / ``restore(model)`` / ``patched_modules(model)`` and the kernel names,
+which are the kernels view of the one patcher (:mod:`leantune.patching.kernels_view`; the patcher sits above the ops,
+so ``leantune/__init__.py`` attaches the view here).
 """
 
-from .activations import ApproxActivationFunction, reference_regelu2, reference_resilu2, regelu2, resilu2
-from .dispatch import (
-    force_triton,
-    interpreter_active,
-    kernel_for,
-    register_kernel,
-    registered_kernels,
-    set_enabled,
-    triton_available,
+from .activations import (
+                          ApproxActivation,
+                          ApproxActivationFunction,
+                          pack_2bit,
+                          reference_regelu2,
+                          reference_resilu2,
+                          regelu2,
+                          resilu2,
+                          unpack_2bit,
 )
-from .fused_mlp import GatedMLPFunction, fused_gated_mlp
+from .dispatch import (
+                          force_triton,
+                          interpreter_active,
+                          kernel_for,
+                          register_kernel,
+                          registered_kernels,
+                          set_enabled,
+                          triton_available,
+)
+from .fused_mlp import GatedMLPFunction, GatedMLPSpec, fused_gated_mlp
 from .gated_mlp import gated_activation, reference_gated_mlp, reference_gated_mlp_backward
 from .lora_linear import fused_lora_linear, reference_lora_linear
-from .norms import MSNormFunction, ms_layernorm, ms_norm, ms_norm_affine, ms_rmsnorm, reference_ms_layernorm, \
-    reference_ms_rmsnorm
+from .norms import (
+                          MSNormFunction,
+                          ms_layernorm,
+                          ms_norm,
+                          ms_norm_affine,
+                          ms_rmsnorm,
+                          reference_ms_layernorm,
+                          reference_ms_rmsnorm,
+)
 from .optimizer_step import fused_galore_adam_step, reference_galore_adam_step
-from .patching import ALL_KERNELS, APPROXIMATE_KERNELS, EXACT_KERNELS, apply, patched_modules, restore
+from .velora import VeLoRAFunction, VeLoRAProjection
 
 __all__ = [
+    "ApproxActivation",
+    "GatedMLPSpec",
+    "VeLoRAFunction",
+    "VeLoRAProjection",
+    "pack_2bit",
+    "unpack_2bit",
     "ALL_KERNELS",
     "APPROXIMATE_KERNELS",
     "ApproxActivationFunction",

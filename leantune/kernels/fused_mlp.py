@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from leantune._utils import scale_columns
@@ -64,8 +65,6 @@ def projection_from_module(module: nn.Module) -> tuple[Projection | None, str]:
     gives ``A diag γ`` as its LoRA-A and ``s · B (A β)`` added to the bias, both formed here from the weights
     (differentiable), so the projection computes exactly what the layer computes.
     """
-    from peft.tuners.lora import LoraLayer
-
     if isinstance(module, LoraLayer):
         base = module.get_base_layer()
         if type(base) is not nn.Linear:

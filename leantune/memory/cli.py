@@ -9,10 +9,15 @@ import argparse
 import os
 
 import torch
+from peft import LoraConfig, get_peft_model
+from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .config import MemoryConfig
-from .patching import apply
+from leantune._utils import LeanTuneError
+from leantune.patching.memory_view import apply, enable_checkpointing
+from leantune.patching.options import MemoryConfig
+
 from .profiler import profile
 
 TECHNIQUES = ("ms_norms", "approx_activations", "fused_gated_mlp", "velora")
@@ -53,8 +58,6 @@ def memory_config_from_string(spec: str) -> MemoryConfig | None:
 
 def load_model(path: str, dtype: torch.dtype) -> nn.Module:
     """Weights if ``path`` holds them (AutoModelForCausalLM, else AutoModel), else a random model from the config."""
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
     has_weights = os.path.isdir(path) and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(path))
     config = AutoConfig.from_pretrained(path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path)))
     for cls in (AutoModelForCausalLM, AutoModel):
@@ -83,21 +86,13 @@ def make_batch(model: nn.Module, batch_size: int, seq_len: int) -> dict:
 
 
 def _prepare(args: argparse.Namespace, config: MemoryConfig | None) -> nn.Module:
-    from safetensors import SafetensorError
-
-    from leantune._utils import LeanTuneError
-
     try:
         model = load_model(args.model, DTYPES[args.dtype])
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # no or a corrupt config / weights
         raise LeanTuneError(f"cannot build a model from {args.model!r}: {str(err).strip().splitlines()[0]}") from None
     if args.gradient_checkpointing:
-        from leantune.memory import enable_checkpointing
-
         enable_checkpointing(model)
     if args.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
                                                  target_modules="all-linear"), autocast_adapter_dtype=False)
     model.train()
@@ -108,8 +103,6 @@ def _prepare(args: argparse.Namespace, config: MemoryConfig | None) -> nn.Module
 
 def run_profile(args: argparse.Namespace) -> int:
     """Handler of ``leantune profile``: prints one markdown table per run (bad input: :class:`LeanTuneError`)."""
-    from leantune._utils import LeanTuneError
-
     for name, least in (("batch_size", 1), ("seq_len", 1), ("lora_rank", 0)):
         if getattr(args, name) < least:
             raise LeanTuneError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")

@@ -12,6 +12,7 @@ or by name, in a ``transformers.Trainer``::
 """
 
 from leantune._utils import NonFiniteGradientWarning
+from leantune.architectures import find_layer_stack
 from leantune.optim.apollo import APOLLOAdamW, APOLLOMini
 from leantune.optim.checkpoint import load_optimizer, save_optimizer
 from leantune.optim.conda import CondaAdamW
@@ -22,17 +23,16 @@ from leantune.optim.galore_adafactor import GaLoreAdafactor
 from leantune.optim.galore_adamw import GaLoreAdamW
 from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
 from leantune.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
-from leantune.optim.lisa import LISACallback, find_layer_stack
+from leantune.optim.lisa import LISACallback
 from leantune.optim.natural_galore import NaturalGaLoreAdamW, woodbury_inverse_fisher
 from leantune.optim.param_groups import find_target_weights, make_param_groups
+from leantune.optim.projector_kinds import PROJECTOR_KINDS, make_projector
 from leantune.optim.projectors import (
-    PROJECTOR_KINDS,
     Projector,
     RandomizedSVDProjector,
     RandomProjector,
     SVDProjector,
     TwoSidedSVDProjector,
-    make_projector,
     subspace_distance,
 )
 from leantune.optim.state_bytes import optimizer_state_bytes, storage_bytes

@@ -21,10 +21,20 @@ import torch
 from torch.optim import Optimizer
 
 from leantune._utils import NonFiniteGradientWarning
+from leantune.optim.dct import shared_dct_basis
 from leantune.optim.layerwise import LayerwiseMixin
-from leantune.optim.projectors import PROJECTOR_KINDS, Projector, make_projector
-from leantune.optim.sharded import (ShardedProjector, all_ranks_true, check_sharded_optimizer, full_gradient, local,
-                                    norm_over_rows, row_shard)
+from leantune.optim.projector_kinds import PROJECTOR_KINDS, make_projector
+from leantune.optim.projectors import Projector
+from leantune.optim.restarts import Restarts
+from leantune.optim.sharded import (
+    ShardedProjector,
+    all_ranks_true,
+    check_sharded_optimizer,
+    full_gradient,
+    local,
+    norm_over_rows,
+    row_shard,
+)
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 
@@ -193,8 +203,6 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                         pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]] | None = None) -> None:
         """Momentum reset every ``every`` steps, with LR recovery and (given ``pairs``, see
         :func:`leantune.optim.restarts.low_rank_pairs`) weight refactorization; see ``restarts.py``."""
-        from leantune.optim.restarts import Restarts
-
         self.restarts = Restarts(every, moments, recovery_steps, pairs)
         for group in self.param_groups:
             group.setdefault("cycle_step", 0)
@@ -390,8 +398,6 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     # ---- helpers shared by the Adam family --------------------------------------------------------------------
     def shared_state_tensors(self) -> list[torch.Tensor]:
         """Tensors the optimizer keeps alive outside ``self.state`` (e.g. shared DCT bases)."""
-        from leantune.optim.dct import shared_dct_basis
-
         out = []
         for group in self.param_groups:
             if group.get("rank") is None or group["projector"] != "dct":

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from leantune._utils import LeanTuneError
+
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> Path:
     path = Path(path)
@@ -31,8 +33,6 @@ def save_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) ->
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> None:
-    from leantune._utils import LeanTuneError
-
     try:
         state = torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, EOFError, ValueError) as err:  # truncated zip, bad pickle, missing file

@@ -9,8 +9,8 @@ from typing import Any, Sequence
 from torch import nn
 
 from leantune._validation import check_bool, check_choice, check_int, check_names, check_number, is_number
-from leantune.optim.base import MOMENT_POLICIES
 from leantune.optim.apollo import APOLLOAdamW, APOLLOMini
+from leantune.optim.base import MOMENT_POLICIES
 from leantune.optim.conda import CondaAdamW
 from leantune.optim.fira import FiraAdamW
 from leantune.optim.galore_adafactor import GaLoreAdafactor
@@ -19,8 +19,9 @@ from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
 from leantune.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
 from leantune.optim.natural_galore import NaturalGaLoreAdamW
 from leantune.optim.param_groups import make_param_groups
-from leantune.optim.projectors import PROJECTOR_KINDS
+from leantune.optim.projector_kinds import PROJECTOR_KINDS
 from leantune.optim.restarts import RESET_MOMENTS, low_rank_pairs
+
 
 @dataclass(frozen=True)
 class OptimizerSpec:

@@ -14,33 +14,12 @@ Sampling uses a generator seeded by (seed, switch index), so a resumed run sampl
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from leantune._utils import PEFT_PREFIX
-
-
-def find_layer_stack(model: nn.Module, layers_attribute: str | None = None) -> nn.ModuleList:
-    """The decoder-layer ModuleList: ``layers_attribute`` (dotted path) or the first of the usual paths."""
-    candidates = [layers_attribute] if layers_attribute else [
-        "model.layers", "model.model.layers", "transformer.h", f"{PEFT_PREFIX}model.layers", "layers", "model.decoder.layers",
-    ]
-    for path in candidates:
-        obj: Any = model
-        try:
-            for part in path.split("."):
-                obj = getattr(obj, part)
-        except AttributeError:
-            continue
-        if isinstance(obj, nn.ModuleList):
-            return obj
-    raise ValueError(
-        f"LISA: could not find the decoder layer list of {type(model).__name__} (tried {candidates}); "
-        "pass layers_attribute='path.to.layers'."
-    )
+from leantune._utils import is_sharded
+from leantune.architectures import find_layer_stack
 
 
 class LISACallback(TrainerCallback):
@@ -65,8 +44,6 @@ class LISACallback(TrainerCallback):
         self._trainable: set[int] = set()
 
     def setup(self, model: nn.Module) -> None:
-        from leantune._utils import is_sharded
-
         self._layers = find_layer_stack(model, self.layers_attribute)
         if any(is_sharded(p) for p in self._layers.parameters()):
             raise ValueError("LISA on an FSDP2-sharded model is not supported: it switches requires_grad of whole "

@@ -14,18 +14,13 @@ import re
 from typing import Any, Sequence
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 def _linear_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Linear]
-    try:
-        from transformers.pytorch_utils import Conv1D
-
-        types.append(Conv1D)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+    return (nn.Linear, Conv1D)
 
 
 def _matches(name: str, target: str | Sequence[str]) -> bool:
@@ -40,10 +35,6 @@ def _adapter_matrices(model: nn.Module) -> dict[str, tuple[str, nn.Parameter]]:
 
     Keyed by parameter name, with the owning tuner-layer module name, so they can be targeted like linears.
     """
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover
-        return {}
     found: dict[str, tuple[str, nn.Parameter]] = {}
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer):

@@ -25,8 +25,6 @@ import torch
 
 from leantune.optim.svd import orient_basis, orientation, thin_svd
 
-PROJECTOR_KINDS = ("svd", "rsvd", "dct", "random", "svd2")
-
 
 def scale_early(low_rank: torch.Tensor, scale: float) -> tuple[torch.Tensor, float | None]:
     """``(low_rank', late)`` with back(low_rank') · late bit for bit equal to back(low_rank) · scale, the cheap way.
@@ -385,31 +383,6 @@ class RandomProjector(Projector):
         gen = torch.Generator(device=ref.device).manual_seed(self.state["proj_seed"])
         P = torch.randn(shape, generator=gen, device=ref.device, dtype=torch.float32) / math.sqrt(self.rank)
         return P if ref.dtype == torch.float32 else P.to(ref.dtype)
-
-
-def make_projector(kind: str, state: dict[str, Any], group: dict[str, Any], seed: int = 0) -> Projector:
-    """Build the projector named by ``kind`` ("svd" | "rsvd" | "dct" | "random") from a param group's config
-    (``seed``: the parameter's 0-based position in the optimizer; "random" starts from ``seed + 1``, as APOLLO;
-    ``svd_signs``: see ``base.py``)."""
-    rank, gap, scale = group["rank"], group["update_proj_gap"], group["scale"]
-    signs = group.get("svd_signs") or ("lapack" if group.get("reference_adam") or group.get("reference_order")
-                                       else "aligned")
-    raw = signs == "lapack"  # the references' raw LAPACK signs
-    if kind == "svd":
-        return SVDProjector(state, rank, gap, scale, raw)
-    if kind == "rsvd":
-        return RandomizedSVDProjector(
-            state, rank, gap, scale, group.get("rsvd_oversample", 8), group.get("rsvd_power_iters", 2), seed, raw
-        )
-    if kind == "dct":
-        from leantune.optim.dct import DCTProjector
-
-        return DCTProjector(state, rank, gap, scale, norm_ord=group.get("dct_norm_ord", 1))
-    if kind == "random":
-        return RandomProjector(state, rank, gap, scale, seed=seed + 1)
-    if kind == "svd2":
-        return TwoSidedSVDProjector(state, rank, gap, scale, raw)
-    raise ValueError(f"Unknown projector {kind!r}; choose one of {PROJECTOR_KINDS}.")
 
 
 def subspace_distance(P1: torch.Tensor, P2: torch.Tensor) -> float:

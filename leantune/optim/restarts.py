@@ -26,6 +26,7 @@ import warnings
 from typing import Any
 
 import torch
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from leantune._utils import upcast
@@ -38,11 +39,8 @@ RECOVERY_START = 1e-3
 
 
 def low_rank_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
-    """(name, B, A) for every trainable factor pair ΔW ∝ B A in ``model``: peft LoRA layers and leantune's ALLoRA."""
-    from peft.tuners.lora import LoraLayer
-
-    from leantune.adapters.allora import ALLoRALayer
-
+    """(name, B, A) for every trainable factor pair ΔW ∝ B A in ``model``: peft LoRA layers and the adapter layers
+    whose ``factor_pairs()`` hook names some (leantune's ALLoRA)."""
     pairs = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
@@ -51,11 +49,8 @@ def low_rank_pairs(model: nn.Module) -> list[tuple[str, nn.Parameter, nn.Paramet
                 if isinstance(a, nn.Linear) and isinstance(b, nn.Linear) and a.weight.requires_grad and \
                         b.weight.requires_grad:
                     pairs.append((f"{name}.{adapter}", b.weight, a.weight))
-        elif isinstance(module, ALLoRALayer):
-            for adapter, a in module.allora_A.items():
-                b = module.allora_B[adapter]
-                if a.requires_grad and b.requires_grad:
-                    pairs.append((f"{name}.{adapter}", b, a))
+        elif callable(getattr(module, "factor_pairs", None)):
+            pairs += [(f"{name}.{adapter}", b, a) for adapter, b, a in module.factor_pairs()]
     return pairs
 
 

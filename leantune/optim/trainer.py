@@ -20,9 +20,11 @@ import warnings
 from typing import Any
 
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 
 from leantune.optim.config import OPTIMIZERS, OptimizerConfig, build_optimizer
+from leantune.optim.param_groups import find_target_weights
 
 
 class LowRankOptimizerFactory:
@@ -58,8 +60,6 @@ def optimizer_cls_and_kwargs(
     if training_args is not None:
         config = _with_training_args(config, training_args)
     if model is not None:
-        from leantune.optim.param_groups import find_target_weights
-
         find_target_weights(model, config.target_modules)  # raises a clear error on a bad target list
     return LowRankOptimizerFactory, {"config": config}
 
@@ -72,8 +72,6 @@ class AttachLayerwiseDDP(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        from torch.nn.parallel import DistributedDataParallel
-
         wrapped = self.trainer.model_wrapped
         optimizer = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # accelerate's wrapper
         if not isinstance(wrapped, DistributedDataParallel):

@@ -22,14 +22,17 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
 from leantune.kernels.lora_linear import scaled_input_linear
 from leantune.kernels.norms import ms_norm, ms_norm_affine
-from .folding import (
-    GAMMA_TOLERANCE, base_layer, fold_into_linear, is_conv1d, norm_affine, norm_eps, unfold_linear)
 
+from .folding import GAMMA_TOLERANCE, base_layer, fold_into_linear, is_conv1d, norm_affine, norm_eps, unfold_linear
 from .ops_patch import norm_display_name
+from .sites import is_lowrank_adapter
 from .state import foreign_forward, rebind
 
 
@@ -41,12 +44,7 @@ def _tied(model: nn.Module, weight: torch.Tensor) -> bool:
 
 def _adapter_reason(name: str, consumer: nn.Module, beta_nonzero: bool) -> str:
     """Why the adapters on ``consumer`` cannot absorb a folded affine ('' if they can)."""
-    from peft.tuners.lora import LoraLayer
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    from leantune.adapters.low_rank import LowRankLayer
-
-    if isinstance(consumer, LowRankLayer):
+    if is_lowrank_adapter(consumer):
         return ""
     if isinstance(consumer, LoraLayer):
         if type(consumer).__name__ != "Linear" or getattr(consumer, "lora_variant", {}) or any(
@@ -64,8 +62,6 @@ def _adapter_reason(name: str, consumer: nn.Module, beta_nonzero: bool) -> str:
 
 def fold_check(state, site) -> str:
     """Why ``site`` cannot be folded ('' if it can)."""
-    from peft.utils import ModulesToSaveWrapper
-
     config, norm = state.memory, site.norm
     if isinstance(norm, ModulesToSaveWrapper):
         return "norm is trained with the adapter (modules_to_save); left unchanged"
@@ -139,11 +135,7 @@ def _refuse_merge(name: str):
 
 def _compensate(state, applied, cname: str, consumer: nn.Module, gamma: torch.Tensor, beta: torch.Tensor | None):
     """Keep the consumer's adapters computing what they computed on u = γ ⊙ ŷ + β (module docstring)."""
-    from peft.tuners.lora import LoraLayer
-
-    from leantune.adapters.low_rank import LowRankLayer
-
-    if isinstance(consumer, LowRankLayer):
+    if is_lowrank_adapter(consumer):
         consumer.set_input_affine(gamma, beta)
         applied.undo.append(consumer.clear_input_affine)
     elif isinstance(consumer, LoraLayer):

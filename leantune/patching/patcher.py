@@ -32,10 +32,10 @@ from typing import Any
 from torch import nn
 
 from leantune.architectures import hf_model
-from leantune.kernels.patching import ALL_KERNELS
 
 from .folding_patch import fold_check, patch_norm_folded
 from .ops_patch import patch_activation, patch_adapter_linear, patch_gated_mlp, patch_norm_unfolded, patch_velora
+from .options import ALL_KERNELS
 from .sites import Sites, find_sites
 from .state import Applied, PatchState, state_of
 

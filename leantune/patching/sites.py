@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Optional, Protocol, runtime_checkable
 
+import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from leantune.architectures import ARCHITECTURES, blocks_of, get_path, hf_model, model_type_of
@@ -108,13 +112,27 @@ def generic_norm_kind(module: nn.Module) -> str | None:
     return None
 
 
+@runtime_checkable
+class LowRankAdapter(Protocol):
+    """What the patcher asks of an adapter layer that is not peft's LoRA (leantune's ``adapters.low_rank.
+    LowRankLayer`` implements it): its factors for the fused linear, and an input affine for folded norms. The patcher
+    sits below the adapters (ARCHITECTURE.md), so it knows this contract, not the adapter classes."""
+
+    def forward_factors(self, adapter: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def set_input_affine(self, gamma: torch.Tensor, beta: Optional[torch.Tensor]) -> None: ...
+
+    def clear_input_affine(self) -> None: ...
+
+
+def is_lowrank_adapter(module: nn.Module) -> bool:
+    """A peft tuner layer that implements :class:`LowRankAdapter` (a leantune low-rank layer)."""
+    return isinstance(module, BaseTunerLayer) and isinstance(module, LowRankAdapter)
+
+
 def is_adapter_linear(module: nn.Module) -> bool:
-    """peft LoRA ``Linear`` or a leantune ``LowRankLayer``: the fused adapter linear applies."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    from leantune.adapters.low_rank import LowRankLayer
-
-    return isinstance(module, (LoraLinear, LowRankLayer))
+    """peft LoRA ``Linear`` or a :class:`LowRankAdapter` layer: the fused adapter linear applies."""
+    return isinstance(module, LoraLinear) or is_lowrank_adapter(module)
 
 
 def _table_norms(model: nn.Module, sites: Sites) -> None:

@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
+from peft import get_peft_model
+from torch import nn
 
+from leantune.adapters import ADAPTERS
+from leantune.memory import MemoryConfig, apply, enable_checkpointing
+from leantune.optim import OPTIMIZERS, OptimizerConfig
+from leantune.optim.config import optimizer_options
+from leantune.optim.param_groups import find_target_weights
 from leantune.plan.estimate import optimizer_state_bytes, weight_bytes
 from leantune.plan.presets import PRESETS, config_from
 from leantune.plan.trace import saved_bytes
@@ -100,14 +108,7 @@ def _value(text: str) -> Any:
 
 
 def _adapter_config(name: str, options: dict[str, Any], task: str):
-    import peft
-
-    import leantune
-
-    configs = {"lora": peft.LoraConfig, "lora_xs": leantune.LoraXSConfig, "lora_sb": leantune.LoraSBConfig,
-               "allora": leantune.ALLoRAConfig, "dylora": leantune.DyLoRAConfig, "nola": leantune.NolaConfig,
-               "bottleneck": leantune.BottleneckConfig, "compacter": leantune.CompacterConfig,
-               "sltrain": leantune.SLTrainConfig, "lost": leantune.LostConfig}
+    configs = ADAPTERS
     if name not in configs:
         raise ValueError(f"unknown adapter {name!r}; choose one of {sorted(configs)}")
     fields = {f.name: f for f in dataclasses.fields(configs[name]) if f.init and f.name not in ("task_type", "peft_type")}
@@ -119,21 +120,19 @@ def _adapter_config(name: str, options: dict[str, Any], task: str):
         expected = {bool: (bool,), int: (int,), float: (int, float)}.get(type(default))
         if expected and (not isinstance(value, expected) or (isinstance(value, bool) and type(default) is not bool)):
             raise ValueError(f"adapter {name!r}: {key} must be {type(default).__name__}, got {value!r}")
-    options = {"target_modules": "all-linear", **options} if name not in ("bottleneck", "compacter") else options
+    options = {"target_modules": "all-linear", **options} if "target_modules" in fields else options
     if name == "lora":
         options.setdefault("lora_dropout", 0.0)
     try:
         config = configs[name](task_type=task, **options)
     except TypeError as err:  # a value of the wrong type that the config's own checks did not name
         raise ValueError(f"adapter {name!r}: {err}") from None
-    if name == "lora_sb":  # its factors come from a gradient estimate; for shapes and bytes the placeholders do
-        config.gradient_init_done = True
+    if callable(getattr(config, "placeholder_init", None)):  # e.g. LoRA-SB's factors come from a gradient
+        config.placeholder_init()                             # estimate; for shapes and bytes placeholders do
     return config
 
 
 def build_model(config, dtype: torch.dtype, task: str, device: str = "meta"):
-    import transformers
-
     auto = {"CAUSAL_LM": transformers.AutoModelForCausalLM, "SEQ_CLS": transformers.AutoModelForSequenceClassification}
     with torch.device(device):
         try:
@@ -198,8 +197,6 @@ def prepare(model: str | dict, dtype: str = "bf16", adapter: str | None = None, 
             task: str | None = None, device: str = "meta"):
     """``(model, config, task)``: the model as it will train — from its config on ``device`` (meta for planning),
     with the adapter, leantune memory options and gradient checkpointing, in training mode."""
-    from peft import get_peft_model
-
     config = config_from(model)
     task = task or ("SEQ_CLS" if any("SequenceClassification" in a for a in (config.architectures or []))
                     else "CAUSAL_LM")
@@ -209,12 +206,8 @@ def prepare(model: str | dict, dtype: str = "bf16", adapter: str | None = None, 
         with torch.device(device):  # adapters created where the model is (meta: nothing allocated, any rank)
             net = get_peft_model(net, _adapter_config(adapter_name, adapter_options, task))
     if memory.startswith("leantune"):
-        from leantune.memory import MemoryConfig, apply
-
         apply(net, MemoryConfig(keep_original_weights=False))
     if memory.endswith("checkpointing"):
-        from leantune.memory import enable_checkpointing
-
         enable_checkpointing(net)
     net.train()
     return net, config, task
@@ -224,8 +217,6 @@ def _check_possible(net, adapter: str | None, optimizer: str | None, options: di
                     quant: str | None) -> None:
     """Refuse what cannot be built: a rank above a targeted matrix's smaller side, 4/8-bit bases without a
     quantizable nn.Linear."""
-    from torch import nn
-
     _check_optimizer_options(optimizer or "adamw", options)
     _, adapter_options = parse_spec(adapter)
     r = adapter_options.get("r")
@@ -235,8 +226,6 @@ def _check_possible(net, adapter: str | None, optimizer: str | None, options: di
             if base is not None and hasattr(base, "weight") and base.weight.ndim == 2 and r > min(base.weight.shape):
                 raise ValueError(f"adapter rank r={r} exceeds the smaller side of {name} {tuple(base.weight.shape)}")
     if optimizer and "rank" in options:
-        from leantune.optim.param_groups import find_target_weights
-
         for name, p in find_target_weights(net, options.get("target_modules", "all-linear")).items():
             if options["rank"] > min(p.shape):
                 raise ValueError(f"optimizer rank={options['rank']} exceeds the smaller side of {name} {tuple(p.shape)}")
@@ -247,9 +236,6 @@ def _check_possible(net, adapter: str | None, optimizer: str | None, options: di
 
 def _check_optimizer_options(name: str, options: dict[str, Any]) -> None:
     """Refuse an unknown optimizer, an option it does not have, or a value ``OptimizerConfig`` refuses."""
-    from leantune.optim import OPTIMIZERS, OptimizerConfig
-    from leantune.optim.config import optimizer_options
-
     if name in ("adamw", "adamw8bit"):
         if set(options) - {"layerwise"}:
             raise ValueError(f"optimizer {name!r} takes no options here (got {sorted(options)})")
@@ -269,9 +255,6 @@ def _check_optimizer_options(name: str, options: dict[str, Any]) -> None:
 
 
 def _optimizer_state(net, name: str, options: dict[str, Any], trainable: list[torch.Tensor]) -> int:
-    from leantune.optim import OPTIMIZERS
-    from leantune.optim.param_groups import find_target_weights
-
     if name in ("adamw", "adamw8bit"):
         return optimizer_state_bytes(name, trainable, set())
     spec = OPTIMIZERS[name]

@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from leantune._utils import LeanTuneError
 from leantune.plan import MEMORY_OPTIONS, Plan, plan
 
 #: rough step-time factors against a plain bf16 full fine-tuning step (rules of thumb, not measurements of your GPU):
@@ -82,8 +83,6 @@ def _print_all_memory(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from leantune._utils import LeanTuneError
-
     try:
         if args.search:
             if args.gpu is None:

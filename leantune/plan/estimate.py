@@ -22,6 +22,7 @@ import math
 from typing import Iterable
 
 import torch
+from torch import nn
 
 QUANT_BYTES = {  # bytes per weight of a quantized base linear (bnb defaults), and per output row
     "4bit": (0.5 + 4 / 64, 0),  # nf4 codes + an fp32 absmax per 64-block (no double quantization)
@@ -31,8 +32,6 @@ QUANT_BYTES = {  # bytes per weight of a quantized base linear (bnb defaults), a
 
 def weight_bytes(model: torch.nn.Module, quant: str | None) -> tuple[int, int]:
     """(all weight bytes, of which quantized base linears); the output head is never quantized (bnb's default)."""
-    from torch import nn
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     quantized = set()
     if quant:

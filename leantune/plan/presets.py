@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+from transformers import AutoConfig
 
 _LLAMA2 = dict(model_type="llama", vocab_size=32000, rms_norm_eps=1e-5, tie_word_embeddings=False,
                max_position_embeddings=4096)
@@ -35,10 +38,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def config_from(source: str | dict[str, Any]):
     """A transformers config from a preset name, a model folder / ``config.json`` path, or a dict."""
-    import os
-
-    from transformers import AutoConfig
-
     if isinstance(source, dict):
         values = dict(source)
         return AutoConfig.for_model(values.pop("model_type"), **values)

@@ -15,6 +15,8 @@ import warnings
 from typing import Any, Iterator
 
 import torch
+import transformers
+import transformers.masking_utils as masking
 from torch import nn
 
 
@@ -40,8 +42,6 @@ def fused_attention(device: str = "cuda") -> Iterator[None]:
     values, not possible on meta) answers "not packed". CUDA's flash kernel handles attention dropout (it keeps only
     the RNG state); torch's CPU flash kernel does not, so with ``dropout_p > 0`` on "cpu" the math path (which keeps
     the probabilities and the dropout mask) is traced as it is."""
-    import transformers.masking_utils as masking
-
     original = torch.nn.functional.scaled_dot_product_attention
     original_packed = getattr(masking, "find_packed_sequence_indices", None)
 
@@ -86,8 +86,6 @@ def saved_bytes(model: nn.Module, batch: dict[str, torch.Tensor], emulate_fused_
 
     hooks = [m.register_forward_pre_hook(checkpoint_inputs, with_kwargs=True) for m in model.modules()]
     attention = fused_attention(device) if emulate_fused_attention else contextlib.nullcontext()
-    import transformers
-
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "use_cache=True is incompatible with checkpointing", once per trace
     try:

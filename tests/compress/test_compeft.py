@@ -17,7 +17,7 @@ from leantune.compress import COMPRESSED, compress_full, compression_info, decom
 from leantune.compress.compeft import (decode, encode, golomb_decode, golomb_encode, golomb_parameter, stored_bits,
                                        ternarize)
 from leantune.integrations.checkpoints import LeanTuneError
-from leantune.integrations.cli import main as cli
+from leantune.cli import main as cli
 
 
 def test_ternarize_by_hand():

@@ -11,7 +11,7 @@ import torch
 import transformers
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from leantune.integrations.cli import main
+from leantune.cli import main
 from tests.adapters.models import adapt, batch_for, perturb_adapter, tiny_model
 
 METHODS = ("lora_xs", "lora_sb", "allora", "dylora", "nola")

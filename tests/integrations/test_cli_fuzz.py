@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from leantune.integrations.cli import main
+from leantune.cli import main
 from tests.adapters.models import adapt, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,7 +217,7 @@ def test_bad_options_are_one_line(originals, tmp_path, capsys, argv):
 def _cli(*args: str) -> subprocess.CompletedProcess:
     """``leantune ARGS`` as a user runs it: its own process, stdin/stderr not a terminal, the installed packages."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST", "LEANTUNE_TEST"))}
-    return subprocess.run([sys.executable, "-m", "leantune.integrations.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "leantune.cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
 

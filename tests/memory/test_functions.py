@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
 
+import leantune.kernels as lk
 import leantune.memory as lm
 from leantune.kernels.activations import REGELU2_CONSTANTS, RESILU2_CONSTANTS, step_codes
 from leantune.kernels.fused_mlp import GatedMLPFunction, GatedMLPSpec
@@ -31,10 +32,10 @@ def surrogate(x, slopes, thresholds):
 
 def test_pack_unpack_roundtrip_and_layout():
     codes = torch.tensor([1, 2, 3, 0, 3], dtype=torch.uint8)
-    packed = lm.pack_2bit(codes)
+    packed = lk.pack_2bit(codes)
     assert packed.tolist() == [1 | 2 << 2 | 3 << 4, 3]  # element i at bits 2·(i mod 4)
     random = torch.randint(0, 4, (1001,), dtype=torch.uint8)
-    assert torch.equal(lm.unpack_2bit(lm.pack_2bit(random), 1001), random)
+    assert torch.equal(lk.unpack_2bit(lk.pack_2bit(random), 1001), random)
 
 
 @pytest.mark.parametrize("kind", ["gelu", "gelu_tanh", "silu"])
@@ -47,11 +48,11 @@ def test_approx_activation_backward_is_the_step_derivative(kind):
         points.append(torch.stack([c, torch.nextafter(c, c - 1), torch.nextafter(c, c + 1), c - 1e-3, c + 1e-3]))
     x = torch.cat(points).requires_grad_(True)
     if kind == "silu":
-        y = lm.resilu2(x)
+        y = lk.resilu2(x)
         exact = F.silu(x.detach())
     else:
         approximate = "tanh" if kind == "gelu_tanh" else "none"
-        y = lm.regelu2(x, approximate)
+        y = lk.regelu2(x, approximate)
         exact = F.gelu(x.detach(), approximate=approximate)
     assert torch.equal(y.detach(), exact)  # forward: the exact activation
     grad_out = torch.randn_like(x)
@@ -65,17 +66,17 @@ def test_approx_activation_backward_is_the_step_derivative(kind):
 
 def test_approx_activation_keeps_model_forward_and_saves_two_bits():
     x = torch.randn(4, 7, 33, requires_grad=True)  # numel not a multiple of 4
-    act = lm.ApproxActivation(NewGELUActivation(), "gelu", None)
+    act = lk.ApproxActivation(NewGELUActivation(), "gelu", None)
     y, saved = _saved(lambda: act(x))
     assert torch.equal(y, NewGELUActivation()(x))
     assert len(saved) == 1 and saved[0].dtype == torch.uint8 and saved[0].numel() == math.ceil(x.numel() / 4)
 
 
-@pytest.mark.parametrize("fn", [lm.ms_rmsnorm, lm.ms_layernorm])
+@pytest.mark.parametrize("fn", [lk.ms_rmsnorm, lk.ms_layernorm])
 def test_ms_norm_gradcheck_and_saves_output(fn):
     x = torch.randn(3, 5, 12, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: fn(t, 1e-6), (x,))
-    reference = (F.layer_norm(x, (12,), eps=1e-6) if fn is lm.ms_layernorm
+    reference = (F.layer_norm(x, (12,), eps=1e-6) if fn is lk.ms_layernorm
                  else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
     y, saved = _saved(lambda: fn(x, 1e-6))
     torch.testing.assert_close(y, reference)
@@ -100,7 +101,7 @@ def test_ms_norm_affine_gradcheck_forward_and_saves_output(kind, bias):
         return y, out
 
     assert torch.autograd.gradcheck(both, (x,))
-    plain = lm.ms_layernorm(x, 1e-6) if kind == "layernorm" else lm.ms_rmsnorm(x, 1e-6)
+    plain = lk.ms_layernorm(x, 1e-6) if kind == "layernorm" else lk.ms_rmsnorm(x, 1e-6)
     (y, out), saved = _saved(lambda: both(x))
     assert torch.equal(y, plain) and torch.equal(out, plain * w if b is None else torch.addcmul(b, plain, w))
     assert y.untyped_storage().data_ptr() in {t.untyped_storage().data_ptr() for t in saved}
@@ -144,7 +145,7 @@ def test_velora_gradients():
     x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
     v = torch.nn.functional.normalize(torch.randn(4, dtype=torch.float64), dim=0)
-    out, saved = _saved(lambda: lm.VeLoRAFunction.apply(x, weight, v, 3, 1.0))
+    out, saved = _saved(lambda: lk.VeLoRAFunction.apply(x, weight, v, 3, 1.0))
     torch.testing.assert_close(out, x @ weight.t())
     assert [t.shape for t in saved if t is not v and t is not weight] == [torch.Size([2, 5, 3])]
     grad_out = torch.randn_like(out)
@@ -156,5 +157,5 @@ def test_velora_gradients():
     # a token made of sub-tokens parallel to v is reconstructed exactly -> exact weight gradient
     x_par = (torch.randn(2, 5, 3, 1, dtype=torch.float64) * v).reshape(2, 5, 12)
     w2 = weight.detach().clone().requires_grad_(True)
-    (gw_par,) = torch.autograd.grad(lm.VeLoRAFunction.apply(x_par, w2, v, 3, 1.0), w2, grad_out)
+    (gw_par,) = torch.autograd.grad(lk.VeLoRAFunction.apply(x_par, w2, v, 3, 1.0), w2, grad_out)
     torch.testing.assert_close(gw_par, grad_out.reshape(10, 3).t() @ x_par.reshape(10, 12))

@@ -88,7 +88,7 @@ def test_prediction_matches_measurement(case):
 
 
 def test_fsdp_shards_and_json(capsys):
-    from leantune.integrations.cli import main as cli
+    from leantune.cli import main as cli
 
     one = plan("llama-2-7b", seq=2048, optimizer="adamw")
     four = plan("llama-2-7b", seq=2048, optimizer="adamw", processes=4, fsdp=True)
@@ -100,7 +100,7 @@ def test_fsdp_shards_and_json(capsys):
 
 
 def test_memory_all_compares_every_option(capsys):
-    from leantune.integrations.cli import main as cli
+    from leantune.cli import main as cli
     from leantune.plan import MEMORY_OPTIONS
 
     assert cli(["plan", "qwen2.5-0.5b", "--seq", "1024", "--memory", "all", "--json"]) == 0
@@ -112,7 +112,7 @@ def test_memory_all_compares_every_option(capsys):
 
 
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
-    from leantune.integrations.cli import main as cli
+    from leantune.cli import main as cli
 
     for argv in (["plan", "not-a-model"], ["plan", "llama-2-7b", "--adapter", "lora:r=100000"],
                  ["plan", "llama-2-7b", "--quant", "4bit"], ["plan", "llama-2-7b", "--gpu", "lots"],
@@ -126,7 +126,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path):
 
 
 def test_search_ranks_stacks_that_fit(capsys):
-    from leantune.integrations.cli import main as cli
+    from leantune.cli import main as cli
 
     assert cli(["plan", "llama-2-7b", "--seq", "2048", "--gpu", "24GB", "--search"]) == 0
     out = capsys.readouterr().out

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..registration import LeanTuneType, register_tuner
 from ..tuner_base import LeanTuneTuner
-from .config import BottleneckConfig
+from .config import BottleneckConfig, CompacterConfig
 from .layer import MERGE_REFUSAL, BottleneckLayer, SharedRules
 from .placement import placement_regex
 
@@ -132,4 +132,4 @@ class BottleneckModel(LeanTuneTuner):
             del rules[adapter_name]
 
 
-register_tuner(LeanTuneType.BOTTLENECK, BottleneckConfig, BottleneckModel)
+register_tuner(LeanTuneType.BOTTLENECK, BottleneckConfig, BottleneckModel, variants={"compacter": CompacterConfig})

@@ -1,4 +1,5 @@
-"""``leantune.memory.apply`` / ``restore``: the memory view of the one patcher (:mod:`leantune.patching`).
+"""``leantune.memory.apply`` / ``restore``: the memory view of the one patcher, beside the kernels view
+(:mod:`.kernels_view`).
 
 Everything is per instance and reversible: norm/MLP/activation/LoRA-A ``forward`` methods are rebound on the
 instance, folded linears get a forward pre-hook and their weights are rewritten (originals kept on CPU).
@@ -12,13 +13,14 @@ import warnings
 from torch import nn
 
 from leantune.architectures import FOLDING_MODEL_TYPES, hf_model, model_type_of
-from leantune.patching import SharingWarning, configure, state_of
 
-from .config import MemoryConfig
+from .options import MemoryConfig
+from .patcher import configure
+from .state import SharingWarning, state_of
 
 SUPPORTED_MODEL_TYPES = FOLDING_MODEL_TYPES
 
-__all__ = ["MemoryHandle", "SUPPORTED_MODEL_TYPES", "SharingWarning", "apply", "restore"]
+__all__ = ["MemoryHandle", "SUPPORTED_MODEL_TYPES", "SharingWarning", "apply", "enable_checkpointing", "restore"]
 
 
 class MemoryHandle:

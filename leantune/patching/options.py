@@ -1,10 +1,17 @@
-"""``MemoryConfig``: which memory-saving techniques :func:`leantune.memory.apply` switches on."""
+"""The patcher's options: ``MemoryConfig`` (which memory-saving techniques :func:`leantune.memory.apply` switches on)
+and the kernel names :func:`leantune.kernels.apply` accepts. Both views of the patcher read them from here."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
 from leantune._validation import check_bool, check_int, check_number
+
+#: the exact kernels (same forward and gradients up to rounding); the default set
+EXACT_KERNELS = ("lora_linear", "lowrank_linear", "ms_rmsnorm", "ms_layernorm", "gated_mlp")
+#: opt-in, approximate gradients (2-bit activation backward)
+APPROXIMATE_KERNELS = ("regelu2", "resilu2")
+ALL_KERNELS = EXACT_KERNELS + APPROXIMATE_KERNELS
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``leantune.kernels.apply`` / ``restore``: the kernels view of the one patcher (:mod:`leantune.patching`).
+"""``leantune.kernels.apply`` / ``restore``: the kernels view of the one patcher, beside the memory view
+(:mod:`.memory_view`).
 
 Kernel names (what each switches on; the patcher's table says which patch wins where memory options also apply):
 
@@ -24,11 +25,11 @@ from typing import Iterable
 
 from torch import nn
 
-from .dispatch import triton_available
+from leantune.kernels.dispatch import triton_available
 
-EXACT_KERNELS = ("lora_linear", "lowrank_linear", "ms_rmsnorm", "ms_layernorm", "gated_mlp")
-APPROXIMATE_KERNELS = ("regelu2", "resilu2")
-ALL_KERNELS = EXACT_KERNELS + APPROXIMATE_KERNELS
+from .options import ALL_KERNELS, APPROXIMATE_KERNELS, EXACT_KERNELS
+from .patcher import configure
+from .state import state_of
 
 # which applied patches each kernel name covers: (site type, patch kind, predicate on the site)
 _COVERS = {
@@ -62,8 +63,6 @@ def _resolve(model: nn.Module, enable: bool | Iterable[str] | None, disable: Ite
 
 def _covered(model: nn.Module, name: str) -> list[int]:
     """ids of the modules whose applied patch runs kernel ``name``'s op."""
-    from leantune.patching import state_of
-
     state = state_of(model)
     if state is None or name not in state.kernels:
         return []
@@ -84,8 +83,6 @@ def apply(model: nn.Module, enable: bool | Iterable[str] | None = None, disable:
             (the only way to turn on the approximate ``"regelu2"`` / ``"resilu2"``).
         disable: kernel names to leave off.
     """
-    from leantune.patching import configure, state_of
-
     names = _resolve(model, enable, disable)
     state = state_of(model)
     if names or (state is not None and state.kernels):
@@ -95,8 +92,6 @@ def apply(model: nn.Module, enable: bool | Iterable[str] | None = None, disable:
 
 def restore(model: nn.Module) -> int:
     """Switch every kernel off again (memory options stay); returns how many modules the kernels covered."""
-    from leantune.patching import configure, state_of
-
     state = state_of(model)
     if state is None or not state.kernels:
         return 0
@@ -107,8 +102,6 @@ def restore(model: nn.Module) -> int:
 
 def patched_modules(model: nn.Module) -> dict[str, str]:
     """``{qualified module name: kernel name}`` of the modules the kernels currently cover."""
-    from leantune.patching import state_of
-
     state = state_of(model)
     if state is None:
         return {}

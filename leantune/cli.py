@@ -1,4 +1,5 @@
-"""The ``leantune`` command line; each subcommand calls the function a notebook user would call.
+"""The ``leantune`` command line (the top floor: it may import every package); each subcommand calls the function a
+notebook user would call.
 
     leantune merge   --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR   -> leantune.merge_to_directory
     leantune export  ADAPTER_DIR --to lora OUT_DIR [--base MODEL_DIR]     -> leantune.export_to_lora
@@ -19,7 +20,14 @@ import os
 import sys
 from typing import Optional, Sequence
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # leantune never downloads; paths are local folders
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # leantune never downloads; paths are local folders (before the hub loads)
+
+from leantune._notices import quiet_command_line  # noqa: E402
+from leantune._utils import LeanTuneError  # noqa: E402
+from leantune.compress import compress_adapter, compress_full  # noqa: E402
+from leantune.integrations.interop import export_to_lora, inspect_adapter, merge_to_directory  # noqa: E402
+from leantune.memory.cli import add_profile_subcommand  # noqa: E402
+from leantune.plan.cli import add_plan_subcommand  # noqa: E402
 
 
 def _print_inspect(info: dict) -> None:
@@ -86,27 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--encoding", choices=["golomb", "bitmask"], default="golomb")
     compress.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
-    from leantune.plan.cli import add_plan_subcommand
-
     add_plan_subcommand(sub)
-    try:
-        from leantune.memory.cli import add_profile_subcommand
-    except ImportError:  # the memory package is optional for the other subcommands
-        add_profile_subcommand = None
-    if add_profile_subcommand is not None:
-        add_profile_subcommand(sub)
+    add_profile_subcommand(sub)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from leantune._notices import quiet_command_line
-
     quiet_command_line()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from leantune._utils import LeanTuneError
-    from leantune.integrations.interop import export_to_lora, inspect_adapter, merge_to_directory
-
     try:
         if args.command == "merge":
             out = merge_to_directory(args.base, args.adapter, args.out, overwrite=args.overwrite)
@@ -121,8 +117,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 _print_inspect(info)
         elif args.command == "compress":
-            from leantune.compress import compress_adapter, compress_full
-
             try:
                 alpha = args.scale if args.scale == "auto" else float(args.scale)
             except ValueError:
