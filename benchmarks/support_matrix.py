@@ -2,7 +2,7 @@
 
 Every cell is ``LeanTuneCallback(adapter, optimizer, memory, kernels).setup(Trainer(...))`` on a tiny model of the
 architecture, trained 4 steps, resumed from step 2, its forward compared with the unpatched model and, for mergeable
-adapters, merged and exported (``tests/support_matrix.py`` says exactly what is checked).
+adapters, merged and exported (``leantune/testing/support_matrix.py`` says exactly what is checked).
 
     python benchmarks/support_matrix.py                   # adapter × optimizer × arch × dtype, and
                                                           # adapter × memory × kernels × arch (1,936 cells, ~45 min)
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support_matrix import FACTORS, Cell, check, pairwise_cells  # noqa: E402
+from leantune.testing.support_matrix import FACTORS, Cell, check, pairwise_cells  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -16,7 +16,7 @@ from leantune.architectures import find_layer_stack
 from leantune.optim.apollo import APOLLOAdamW, APOLLOMini
 from leantune.optim.checkpoint import load_optimizer, save_optimizer
 from leantune.optim.conda import CondaAdamW
-from leantune.optim.config import OPTIMIZERS, OptimizerConfig, OptimizerSpec, build_optimizer
+from leantune.optim.config import OptimizerConfig, build_optimizer
 from leantune.optim.dct import DCTProjector, dct_matrix, shared_dct_basis
 from leantune.optim.fira import FiraAdamW
 from leantune.optim.galore_adafactor import GaLoreAdafactor
@@ -35,6 +35,7 @@ from leantune.optim.projectors import (
     TwoSidedSVDProjector,
     subspace_distance,
 )
+from leantune.optim.spec import OPTIMIZERS, OptimizerSpec
 from leantune.optim.state_bytes import optimizer_state_bytes, storage_bytes
 from leantune.optim.trainer import LowRankOptimizerFactory, install_in_trainer, optimizer_cls_and_kwargs
 

@@ -1,4 +1,5 @@
-"""``OptimizerConfig`` and ``build_optimizer``: one place that maps a name to a configured optimizer."""
+"""``OptimizerConfig`` and ``build_optimizer``: a name of :data:`~leantune.optim.spec.OPTIMIZERS` to a configured
+optimizer."""
 
 from __future__ import annotations
 
@@ -9,57 +10,11 @@ from typing import Any, Sequence
 from torch import nn
 
 from leantune._validation import check_bool, check_choice, check_int, check_names, check_number, is_number
-from leantune.optim.apollo import APOLLOAdamW, APOLLOMini
 from leantune.optim.base import MOMENT_POLICIES
-from leantune.optim.conda import CondaAdamW
-from leantune.optim.fira import FiraAdamW
-from leantune.optim.galore_adafactor import GaLoreAdafactor
-from leantune.optim.galore_adamw import GaLoreAdamW
-from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
-from leantune.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
-from leantune.optim.natural_galore import NaturalGaLoreAdamW
 from leantune.optim.param_groups import make_param_groups
 from leantune.optim.projector_kinds import PROJECTOR_KINDS
 from leantune.optim.restarts import RESET_MOMENTS, low_rank_pairs
-
-
-@dataclass(frozen=True)
-class OptimizerSpec:
-    """What a name in :data:`OPTIMIZERS` builds: the class and the defaults of its projected group.
-
-    ``rank`` None means the method has no rank (Conda rotates into a full basis) and a rank given is refused, as is
-    another rank than a ``fixed_rank`` one (APOLLO-Mini is rank 1);
-    ``adam`` says whether Adam's betas/eps (and TrainingArguments' adam_*) apply.
-    """
-
-    cls: type
-    projector: str | None = "svd"
-    scale: float = 0.25
-    rank: int | None = 128
-    fixed_rank: bool = False
-    update_proj_gap: int = 200
-    options: dict[str, Any] = field(default_factory=dict)
-    adam: bool = True
-    summary: str = ""
-
-
-#: every optimizer name accepted by OptimizerConfig, the callback and optimizer_cls_and_kwargs
-OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "galore_adamw": OptimizerSpec(GaLoreAdamW, summary="GaLore: Adam in an SVD subspace"),
-    "galore_adamw8bit": OptimizerSpec(GaLoreAdamW8bit, summary="GaLore with 8-bit blockwise moments"),
-    "galore_adafactor": OptimizerSpec(GaLoreAdafactor, adam=False, summary="GaLore with factored Adafactor moments"),
-    "fira_adamw": OptimizerSpec(FiraAdamW, summary="GaLore + norm-scaled full-rank residual"),
-    "natural_galore_adamw": OptimizerSpec(NaturalGaLoreAdamW, summary="GaLore + Woodbury natural gradient"),
-    "dct_adamw": OptimizerSpec(GaLoreAdamW, "dct", 1.0, summary="GaLore with a shared DCT basis (no SVD)"),
-    "dct_fira_adamw": OptimizerSpec(FiraAdamW, "dct", 1.0, summary="Fira with a shared DCT basis"),
-    "rsvd_galore_adamw": OptimizerSpec(GaLoreAdamW, "rsvd", summary="GaLore with a randomized SVD"),
-    "apollo_adamw": OptimizerSpec(APOLLOAdamW, "random", 1.0, summary="APOLLO: channel-wise scaled SGD (rank r)"),
-    "apollo_mini": OptimizerSpec(APOLLOMini, "random", 128.0, rank=1, fixed_rank=True, summary="APOLLO-Mini: tensor-wise (rank 1)"),
-    "conda_adamw": OptimizerSpec(CondaAdamW, None, 1.0, rank=None, update_proj_gap=2000,
-                                 summary="Conda: column-normalized Adam (full-size state)"),
-    "gradnorm_lorp": OptimizerSpec(GradNormLoRPAdamW, summary="GradNormLoRP: weight-normalized GaLore"),
-    "gradnorm_lorp8bit": OptimizerSpec(GradNormLoRPAdamW8bit, summary="GradNormLoRP with 8-bit moments"),
-}
+from leantune.optim.spec import OPTIMIZERS, OptimizerSpec
 
 
 @dataclass

@@ -36,6 +36,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     implements torch-style Adam); eps defaults to 1e-8, weight_decay to 0.0."""
 
     state_keys = LowRankOptimizer.state_keys + ("state1", "state2", "absmax1", "absmax2")
+    eight_bit = True  # moments of >= 4096 numbers are 8-bit blocks (spec.py's state bytes read this)
 
     moment_keys = ("exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2")
     supports_rotate = False

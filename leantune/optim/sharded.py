@@ -35,7 +35,13 @@ from leantune.optim.projectors import Projector, compact_like
 from leantune.optim.svd import dots
 
 ROW_SHARDABLE_PROJECTORS = ("svd", "rsvd", "dct")
-SUPPORTED = "galore_adamw, galore_adamw8bit, fira_adamw, dct_adamw, dct_fira_adamw or rsvd_galore_adamw"
+#: names of the optimizers whose spec says row-shardable (filled by ``spec.py``, which sits above this module)
+ROW_SHARDABLE_OPTIMIZERS: list[str] = []
+
+
+def register_row_shardable(names: list[str]) -> None:
+    """Called once by :mod:`leantune.optim.spec` with the names its table marks row-shardable."""
+    ROW_SHARDABLE_OPTIMIZERS[:] = names
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,7 @@ def check_sharded_optimizer(optimizer: Any) -> None:
             continue
         if not getattr(optimizer, "row_shardable", False):
             raise ValueError(f"{name} on FSDP2-sharded parameters is not supported: its update needs statistics "
-                             "across all rows of the projected gradient. Use one of " + SUPPORTED +
+                             "across all rows of the projected gradient. Use one of " + ", ".join(ROW_SHARDABLE_OPTIMIZERS) +
                              " under FSDP2, or this optimizer under DDP.")
         if group["projector"] not in ROW_SHARDABLE_PROJECTORS:
             raise ValueError(f"{name}: projector {group['projector']!r} on FSDP2-sharded parameters is not supported; "

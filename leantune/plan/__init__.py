@@ -261,7 +261,7 @@ def _optimizer_state(net, name: str, options: dict[str, Any], trainable: list[to
     rank = options.get("rank", spec.rank)
     targets = find_target_weights(net, options.get("target_modules", "all-linear"))
     return optimizer_state_bytes(name, trainable, {id(p) for p in targets.values()}, rank=rank,
-                                 history_size=options.get("history_size", 4))
+                                 projector=options.get("projector"), options=options)
 
 
 def _gpu_bytes(gpu: str | float | None) -> int | None:

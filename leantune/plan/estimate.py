@@ -1,28 +1,20 @@
 """Closed-form byte counts of the parts the planner does not trace: weights (bitsandbytes bases included) and the
 optimizer state of every optimizer leantune offers, in the layouts ``optimizer_state_bytes`` measures.
 
-Per trainable tensor of n numbers in dtype size b, and per targeted m x n matrix (k = min(m, n), M = max(m, n),
-r = min(rank, k)):
-
-    AdamW (torch)            2·n·b + 4 (the fp32 step tensor)
-    8-bit AdamW (bnb)        n ≥ 4096: 2·(n + 4⌈n/256⌉) + 2·1024 (two qmaps per tensor); else 2·n·4
-    leantune, not targeted   2·n·b (8-bit optimizers: as 8-bit AdamW without the qmaps)
-    GaLore / Fira / rSVD     2·r·M·b + r·k·b  (Fira + 1 norm)        8-bit GaLore: moments 8-bit when r·M ≥ 4096
-    DCT                      2·r·M·b + 4·r, + one shared d x d basis per size d
-    Natural GaLore           GaLore + s·r·M·b (history, s = 4)
-    GaLore-Adafactor         fp32: r·M (first moment) + r + M (factored second moment) + r·k
-    APOLLO(-Mini)            2·r·M·b + b (the projection is regenerated from a seed)
-    Conda                    2·m·n·b + k²·b
-    GradNormLoRP             GaLore + 4·out·4 (magnitude, ‖V‖ and the magnitude's two moments, fp32)
+torch's AdamW: 2·n·b + 4 (the fp32 step tensor) per trainable tensor of n numbers in dtype size b;
+bitsandbytes' 8-bit AdamW: n ≥ 4096: 2·(n + 4⌈n/256⌉) + 2·1024 (two qmaps per tensor), else 2·n·4. leantune's
+optimizers: each one's :class:`~leantune.optim.spec.OptimizerSpec` (formulas in ``leantune/optim/spec.py``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
+
+from leantune.optim import OPTIMIZERS
 
 QUANT_BYTES = {  # bytes per weight of a quantized base linear (bnb defaults), and per output row
     "4bit": (0.5 + 4 / 64, 0),  # nf4 codes + an fp32 absmax per 64-block (no double quantization)
@@ -56,49 +48,19 @@ def weight_bytes(model: torch.nn.Module, quant: str | None) -> tuple[int, int]:
 
 
 def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor], targets: set[int], rank: int | None = None,
-                          history_size: int = 4) -> int:
-    """Predicted optimizer state (see module docstring) for trainable ``params``; ``targets`` holds the ids of the
-    projected matrices of low-rank optimizers."""
+                          projector: str | None = None, options: dict[str, Any] | None = None) -> int:
+    """Predicted optimizer state for trainable ``params``; ``targets`` holds the ids of the projected matrices.
+    ``adamw`` / ``adamw8bit`` are torch's and bitsandbytes' (module docstring); every other name is a leantune
+    optimizer and its bytes are its :class:`~leantune.optim.spec.OptimizerSpec`'s formula."""
     params = list(params)
     if name in ("adamw", "torch_adamw"):
         return sum(2 * p.numel() * p.element_size() + 4 for p in params)
     if name in ("adamw8bit", "bnb_adamw8bit"):
         return sum(2 * (p.numel() + 4 * math.ceil(p.numel() / 256)) + 2 * 1024 if p.numel() >= 4096
                    else 2 * p.numel() * 4 for p in params)
-    total = 0
-    dct_sizes: dict[int, int] = {}
-    for p in params:
-        b = p.element_size()
-        if id(p) not in targets or p.ndim != 2:
-            n = p.numel()
-            total += 2 * (n + 4 * math.ceil(n / 256)) if name.endswith("8bit") and n >= 4096 else 2 * n * b
-            continue
-        m, n = p.shape
-        k, M = min(m, n), max(m, n)
-        r = min(rank or 1, k)
-        if name == "conda_adamw":
-            total += 2 * m * n * b + k * k * b
-        elif name in ("apollo_adamw", "apollo_mini"):
-            r = 1 if name == "apollo_mini" else r
-            total += 2 * r * M * b + b
-        elif name == "galore_adafactor":
-            total += 4 * (r * M + r + M + r * k)
-        else:
-            moments = 2 * r * M * b
-            if name.endswith("8bit") and r * M >= 4096:
-                moments = 2 * (r * M + 4 * math.ceil(r * M / 256))
-            if name in ("dct_adamw", "dct_fira_adamw"):
-                total += moments + 4 * r
-                dct_sizes[k] = b
-                continue
-            total += moments + r * k * b
-            if name in ("fira_adamw",):
-                total += b
-            if name == "natural_galore_adamw":
-                total += history_size * r * M * b
-            if name.startswith("gradnorm_lorp"):
-                total += 4 * m * 4
-    total += sum(d * d * b for d, b in dct_sizes.items())
-    if name.endswith("8bit"):
-        total += 2 * 256 * 4  # the two shared quantization maps
-    return total
+    spec = OPTIMIZERS[name]
+    total = sum(spec.state_bytes(tuple(p.shape), rank, p.dtype, projected=id(p) in targets, projector=projector,
+                                 options=options) for p in params)
+    projected = [p for p in params if id(p) in targets and p.ndim == 2]
+    dtype = projected[0].dtype if projected else torch.float32
+    return total + spec.shared_bytes([tuple(p.shape) for p in projected], dtype, projector)

@@ -1,13 +1,13 @@
 """The support matrix through ``LeanTuneCallback`` + ``Trainer``, over a pairwise covering array of
 adapter × memory × kernels × optimizer × dtype × architecture (every pair of values of any two factors is run; the
-full product is ~8,600 cells). What each cell checks: ``tests/support_matrix.py``. ``python
+full product is ~8,600 cells). What each cell checks: ``leantune/testing/support_matrix.py``. ``python
 benchmarks/support_matrix.py`` runs the same cells and writes the README table."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.support_matrix import Cell, check, pairwise_cells
+from leantune.testing.support_matrix import Cell, check, pairwise_cells
 
 CELLS = pairwise_cells()
 
@@ -26,7 +26,7 @@ def expected_refusal(cell: Cell) -> str | None:
 def test_the_array_covers_every_pair():
     import itertools
 
-    from tests.support_matrix import FACTORS
+    from leantune.testing.support_matrix import FACTORS
 
     names = list(FACTORS)
     seen = {(a, getattr(c, a), b, getattr(c, b)) for c in CELLS for a, b in itertools.combinations(names, 2)}

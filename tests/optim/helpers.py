@@ -80,5 +80,4 @@ def rank_options(name: str, rank: int) -> dict:
     """``{"rank": rank}`` for optimizer names that take a rank (not Conda, not the rank-1 APOLLO-Mini)."""
     from leantune.optim import OPTIMIZERS
 
-    spec = OPTIMIZERS[name]
-    return {} if spec.rank is None or spec.fixed_rank else {"rank": rank}
+    return OPTIMIZERS[name].rank_options(rank)

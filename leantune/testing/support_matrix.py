@@ -9,7 +9,7 @@ it — ``LeanTuneCallback(...).setup(Trainer(...))`` — and checked:
 5. merge (``leantune merge``) and export to plain LoRA give the trained model's outputs, for adapters that merge.
 
 Used by ``tests/integrations/test_support_matrix.py`` (a pairwise covering array) and
-``benchmarks/support_matrix.py`` (writes the README table).
+``benchmarks/support_matrix.py`` (writes the support-matrix page).
 """
 
 from __future__ import annotations
@@ -23,18 +23,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import datasets
+import peft
 import torch
 import transformers as T
+from peft import PeftModel
+
+import leantune
+from leantune.integrations.interop import export_to_lora, merge_to_directory
+from leantune.memory import MemoryConfig
+from leantune.optim import OPTIMIZERS, OptimizerConfig
+from leantune.patching import restore_all
 
 FACTORS: dict[str, list[str]] = {
     "adapter": ["peft LoRA", "LoRA-XS", "LoRA-SB", "ALLoRA", "DyLoRA", "NOLA", "Bottleneck", "Compacter",
                 "Compacter++", "SLTrain", "LOST"],
     "memory": ["off", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "all"],
     "kernels": ["off", "on"],
-    "optimizer": ["adamw", "galore_adamw", "galore_adamw8bit", "galore_adafactor", "fira_adamw",
-                  "natural_galore_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw", "apollo_adamw",
-                  "apollo_mini", "conda_adamw", "gradnorm_lorp", "gradnorm_lorp8bit", "galore_adamw/layerwise",
-                  "galore_adamw/reset"],
+    # torch's AdamW, every entry of the optimizer spec table, and two modes of GaLore
+    "optimizer": ["adamw", *OPTIMIZERS, "galore_adamw/layerwise", "galore_adamw/reset"],
     "dtype": ["fp32", "bf16"],
     "arch": ["llama", "gpt2", "bert", "t5"],
 }
@@ -123,8 +130,6 @@ def tiny_model(arch: str, dtype: str) -> torch.nn.Module:
 
 
 def dataset(arch: str):
-    import datasets
-
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, 64, (8, 8), generator=g)
     if arch == "bert":
@@ -135,10 +140,6 @@ def dataset(arch: str):
 
 
 def adapter_config(name: str, arch: str):
-    import peft
-
-    import leantune
-
     task = TASK[arch]
     low = dict(r=4, target_modules="all-linear", task_type=task)
     if name == "peft LoRA":
@@ -168,8 +169,6 @@ def adapter_config(name: str, arch: str):
 
 
 def memory_config(name: str):
-    from leantune.memory import MemoryConfig
-
     if name == "off":
         return None
     if name == "all":
@@ -179,21 +178,15 @@ def memory_config(name: str):
 
 
 def optimizer_config(name: str):
-    from leantune.optim import OptimizerConfig
-
     if name == "adamw":
         return None
     base, _, mode = name.partition("/")
-    from tests.optim.helpers import rank_options
-
     restarts = {"reset_every": 2, "recovery_steps": 1} if mode == "reset" else {}
-    return OptimizerConfig(base, **rank_options(base, 2), update_proj_gap=2, layerwise=mode == "layerwise", **restarts)
+    return OptimizerConfig(base, **OPTIMIZERS[base].rank_options(2), update_proj_gap=2, layerwise=mode == "layerwise", **restarts)
 
 
 def make_trainer(cell: Cell, out: Path) -> T.Trainer:
     """``LeanTuneCallback(...).setup(Trainer(...))`` for ``cell``; raises :class:`Refused` if setup refuses."""
-    import leantune
-
     args = T.TrainingArguments(
         output_dir=str(out), max_steps=4, per_device_train_batch_size=4,
         learning_rate=LR.get(cell.adapter, 1e-2) * OPTIMIZER_LR.get(cell.optimizer, 1.0),
@@ -266,11 +259,6 @@ def _assert_same_function(patched: torch.Tensor, plain: torch.Tensor, model, bat
 
 def run_cell(cell: Cell, tmp: Path) -> dict[str, Any]:
     """Run every check of the module docstring for ``cell``; returns what was checked (raises on a failure)."""
-    from peft import PeftModel
-
-    from leantune.integrations.interop import export_to_lora, merge_to_directory
-    from leantune.patching import restore_all
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         full = make_trainer(cell, tmp / "full")
