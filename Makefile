@@ -17,7 +17,7 @@ COMPAT_TESTS := tests/adapters tests/integrations/test_cli.py tests/integrations
 	tests/integrations/test_support_matrix.py tests/patching tests/plan tests/memory tests/optim/test_exactness.py \
 	tests/optim/test_optimizers.py tests/optim/test_svd_signs.py tests/distributed/test_ddp.py tests/test_script_names.py
 
-.PHONY: demo test test-slow test-kernels test-compat install bench-deps clean
+.PHONY: demo test test-slow test-kernels test-compat install bench-deps docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
 
+# the documentation site (docs/, mkdocs.yml) into site/; `make test` builds it too (tests/test_docs.py, --strict)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 test-compat: $(COMPAT_VENV)/.installed
 	$(COMPAT_VENV)/bin/python -m pip list 2>/dev/null | grep -E "^(transformers|peft|accelerate|bitsandbytes|datasets|safetensors) "
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(COMPAT_VENV)/bin/python -m pytest -q $(COMPAT_TESTS)
@@ -59,4 +63,4 @@ bench-deps: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[bench]"
 
 clean:
-	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info
+	rm -rf $(VENV) $(COMPAT_VENV) build site *.egg-info

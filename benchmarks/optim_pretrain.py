@@ -130,7 +130,7 @@ def make_optimizer(spec: object, model: torch.nn.Module, lr: float, steps: int):
         from adam_mini import Adam_mini
 
         opt = Adam_mini(model.named_parameters(), lr=lr, dim=D, n_heads=HEADS, n_kv_heads=HEADS, verbose=False)
-        opt.wv_names = {}  # the README's advice for runs under 10-20K steps
+        opt.wv_names = {}  # Adam-mini's advice for runs under 10-20K steps
         return opt
     if spec == "badam":
         from badam import BlockOptimizer

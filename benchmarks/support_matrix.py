@@ -1,4 +1,4 @@
-"""Run the support matrix and write its table (``benchmarks/results/support_matrix.md`` and the README section).
+"""Run the support matrix and write its table (``benchmarks/results/support_matrix.md``, shown on the docs' support-matrix page).
 
 Every cell is ``LeanTuneCallback(adapter, optimizer, memory, kernels).setup(Trainer(...))`` on a tiny model of the
 architecture, trained 4 steps, resumed from step 2, its forward compared with the unpatched model and, for mergeable

@@ -44,7 +44,7 @@ class DyLoRAConfig(LowRankConfig):
 
     Training budget: at sampled rank b the scale is α/b, up to r× LoRA's α/r (b = 1), and in ``frozen`` mode each
     component trains on about 1/(r − r_min + 1) of the steps. Choose DyLoRA when one adapter must serve several
-    ranks; at LoRA's learning rate and step count it can be unstable (README, adapter quality: at 2e-3, MiniLM,
+    ranks; at LoRA's learning rate and step count it can be unstable (docs/results/quality.md: at 2e-3, MiniLM,
     200 steps, one seed in three fell to 43% and a 600-step run to chance, against LoRA's 58%), at a quarter of that
     rate it underfits — give it a lower rate and more steps than LoRA, or ``frozen=False`` (steadier).
     """

@@ -176,7 +176,7 @@ def estimate_first_step(
         if not isinstance(module, (nn.Linear, Conv1D)) or not module.weight.dtype.is_floating_point:
             raise TypeError(
                 f"LoRA-SB needs full-precision gradients, but {name} is a {type(module).__name__}. Estimate the "
-                "initialisation on the unquantized model, then quantize (see the README)."
+                "initialisation on the unquantized model, then quantize (docs/methods/adapters.md)."
             )
     flags = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     was_training = model.training

@@ -43,7 +43,15 @@ QMAP_BYTES = 2 * 256 * 4  # bitsandbytes' two dynamic quantization maps (fp32, 2
 
 
 def moment_bytes(n: int, b: int, eight_bit: bool) -> int:
-    """Two Adam moments of ``n`` numbers: in the dtype, or 8-bit blockwise (256-blocks, fp32 scales) from 4096 on."""
+    """Two Adam moments of ``n`` numbers: in the dtype, or 8-bit blockwise (256-blocks, fp32 scales) from 4096 on.
+
+    >>> moment_bytes(1024 * 4096, 2, eight_bit=False)   # bf16: 2 bytes per number, two moments
+    16777216
+    >>> moment_bytes(1024 * 4096, 2, eight_bit=True)    # 1 byte per number + one fp32 scale per 256
+    8519680
+    >>> moment_bytes(100, 4, eight_bit=True)            # below 4096 numbers bitsandbytes keeps fp32
+    800
+    """
     return 2 * (n + 4 * math.ceil(n / 256)) if eight_bit and n >= 4096 else 2 * n * b
 
 
@@ -106,7 +114,17 @@ class OptimizerSpec:
     def state_bytes(self, shape: tuple[int, ...], rank: int | None, dtype: torch.dtype, projected: bool = True,
                     projector: str | None = None, options: dict[str, Any] | None = None) -> int:
         """Bytes this optimizer keeps for one trainable tensor of ``shape`` in ``dtype`` (module docstring), without
-        the per-optimizer shared tensors (:meth:`shared_bytes`); ``options``: the optimizer's keyword options."""
+        the per-optimizer shared tensors (:meth:`shared_bytes`); ``options``: the optimizer's keyword options.
+
+        >>> import torch
+        >>> spec = OPTIMIZERS["galore_adamw"]
+        >>> spec.state_bytes((4096, 11008), 1024, torch.bfloat16)  # moments 2·r·M·b + basis r·k·b
+        53477376
+        >>> 2 * 1024 * 11008 * 2 + 1024 * 4096 * 2
+        53477376
+        >>> spec.state_bytes((4096,), 1024, torch.bfloat16)        # a vector: plain Adam, 2·n·b
+        16384
+        """
         b = torch.empty((), dtype=dtype).element_size()
         options = {"scale": self.scale, **(options or {})}
         numel = math.prod(shape)

@@ -81,7 +81,15 @@ class Plan:
 
 
 def parse_spec(spec: str | None) -> tuple[str | None, dict[str, Any]]:
-    """``"name:key=value,key=value"`` → ``(name, {key: value})`` with ints, floats, bools and lists (a|b) parsed."""
+    """``"name:key=value,key=value"`` → ``(name, {key: value})`` with ints, floats, bools and lists (a|b) parsed.
+
+    >>> parse_spec("galore_adamw8bit:rank=1024,layerwise=true")
+    ('galore_adamw8bit', {'rank': 1024, 'layerwise': True})
+    >>> parse_spec("lora:r=16,target_modules=q_proj|v_proj,lora_alpha=32.0")
+    ('lora', {'r': 16, 'target_modules': ['q_proj', 'v_proj'], 'lora_alpha': 32.0})
+    >>> parse_spec("none")
+    (None, {})
+    """
     if spec is None or spec in ("", "none"):
         return None, {}
     name, _, rest = spec.partition(":")

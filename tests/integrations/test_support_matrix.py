@@ -1,7 +1,7 @@
 """The support matrix through ``LeanTuneCallback`` + ``Trainer``, over a pairwise covering array of
 adapter × memory × kernels × optimizer × dtype × architecture (every pair of values of any two factors is run; the
 full product is ~8,600 cells). What each cell checks: ``leantune/testing/support_matrix.py``. ``python
-benchmarks/support_matrix.py`` runs the same cells and writes the README table."""
+benchmarks/support_matrix.py`` runs the same cells and writes the support-matrix table."""
 
 from __future__ import annotations
 
