@@ -16,8 +16,12 @@ W ← W − η_t (α back(N) + S); **DCT-AdamW** passes ``proj = Q[:, idx]ᵀ`` 
 ``Q[:, idx]`` (left), ``scale=1``, ``eps_mode="torch"`` (N = m / (√v + ε√(1−β2^t)), the torch.optim.AdamW form)
 and ``weight_decay_mode="before"`` (W ← W − η·wd·W first).
 
-States are fp32 tensors shaped like R. The torch path of the optimizers (``leantune.optim``) is the reference;
-this kernel is the CUDA implementation of its "moments + direction + back-projection + update" part.
+States are fp32 tensors shaped like R. The optimizers' readable rule (``GaLoreAdamW.readable``: the formula as
+written) is the reference; this kernel is its CUDA twin for "moments + direction + back-projection + update", picked
+by ``GaLoreAdamW.path`` and tested against the readable rule (``tests/kernels/test_optimizer_step.py``).
+:func:`reference_galore_adam_step` is the kernel's own contract in plain torch (fp32, the kernel's arguments): the
+oracle of the Triton kernel's unit tests and the CPU fallback of a direct :func:`fused_galore_adam_step` call; the
+optimizers never call it.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from leantune._utils import channel_norms
 from leantune.optim.base import LowRankOptimizer
 from leantune.optim.fira import growth_limiter, limit_norm_growth
 from leantune.optim.galore_adamw import GaLoreAdamW, apply_update
-from leantune.optim.projectors import Projector
+from leantune.optim.step import ParamStep
 
 SCALE_TYPES = ("channel", "tensor")
 
@@ -78,13 +78,13 @@ class APOLLOAdamW(GaLoreAdamW):
             raise ValueError(f"param group {index}: scale={group['scale']} must be >= 0 (the step is multiplied by its "
                              "square root)")
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
-               projector: Projector | None) -> None:
-        if projector is None:
-            return super().update(p, grad, state, group, None)  # plain AdamW
-        R = self.project(projector, grad)
+    def update(self, s: ParamStep) -> None:
+        if s.P is None:
+            return super().update(s)  # plain AdamW
+        p, grad, state, group = s.W, s.G, s.state, s.group
+        R = self.project(s.P, grad, shard=s.shard)
         state["step"] += 1
-        N, step_size = self.direction(R, state, group)  # Adam on R: N = M / (√V + ε)
+        N, step_size = self.direction(R, state, group, s.shard)  # Adam on R: N = M / (√V + ε)
         s = scaling_factor(N, R, group["scale_type"], fast=not group["reference_adam"])
         alpha = math.sqrt(group["scale"])
         if group["reference_adam"]:  # apollo-torch's op order (bitwise parity)

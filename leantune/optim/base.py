@@ -9,7 +9,8 @@ projected, everything else in the same optimizer gets the plain (full-rank) upda
 galore-torch / fira; None, the default: "lapack" with ``reference_adam`` / ``reference_order``, else "aligned"),
 ``max_grad_norm_per_param`` (clip each parameter's gradient by its own norm; None = off).
 
-Subclasses implement :meth:`LowRankOptimizer.update` (their update rule for one parameter).
+Subclasses implement :meth:`LowRankOptimizer.update` (their update rule for one parameter, given a
+:class:`~leantune.optim.step.ParamStep`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from leantune.optim.sharded import (
     norm_over_rows,
     row_shard,
 )
+from leantune.optim.step import ParamStep
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
 
@@ -89,7 +91,9 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             for p in group["params"]:
                 self._param_seed[p] = len(self._param_seed)
         self.restarts = None  # momentum reset / refactorization cycles (enable_restarts)
-        self._shard = None  # the RowShard of the FSDP2 parameter being updated (None: a whole tensor)
+        #: tests and benchmarks: compute every projected step by this path (a name of :meth:`path`'s rule) instead
+        #: of the one the rule picks; None in normal use
+        self.force_path: str | None = None
         self._init_layerwise(layerwise, accumulation_steps)
         check_sharded_optimizer(self)
 
@@ -213,24 +217,19 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
 
         A projected parameter's gradient is not scanned here: a NaN/inf in G reaches its projection R, which
         :meth:`project` checks (r x max(m, n) instead of m x n numbers); refresh steps check G before the SVD."""
-        shard = row_shard(p)
-        if shard is not None:  # FSDP2: the update runs on this rank's rows (sharded.py)
-            self._shard = shard
-            try:
-                return self._step_local(p, local(p), group, finite)
-            finally:
-                self._shard = None
-        return self._step_local(p, p, group, finite)
+        shard = row_shard(p)  # FSDP2: the update runs on this rank's rows (sharded.py)
+        return self._step_local(p, p if shard is None else local(p), group, finite, shard)
 
-    def _step_local(self, key: torch.Tensor, p: torch.Tensor, group: dict[str, Any], finite: bool | None) -> None:
-        """:meth:`_step_param` on ``p`` (``key``'s tensor, or its rows on this rank; ``key`` owns the state)."""
-        shard = self._shard
+    def _step_local(self, key: torch.Tensor, p: torch.Tensor, group: dict[str, Any], finite: bool | None,
+                    shard: Any) -> None:
+        """:meth:`_step_param` on ``p`` (``key``'s tensor, or its rows ``shard`` on this rank; ``key`` owns the
+        state)."""
         grad = local(key.grad)
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)}).")
         projected = self.is_low_rank(group, key)
         if finite is None and not projected:  # per-layer mode, or a projected group's plain parameter
-            finite = self._all_ranks(torch.isfinite(grad).all())
+            finite = self._all_ranks(torch.isfinite(grad).all(), shard)
         if finite is False:
             return self._skip(key)
         grad = self.working_grad(grad)
@@ -260,24 +259,26 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
                     return
         state.setdefault("step", 0)
         try:
-            self.update(p, grad, state, group, projector)
+            self.update(ParamStep(p, grad, state, group, projector, shard))
         except _NonFiniteProjection:
             self._skip(key)
 
-    def _all_ranks(self, flag: torch.Tensor) -> bool:
-        """A finiteness decision every rank of the current FSDP2 shard agrees on (``flag`` itself otherwise)."""
-        return bool(flag if self._shard is None else all_ranks_true(flag.reshape(1), self._shard))
+    @staticmethod
+    def _all_ranks(flag: torch.Tensor, shard: Any) -> bool:
+        """A finiteness decision every rank of ``shard`` agrees on (``flag`` itself for a whole tensor)."""
+        return bool(flag if shard is None else all_ranks_true(flag.reshape(1), shard))
 
-    def project(self, projector: Projector, X: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def project(self, projector: Projector, X: torch.Tensor, rows: torch.Tensor | None = None,
+                shard: Any = None) -> torch.Tensor:
         """R = projector.project(diag(rows) X), refused (the parameter skipped) when it holds NaN/inf: call it
-        before the update changes any state."""
+        before the update changes any state. ``shard``: the FSDP2 rows being updated (all ranks decide alike)."""
         R = projector.project(X, rows=rows)
         # one reduction instead of isfinite's four passes; a non-finite sum (NaN/inf inside, or an overflow of the
         # sum itself) is confirmed element-wise
         total = R.sum(dtype=torch.float64 if R.dtype == torch.float64 else torch.float32)
         finite = bool(torch.isfinite(total)) or bool(torch.isfinite(R).all())
-        if self._shard is not None and projector.state.get("proj_right", False):  # R's rows are spread over ranks
-            finite = self._all_ranks(torch.tensor(finite))  # all skip or none
+        if shard is not None and projector.state.get("proj_right", False):  # R's rows are spread over ranks
+            finite = self._all_ranks(torch.tensor(finite), shard)  # all skip or none
         if not finite:
             raise _NonFiniteProjection
         return R
@@ -296,9 +297,8 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         """The gradient as the update rule (and the projector refresh) sees it (identity; Adafactor: fp32)."""
         return grad
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
-               projector: Projector | None) -> None:  # pragma: no cover - abstract
-        """The optimizer's update rule for one parameter (``projector`` None: a full-rank parameter)."""
+    def update(self, s: ParamStep) -> None:  # pragma: no cover - abstract
+        """The optimizer's update rule for one parameter (``s.P`` None: a full-rank parameter)."""
         raise NotImplementedError
 
     def _refresh(self, projector: Projector, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> bool:

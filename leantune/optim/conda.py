@@ -27,8 +27,15 @@ from typing import Any, Iterable
 import torch
 
 from leantune.optim.base import LowRankOptimizer
-from leantune.optim.galore_adamw import (GaLoreAdamW, adam_normalize, apply_update, check_betas, init_moments,
-                                         resolve_eps)
+from leantune.optim.galore_adamw import (
+    GaLoreAdamW,
+    adam_normalize,
+    apply_update,
+    check_betas,
+    init_moments,
+    resolve_eps,
+)
+from leantune.optim.step import ParamStep
 from leantune.optim.svd import thin_svd
 
 
@@ -67,10 +74,10 @@ class CondaAdamW(GaLoreAdamW):
             raise ValueError(f"param group {index}: update_proj_gap must be an integer >= 1")
         self._labelled(index, group)  # only matrices
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
-               projector: Any) -> None:
+    def update(self, s: ParamStep) -> None:
+        p, grad, state, group = s.W, s.G, s.state, s.group
         if "rank" not in group or p.ndim != 2:
-            return super().update(p, grad, state, group, None)  # plain AdamW
+            return super().update(s)  # plain AdamW
         init_moments(grad, state)
         beta1, beta2 = group["betas"]
         M, V = state["exp_avg"], state["exp_avg_sq"]

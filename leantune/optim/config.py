@@ -14,7 +14,7 @@ from leantune.optim.base import MOMENT_POLICIES
 from leantune.optim.param_groups import make_param_groups
 from leantune.optim.projector_kinds import PROJECTOR_KINDS
 from leantune.optim.restarts import RESET_MOMENTS, low_rank_pairs
-from leantune.optim.spec import OPTIMIZERS, OptimizerSpec
+from leantune.optim.spec import OPTIMIZERS
 
 
 @dataclass

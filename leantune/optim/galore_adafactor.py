@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from leantune.optim.base import LowRankOptimizer
+from leantune.optim.step import ParamStep
 
 
 def _rms(x: torch.Tensor) -> torch.Tensor:
@@ -109,8 +110,9 @@ class GaLoreAdafactor(LowRankOptimizer):
         projects, the fp32 gradient."""
         return grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
 
-    def update(self, p, grad, state, group, projector) -> None:
-        R = self.project(projector, grad) if projector is not None else grad
+    def update(self, s: ParamStep) -> None:
+        p, grad, state, group, projector = s.W, s.G, s.state, s.group, s.P
+        R = self.project(projector, grad, shard=s.shard) if projector is not None else grad
         factored = R.ndim >= 2
         if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
             if group["beta1"] is not None:

@@ -14,9 +14,11 @@ Two arithmetic modes:
   bias correction folded into the step size eta_t = eta sqrt(bc2)/bc1, decay W <- W - eta wd W applied *after*
   the update, eps default 1e-6.  With this flag and fp32 the results match galore-torch bitwise.
 
-On CUDA "moments + direction + back-projection + update" runs as one fused Triton kernel
-(``leantune.kernels.optimizer_step``; same arithmetic, an alternative implementation of those lines of
-:meth:`GaLoreAdamW.update`; switch off with ``leantune.kernels.set_enabled(None, disable=["galore_adam_step"])``).
+How a step is computed is one explicit rule (:meth:`GaLoreAdamW.path`) over three twins of the same formula, each
+tested against the readable one (``tests/optim/test_paths.py``): ``readable`` (the formula as written; the
+references' arithmetic always runs it), ``gemm`` (the default on CPU: decay, back-projection and update as one GEMM
+into W) and ``fused`` (CUDA: one Triton kernel, ``leantune.kernels.optimizer_step``; switch off with
+``leantune.kernels.set_enabled(None, disable=["galore_adam_step"])``).
 
 Moments are kept when P is refreshed (as in every reference code base) unless ``moment_policy`` says otherwise.
 Parameters of groups without ``rank`` get the same Adam without projection.
@@ -31,7 +33,7 @@ import torch
 
 from leantune.kernels.dispatch import kernel_for
 from leantune.optim.base import LowRankOptimizer
-from leantune.optim.projectors import Projector
+from leantune.optim.step import ParamStep
 
 
 def resolve_eps(eps: float | None, reference_adam: bool) -> float:
@@ -153,30 +155,72 @@ class GaLoreAdamW(LowRankOptimizer):
     #: whether the fused Triton kernel may implement "moments + direction + back-projection + update" for this class
     fusable = True
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
-               projector: Projector | None) -> None:
-        """One step for ``p``, in the paper's order (module docstring): project, then moments → direction →
-        back-projection → update with decoupled decay, by the torch code below or its fused kernel twin."""
-        R = grad if projector is None else self.precondition(self.project(projector, grad), state, group)
-        state["step"] += 1
-        kernel = kernel_for("galore_adam_step", p, grad) if self.fusable and projector is not None \
-            and projector.one_sided and p.is_contiguous() else None
-        if kernel is not None:
-            init_moments(R, state)
-            self._fused_update(kernel, p, grad, R, state, group, projector)
-            return
-        N, step_size = self.direction(R, state, group)  # m, v ← Adam moments of R;  N = m̂ / (√v̂ + ε)
-        if projector is None:
-            apply_update(p, N, step_size, group)
-            return
-        if group["reference_adam"]:  # the references' op order (bitwise parity): back-project, add, update, decay
-            residual = self.residual(grad, R, N, state, group, projector)
-            update = projector.project_back(N)
-            apply_update(p, update if isinstance(residual, float) else update + residual, step_size, group)
-            return
-        self.add_update(p, grad, R, N, state, group, projector, step_size)
+    # ---- the update rule --------------------------------------------------------------------------------------
+    def update(self, s: ParamStep) -> None:
+        """One step for ``s.W`` in the paper's order (module docstring): R = project(G), then the moments, the
+        direction and the weight update, computed by the path :meth:`path` picks (all compute the same formula)."""
+        s.R = s.G if s.P is None else self.precondition(self.project(s.P, s.G, shard=s.shard), s.state, s.group)
+        s.state["step"] += 1
+        path = self.path(s)
+        if path == "fused":
+            init_moments(s.R, s.state)
+            return self.fused(s)
+        s.N, s.step_size = self.direction(s.R, s.state, s.group, s.shard)  # m, v ← Adam of R; N = m̂ / (√v̂ + ε)
+        getattr(self, path)(s)
 
-    def direction(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    def readable(self, s: ParamStep) -> None:
+        """The rule's last line as written: W ← W − η_t (α back(N) + S), decoupled decay before it (torch's AdamW)
+        or after it (``reference_adam``: galore-torch's order, bitwise). S = :meth:`residual` (none for GaLore)."""
+        if s.P is None:
+            return apply_update(s.W, s.N, s.step_size, s.group)
+        S = self.residual(s)
+        update = s.P.project_back(s.N)
+        apply_update(s.W, update if S is None else update + S, s.step_size, s.group)
+
+    def gemm(self, s: ParamStep) -> None:
+        """Fast twin of :meth:`readable` (default arithmetic): decay, back-projection and update as one GEMM into W
+        (``addmm``: no full-size temporary; rounds differently from forming α back(N)), then W ← W − η S."""
+        s.P.add_back(s.W, s.N, alpha=-s.step_size, beta=1.0 - s.group["lr"] * s.group["weight_decay"])
+        S = self.residual(s)
+        if S is not None:
+            s.W.add_(S, alpha=-s.step_size)
+
+    def fused(self, s: ParamStep) -> None:
+        """Fast twin on CUDA: "moments + direction + back-projection + update" as one pass over W
+        (``leantune.kernels.optimizer_step``, fp32 arithmetic; R, the down-projection, stays a library GEMM)."""
+        reference = s.group["reference_adam"]
+        kernel_for("galore_adam_step", s.W, s.G)(
+            s.W, s.G, s.P.matrix(), s.state["exp_avg"], s.state["exp_avg_sq"],
+            step=s.state["step"], lr=s.group["lr"], betas=s.group["betas"], eps=s.group["eps"],
+            weight_decay=s.group["weight_decay"], scale=s.P.scale,
+            side="right" if s.state["proj_right"] else "left", correct_bias=s.group["correct_bias"],
+            eps_mode="hf" if reference else "torch", weight_decay_mode="after" if reference else "before",
+            residual=self.fused_residual(s), projected=s.R,
+        )  # fmt: skip
+
+    #: the paths :meth:`path` may pick; each computes :meth:`readable`'s formula (``tests/optim/test_paths.py``)
+    paths: tuple[str, ...] = ("readable", "gemm", "fused")
+
+    def path(self, s: ParamStep) -> str:
+        """THE rule that picks how this step is computed: the readable rule for full-rank parameters; the fused
+        kernel where one is registered for these tensors (CUDA + Triton, a contiguous W, a one-sided projector; it
+        has both arithmetic modes); else the readable rule for the references' arithmetic (``reference_adam``:
+        bitwise parity with galore-torch / fira) and the GEMM twin for the default one. ``force_path`` (tests,
+        benchmarks) overrides it."""
+        if self.force_path is not None and s.P is not None:
+            if self.force_path not in self.paths:
+                raise ValueError(f"force_path={self.force_path!r}: {type(self).__name__} computes by {self.paths}")
+            return self.force_path
+        if s.P is None:
+            return "readable"
+        if self.fusable and s.P.one_sided and s.W.is_contiguous() and \
+                kernel_for("galore_adam_step", s.W, s.G) is not None:
+            return "fused"
+        return "readable" if s.group["reference_adam"] else "gemm"
+
+    # ---- hooks of the family (defaults: GaLore's) ---------------------------------------------------------------
+    def direction(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                  shard: Any = None) -> tuple[torch.Tensor, float]:
         """Adam on R: update the moments (created at the first step) and return ``(N, step size)``
         (8-bit optimizers keep the moments as bitsandbytes codes instead)."""
         init_moments(R, state)
@@ -186,36 +230,11 @@ class GaLoreAdamW(LowRankOptimizer):
         """Transform of the projected gradient before Adam (identity; Natural GaLore: F⁻¹ R)."""
         return R
 
-    def residual(self, grad, R, N, state, group, projector) -> torch.Tensor | float:
-        """Full-rank term S added to the back-projected update (0; Fira: its scaled residual)."""
-        return 0.0
+    def residual(self, s: ParamStep) -> torch.Tensor | None:
+        """Full-rank term S added to the back-projected update (None; Fira: its scaled, limited residual)."""
+        return None
 
-    def add_update(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
-        """W ← (1 − η wd) W − η_t (α back(N) + S) in the default arithmetic: one GEMM into W (no full-size
-        temporary), then the residual if any (:meth:`add_residual`; a subclass may merge the two)."""
-        projector.add_back(p, N, alpha=-step_size, beta=1.0 - group["lr"] * group["weight_decay"])
-        self.add_residual(p, grad, R, N, state, group, projector, step_size)
-
-    def add_residual(self, p, grad, R, N, state, group, projector, step_size: float) -> None:
-        """W ← W − η_t S for :meth:`residual`'s S, in the default arithmetic (a subclass may fuse it)."""
-        residual = self.residual(grad, R, N, state, group, projector)
-        if not isinstance(residual, float):
-            p.add_(residual, alpha=-step_size)
-
-    def _fused_update(self, kernel, p, grad, R, state, group, projector: Projector) -> None:
-        """The same "moments + direction + back-projection + update" as one pass over W
-        (``leantune.kernels.optimizer_step``; R, the down-projection, stays a library GEMM)."""
-        reference = group["reference_adam"]
-        kernel(
-            p, grad, projector.matrix(), state["exp_avg"], state["exp_avg_sq"],
-            step=state["step"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
-            weight_decay=group["weight_decay"], scale=projector.scale,
-            side="right" if state["proj_right"] else "left", correct_bias=group["correct_bias"],
-            eps_mode="hf" if reference else "torch", weight_decay_mode="after" if reference else "before",
-            residual=self.fused_residual(grad, R, state, group, projector), projected=R,
-        )  # fmt: skip
-
-    def fused_residual(self, grad, R, state, group, projector) -> torch.Tensor | None:
+    def fused_residual(self, s: ParamStep) -> torch.Tensor | None:
         """:meth:`residual` in the kernel's units (W ← W − η_t (α back(N) + S)), computed before the kernel updates
         the moments; None when there is none."""
         return None

@@ -73,11 +73,12 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             group["eps"], state["step"], lr, q1, q2, state["absmax1"], state["absmax2"], weight_decay=weight_decay,
         )
 
-    def direction(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> tuple[torch.Tensor, float]:
+    def direction(self, R: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
+                  shard: Any = None) -> tuple[torch.Tensor, float]:
         """Adam on R with 8-bit blockwise moments (bitsandbytes, lr 1 and no decay into a buffer: the buffer is −N);
         tensors below ``min_8bit_size`` keep fp32 moments, as bitsandbytes does."""
-        numel = R.numel() if self._shard is None or not state.get("proj_right") else \
-            self._shard.full_shape[0] * R.shape[1]  # FSDP2: decide by the whole R, the same on every rank
+        numel = R.numel() if shard is None or not state.get("proj_right") else \
+            shard.full_shape[0] * R.shape[1]  # FSDP2: decide by the whole R, the same on every rank
         if numel < group["min_8bit_size"]:
             return super().direction(R, state, group)
         if "state1" not in state:

@@ -28,7 +28,7 @@ from leantune._utils import upcast
 from leantune.optim.base import LowRankOptimizer
 from leantune.optim.galore_adamw import GaLoreAdamW, adam_normalize, apply_update
 from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
-from leantune.optim.projectors import Projector
+from leantune.optim.step import ParamStep
 
 WN_KEYS = ("wn_g", "wn_nu", "wn_g_exp_avg", "wn_g_exp_avg_sq")
 
@@ -78,19 +78,19 @@ class GradNormLoRPAdamW(GaLoreAdamW):
         _, X, a, _ = weight_norm_grads(p, grad, *self._magnitudes(p, state))
         return X.mul_(a[:, None]).to(grad.dtype)  # ∇V, the subspace's source at a refresh
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
-               projector: Projector | None) -> None:
-        if projector is None:
-            return super().update(p, grad, state, group, None)  # plain AdamW
+    def update(self, s: ParamStep) -> None:
+        if s.P is None:
+            return super().update(s)  # plain AdamW
+        p, grad, state, group, projector = s.W, s.G, s.state, s.group, s.P
         g, nu = self._magnitudes(p, state)
         grad_g, X, a, steepest = weight_norm_grads(p, grad, g, nu)
-        R = self.project(projector, X.to(grad.dtype), rows=a)  # project(∇V); a non-finite R skips the parameter
+        R = self.project(projector, X.to(grad.dtype), rows=a, shard=s.shard)  # project(∇V); a non-finite R skips the parameter
         del X
         if "wn_g" not in state:
             state["wn_g"], state["wn_nu"] = g, nu
             state["wn_g_exp_avg"], state["wn_g_exp_avg_sq"] = torch.zeros_like(g), torch.zeros_like(g)
         state["step"] += 1
-        N, step_size = self.direction(R, state, group)  # ρ: Adam (or 8-bit Adam) on the projected ∇V
+        N, step_size = self.direction(R, state, group, s.shard)  # ρ: Adam (or 8-bit Adam) on the projected ∇V
         zero = g == 0
         if steepest is not None:  # a zero row has no V = (ν/g) W to recover: form V and take its direction there
             V = upcast(p) * (nu / torch.where(zero, torch.ones_like(g), g))[:, None]

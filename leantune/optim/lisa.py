@@ -14,6 +14,8 @@ Sampling uses a generator seeded by (seed, switch index), so a resumed run sampl
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from transformers import TrainerCallback

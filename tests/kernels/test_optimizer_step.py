@@ -109,7 +109,7 @@ def test_dispatch_and_errors():
 # ---- the optimizers call the fused step (Triton in the interpreter here, as on CUDA) and match their torch path
 
 
-def _run_optimizer(cls, fused: bool, steps: int = 4, **kwargs):
+def _run_optimizer(cls, fused: bool, steps: int = 4, force_path: str | None = None, **kwargs):
     from leantune.kernels import dispatch, force_triton
 
     torch.manual_seed(0)
@@ -118,6 +118,7 @@ def _run_optimizer(cls, fused: bool, steps: int = 4, **kwargs):
     bias = torch.nn.Parameter(torch.randn(24))
     groups = [{"params": [tall, wide], "rank": 4, "update_proj_gap": 2, "scale": 0.5}, {"params": [bias]}]
     opt = cls(groups, lr=1e-2, weight_decay=0.1, **kwargs)
+    opt.force_path = force_path
     calls = []
     original = dispatch._KERNELS["galore_adam_step"]
 
@@ -169,3 +170,18 @@ def test_natural_galore_keeps_its_torch_path():
 
     _, calls = _run_optimizer(lo.NaturalGaLoreAdamW, fused=True, steps=2)
     assert calls == []
+
+
+@pytest.mark.parametrize("cls_name,kwargs", [("GaLoreAdamW", {}), ("GaLoreAdamW", {"reference_adam": True}),
+                                             ("FiraAdamW", {}), ("GaLoreAdamW", {"projector": "dct"})])
+def test_fused_path_equals_the_readable_rule(cls_name, kwargs):
+    """The kernel twin against the optimizer's readable rule (its docstring's formula as written), fp32: to rounding
+    (the kernel computes in fp32 with another operation order)."""
+    import leantune.optim as lo
+
+    cls = getattr(lo, cls_name)
+    fused, calls = _run_optimizer(cls, fused=True, **kwargs)
+    readable, readable_calls = _run_optimizer(cls, fused=True, force_path="readable", **kwargs)
+    assert len(calls) == 8 and readable_calls == []
+    for a, b in zip(fused, readable):
+        assert_close(a, b, torch.float32, factor=5)

@@ -258,14 +258,11 @@ def test_adam_settings_refused_for_adafactor():
 def _fira_run(projector: str, gamma: float, dtype: torch.dtype, steps: int, merged: bool, monkeypatch,
               state: dict | None = None, scale: float = 0.25):
     """A model trained ``steps`` steps by default-arithmetic Fira, merged update or S₀ formed (from ``state``)."""
-    import leantune.optim.fira as fira_module
-
-    if not merged:
-        monkeypatch.setattr(fira_module, "ORTHONORMAL_KINDS", ())
     model = make_net().to(dtype)
     groups = make_param_groups(model, target_modules=TARGETS, rank=4, update_proj_gap=4, scale=scale,
                                projector=projector, weight_decay=0.1)
     opt = FiraAdamW(groups, lr=1e-2, gamma=gamma)
+    opt.force_path = "merged" if merged else "gemm"  # the two twins, chosen explicitly
     data = [(x.to(dtype), y.to(dtype)) for x, y in batches(10)]
     if state is not None:
         model.load_state_dict(state["model"])

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional, Union
 
 from peft.config import PeftConfig
+from transformers.activations import ACT2FN
 
 from leantune._validation import check_bool, check_choice, check_int, check_number
-from transformers.activations import ACT2FN
 
 from ..registration import LeanTuneType
 from ..tuner_base import check_module_selection, normalize_module_selection

@@ -24,7 +24,6 @@ from transformers.pytorch_utils import Conv1D
 from .config import BottleneckConfig
 from .phm import PHMLinear
 
-
 MERGE_REFUSAL = (
     "Bottleneck/Compacter adapters compute y + U f(D y) with a nonlinearity f, which no weight matrix can "
     "represent, so they cannot be merged into the base layer. Keep the adapter unmerged (it adds one small "
