@@ -6,7 +6,7 @@ basis), so that moments kept (``moment_policy="keep"``, the default) or rotated 
 before and after it. galore-torch keeps LAPACK's raw signs (``svd_signs="lapack"`` here). Both are trained on the
 tiny-Llama pretraining task of ``optim_pretrain.py`` (real English text, byte tokens, the same batches per seed),
 3 seeds; each is also run once more per seed with the SVD's signs scrambled (a valid SVD with other signs, as another
-machine's LAPACK may return it: ``tests/machine.py``). Aligned runs must not move at all under the scramble; raw-sign
+machine's LAPACK may return it: ``leantune/testing/svd_signs.py``). Aligned runs must not move at all under the scramble; raw-sign
 runs show how far a last-bit difference can move a run.
 
     python benchmarks/svd_signs.py [--steps 600] [--seeds 0 1 2]
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import leantune.optim.svd as svd  # noqa: E402
 from benchmarks import optim_pretrain as pretrain  # noqa: E402
 from leantune.optim import OptimizerConfig, build_optimizer  # noqa: E402
-from tests.machine import scrambled_signs, scrambling  # noqa: E402
+from leantune.testing.svd_signs import scrambled_signs, scrambling  # noqa: E402
 
 LOW = pretrain.LOW
 METHODS = {

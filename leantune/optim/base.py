@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from leantune._utils import NonFiniteGradientWarning
 from leantune.optim.dct import shared_dct_basis
 from leantune.optim.layerwise import LayerwiseMixin
-from leantune.optim.projector_kinds import PROJECTOR_KINDS, make_projector
+from leantune.optim.projector_kinds import PROJECTOR_KINDS, PROJECTOR_STATE_KEYS, make_projector
 from leantune.optim.projectors import Projector
 from leantune.optim.restarts import Restarts
 from leantune.optim.sharded import (
@@ -73,8 +73,7 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
     #: whether the update rule runs on FSDP2 row shards (``sharded.py``): row-local but for counted reductions
     row_shardable: bool = False
     #: per-parameter state keys this optimizer writes (a checkpoint with others is from another optimizer)
-    state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq", "proj_ortho", "proj_right", "proj_indices",
-                                   "proj_dim", "proj_dtype_ref", "proj_seed", "proj_ortho_right")
+    state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq") + PROJECTOR_STATE_KEYS
 
     def __init__(
         self,

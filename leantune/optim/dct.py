@@ -47,6 +47,7 @@ class DCTProjector(Projector):
     """Top-r DCT columns by the p-norm of the gradient's coefficients; stores ``proj_indices`` (int32) only."""
 
     kind = "dct"
+    state_keys = ("proj_right", "proj_indices", "proj_dim", "proj_dtype_ref")
 
     def __init__(self, state: dict[str, Any], rank: int, update_proj_gap: int, scale: float, norm_ord: int = 1):
         super().__init__(state, rank, update_proj_gap, scale)

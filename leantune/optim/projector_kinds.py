@@ -15,6 +15,11 @@ from leantune.optim.projectors import (
 )
 
 PROJECTOR_KINDS = ("svd", "rsvd", "dct", "random", "svd2")
+#: every state key a projector may write (each class declares its own ``state_keys``; a checkpoint is checked
+#: against the union, ``LowRankOptimizer.state_keys``)
+PROJECTOR_STATE_KEYS: tuple[str, ...] = tuple(dict.fromkeys(
+    key for cls in (SVDProjector, RandomizedSVDProjector, DCTProjector, RandomProjector, TwoSidedSVDProjector)
+    for key in cls.state_keys))
 
 
 def make_projector(kind: str, state: dict[str, Any], group: dict[str, Any], seed: int = 0) -> Projector:

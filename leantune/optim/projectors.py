@@ -53,6 +53,8 @@ class Projector:
         scale: alpha, multiplies the back-projected update (acts as a fractional learning rate).
     """
 
+    state_keys: tuple[str, ...] = ("proj_right",)  #: what it writes into the parameter's state
+
     kind = "base"
     #: one-sided (P on one side of G), so the fused optimizer kernel and moment rotation apply
     one_sided = True
@@ -202,6 +204,8 @@ class StoredBasisProjector(Projector):
     ``overlap``: how ⟨p_old, p_new⟩ is summed when the state holds only this rank's rows of P (FSDP2).
     """
 
+    state_keys = ("proj_right", "proj_ortho")
+
     def __init__(self, state: dict[str, Any], rank: int, update_proj_gap: int, scale: float,
                  raw_signs: bool = False) -> None:
         super().__init__(state, rank, update_proj_gap, scale)
@@ -295,6 +299,8 @@ class TwoSidedSVDProjector(StoredBasisProjector):
     (u_i, v_i) flips together, its sign oriented by u_i (the left basis: canonical, then aligned with the previous).
     """
 
+    state_keys = ("proj_right", "proj_ortho", "proj_ortho_right")
+
     kind = "svd2"
     one_sided = False
 
@@ -352,6 +358,8 @@ class RandomProjector(Projector):
 
     Refresh (every T steps): the first P uses the parameter's seed, each later one ``next_seed`` of the previous.
     """
+
+    state_keys = ("proj_right", "proj_seed", "proj_dim", "proj_dtype_ref")
 
     kind = "random"
 

@@ -72,3 +72,22 @@ def test_capabilities_are_the_classes(name):
     assert ("rotate" in spec.moment_policies) == spec.cls.supports_rotate
     assert spec.fusable == bool(getattr(spec.cls, "fusable", False))
     assert spec.summary
+
+
+@pytest.mark.parametrize("projector", ["svd", "rsvd", "dct", "random", "svd2"])
+def test_each_projector_declares_the_state_it_writes(projector):
+    """A projector's ``state_keys`` (their union is what a checkpoint may hold) name every key it writes."""
+    from leantune.optim.projector_kinds import make_projector
+
+    net = Net()
+    name = "gradnorm_lorp" if projector == "svd2" else "galore_adamw"
+    opt = build_optimizer(net, OptimizerConfig(name, rank=8, target_modules=["lin2"], projector=projector, lr=1e-3))
+    for _ in range(2):
+        net(torch.randint(0, 100, (2, 3))).backward()
+        opt.step()
+        opt.zero_grad()
+    group = next(g for g in opt.param_groups if "rank" in g)
+    state = opt.state[net.lin2.weight]
+    written = {key for key in state if key.startswith("proj_")}  # the optimizer's own keys are not "proj_"
+    declared = set(type(make_projector(projector, state, group)).state_keys)
+    assert written and written <= declared, (written, declared)
