@@ -16,7 +16,9 @@ T steps):
 
 Nothing is projected back. The state per matrix is M and V (2·r·max(m, n)), the limiter's previous norm and the
 projection seed: P is regenerated from its seed at every step instead of being stored (the paper's accounting),
-which keeps bitwise parity with apollo-torch 1.0.3 (``reference_adam=True``, fp32).
+which keeps bitwise parity with apollo-torch 1.0.3 (``reference_adam=True``, fp32). :meth:`APOLLOAdamW.readable`
+forms S as written (and runs the reference arithmetic); its twin :meth:`APOLLOAdamW.scaled_pass` (the default) never
+forms it: ‖G ⊙ s‖ from G's channel norms, then one pass into W (``tests/optim/test_paths.py``).
 
 APOLLO-Mini is rank 1, ``scale_type="tensor"``, scale 128 (α = √128). ``projector="svd"`` gives the paper's
 "APOLLO w/ SVD" row. apollo-torch's param-group keys are accepted as they are (``proj`` for ``projector``,
@@ -78,35 +80,54 @@ class APOLLOAdamW(GaLoreAdamW):
             raise ValueError(f"param group {index}: scale={group['scale']} must be >= 0 (the step is multiplied by its "
                              "square root)")
 
+    #: the readable rule (forms S as written; apollo-torch's op order, bitwise with ``reference_adam``) and its twin
+    paths = ("readable", "scaled_pass")
+
+    def path(self, s: ParamStep) -> str:
+        """The readable rule for full-rank parameters and the reference arithmetic, else the one-pass twin."""
+        if (forced := self.forced_path(s)) is not None:
+            return forced
+        return "readable" if s.P is None or s.group["reference_adam"] else "scaled_pass"
+
     def update(self, s: ParamStep) -> None:
         if s.P is None:
             return super().update(s)  # plain AdamW
-        p, grad, state, group = s.W, s.G, s.state, s.group
-        R = self.project(s.P, grad, shard=s.shard)
-        state["step"] += 1
-        N, step_size = self.direction(R, state, group, s.shard)  # Adam on R: N = M / (√V + ε)
-        s = scaling_factor(N, R, group["scale_type"], fast=not group["reference_adam"])
+        s.R = self.project(s.P, s.G, shard=s.shard)
+        s.state["step"] += 1
+        s.N, s.step_size = self.direction(s.R, s.state, s.group, s.shard)  # Adam on R: N = M / (√V + ε)
+        getattr(self, self.path(s))(s)
+
+    def readable(self, s: ParamStep) -> None:
+        """S = α · limit(G ⊙ s) formed as written (module docstring), then W ← W − η_t S with decoupled decay."""
+        if s.P is None:
+            return super().readable(s)
+        group = s.group
+        scale = scaling_factor(s.N, s.R, group["scale_type"])
         alpha = math.sqrt(group["scale"])
-        if group["reference_adam"]:  # apollo-torch's op order (bitwise parity)
-            S = grad * s  # the raw gradient, rescaled
-            if group["scale_front"]:
-                S.mul_(alpha)
-            if not group["disable_nl"]:
-                S = limit_norm_growth(S, state, "limiter_norm")
-            if not group["scale_front"]:
-                S.mul_(alpha)
-            apply_update(p, S, step_size, group)
-            return
-        # the same update without forming S: ‖G ⊙ s‖ from G's channel norms, then one fused pass into W
-        factor = s * alpha
+        S = s.G * scale  # the raw gradient, rescaled
+        if group["scale_front"]:
+            S.mul_(alpha)
         if not group["disable_nl"]:
-            limiter = growth_limiter(self._scaled_norm(grad, s) * (alpha if group["scale_front"] else 1.0), state,
+            S = limit_norm_growth(S, s.state, "limiter_norm")
+        if not group["scale_front"]:
+            S.mul_(alpha)
+        apply_update(s.W, S, s.step_size, group)
+
+    def scaled_pass(self, s: ParamStep) -> None:
+        """Twin of :meth:`readable` (default arithmetic) without forming S: ‖G ⊙ s‖ from G's channel norms, then one
+        fused pass into W (``addcmul_``)."""
+        group = s.group
+        scale = scaling_factor(s.N, s.R, group["scale_type"], fast=True)
+        alpha = math.sqrt(group["scale"])
+        factor = scale * alpha
+        if not group["disable_nl"]:
+            limiter = growth_limiter(self._scaled_norm(s.G, scale) * (alpha if group["scale_front"] else 1.0), s.state,
                                      "limiter_norm")
             if limiter is not None:
                 factor = factor / limiter
         if group["weight_decay"] > 0.0:
-            p.mul_(1.0 - group["lr"] * group["weight_decay"])
-        p.addcmul_(grad, factor.to(p.dtype), value=-step_size)
+            s.W.mul_(1.0 - group["lr"] * group["weight_decay"])
+        s.W.addcmul_(s.G, factor.to(s.W.dtype), value=-s.step_size)
 
     @staticmethod
     def _scaled_norm(G: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

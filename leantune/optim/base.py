@@ -22,6 +22,7 @@ import torch
 from torch.optim import Optimizer
 
 from leantune._utils import NonFiniteGradientWarning
+from leantune.optim.checkpoint import StateLoadingMixin
 from leantune.optim.dct import shared_dct_basis
 from leantune.optim.layerwise import LayerwiseMixin
 from leantune.optim.projector_kinds import PROJECTOR_KINDS, PROJECTOR_STATE_KEYS, make_projector
@@ -56,7 +57,7 @@ LOW_RANK_DEFAULTS: dict[str, Any] = {
 SVD_SIGNS = ("aligned", "lapack")
 
 
-class LowRankOptimizer(LayerwiseMixin, Optimizer):
+class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
     """Base class: projector handling + per-parameter stepping (``step()`` or layer-wise hooks)."""
 
     #: state keys living in the low-rank space (reset / rotated on refresh)
@@ -296,6 +297,17 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
         """The gradient as the update rule (and the projector refresh) sees it (identity; Adafactor: fp32)."""
         return grad
 
+    #: the ways a subclass computes its projected step: its readable rule and the twins its ``path(s)`` picks from
+    paths: tuple[str, ...] = ("readable",)
+
+    def forced_path(self, s: ParamStep) -> str | None:
+        """``force_path`` for a projected step (None when unset), refused unless it is one of :attr:`paths`."""
+        if self.force_path is None or s.P is None:
+            return None
+        if self.force_path not in self.paths:
+            raise ValueError(f"force_path={self.force_path!r}: {type(self).__name__} computes by {self.paths}")
+        return self.force_path
+
     def update(self, s: ParamStep) -> None:  # pragma: no cover - abstract
         """The optimizer's update rule for one parameter (``s.P`` None: a full-rank parameter)."""
         raise NotImplementedError
@@ -327,72 +339,6 @@ class LowRankOptimizer(LayerwiseMixin, Optimizer):
             if key == "exp_avg_sq":
                 y = y.abs()
             state[key].copy_(y)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict``, except that every state tensor keeps its saved dtype.
-
-        torch casts each floating-parameter's state tensors to the parameter's dtype; for a bf16 model that would
-        round fp32 absmax and norms to bf16 and turn int32 DCT indices into bf16 (corrupting them above 256). The
-        saved tensors themselves are put back instead (moved to the parameter's device), so resuming is exact.
-        """
-        saved = state_dict["state"]
-        self._check_loaded_state(state_dict)  # before anything changes: a bad checkpoint leaves the optimizer as it was
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:  # an option added after the checkpoint was written takes today's value
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                for key, value in saved.get(pid, {}).items():
-                    if isinstance(value, torch.Tensor) and key != "step":
-                        self.state[p][key] = value.to(device=p.device, copy=True)
-
-    def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
-        """Name what makes ``state_dict`` unusable for this optimizer and these parameters (``ValueError``)."""
-        name = type(self).__name__
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or not isinstance(state_dict.get("state"), dict) or len(groups) != len(
-                self.param_groups) or any(len(g.get("params", ())) != len(o["params"])
-                                          for g, o in zip(groups, self.param_groups)):
-            raise ValueError(f"{name}.load_state_dict: the checkpoint's parameter groups do not match this optimizer's "
-                             "(another model, target list or optimizer?)")
-        known = set(self.state_keys)
-        for saved_group, group in zip(groups, self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                state = state_dict["state"].get(pid, {})
-                unknown = sorted(set(state) - known)
-                if unknown:
-                    raise ValueError(f"{name}.load_state_dict: state keys {unknown} of parameter {pid} are not {name}'s "
-                                     f"(it writes {sorted(known)}): the checkpoint is from another optimizer")
-                for key, value in state.items():
-                    if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "step" and \
-                            not bool(torch.isfinite(value).all()):
-                        raise ValueError(f"{name}.load_state_dict: {key} of parameter {pid} holds NaN/inf")
-                expected = self._moment_shape(p, saved_group, state)
-                for key in ("exp_avg", "exp_avg_sq", "state1", "state2"):
-                    value = state.get(key)
-                    if isinstance(value, torch.Tensor) and expected is not None and tuple(value.shape) != expected:
-                        raise ValueError(f"{name}.load_state_dict: {key} of parameter {pid} has shape "
-                                         f"{tuple(value.shape)}, this parameter ({tuple(p.shape)}) needs {expected}: "
-                                         "the checkpoint is from another model or rank")
-                indices = state.get("proj_indices")
-                if isinstance(indices, torch.Tensor) and indices.numel() and (
-                        indices.is_floating_point() or int(indices.min()) < 0 or int(indices.max()) >= state["proj_dim"]):
-                    raise ValueError(f"{name}.load_state_dict: proj_indices of parameter {pid} are outside [0, "
-                                     f"{state.get('proj_dim')})")
-
-    def _moment_shape(self, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> tuple[int, ...] | None:
-        """The shape of the Adam moments of ``p``: the projected gradient's (None when it cannot be told)."""
-        rows = tuple(local(p).shape)  # an FSDP2 parameter's state covers this rank's rows
-        if group.get("rank") is None or p.ndim != 2:
-            return rows
-        if "proj_right" not in state:
-            return None
-        m, n = p.shape
-        rank = min(int(group["rank"]), m, n)
-        if group.get("projector") == "svd2":
-            return (rank, rank)
-        return (rows[0], rank) if state["proj_right"] else (rank, n)
 
     # ---- helpers shared by the Adam family --------------------------------------------------------------------
     def shared_state_tensors(self) -> list[torch.Tensor]:

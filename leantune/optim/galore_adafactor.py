@@ -13,10 +13,10 @@ For the projected gradient R (or the raw gradient of a non-targeted parameter), 
     if beta1: M = beta1 M + (1-beta1) D; D = M
     W     <- W - eta_t wd W - alpha back(D)
 
-This is the HF ``Adafactor`` arithmetic that galore-torch wraps. By default the last line is one GEMM into W
-(``addmm_``, decay as its beta); ``reference_order=True`` forms alpha back(D) in full and subtracts it, as
-galore-torch does, which reproduces ``galore_torch.GaLoreAdafactor`` bit for bit at the cost of one more full-size
-pass (the two orders round differently).  Moments cannot be rotated (they are factored); ``moment_policy`` "keep" or
+This is the HF ``Adafactor`` arithmetic that galore-torch wraps. The last line as written (the ``readable`` path:
+form alpha back(D) in full, decay, subtract — galore-torch's order, bit for bit with ``reference_order=True``) has a
+twin, ``gemm``, the default: one GEMM into W (``addmm_``, decay as its beta), which saves a full-size pass and rounds
+differently (``GaLoreAdafactor.path`` picks; ``tests/optim/test_paths.py`` checks the two agree).  Moments cannot be rotated (they are factored); ``moment_policy`` "keep" or
 "reset".
 """
 
@@ -110,6 +110,15 @@ class GaLoreAdafactor(LowRankOptimizer):
         projects, the fp32 gradient."""
         return grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
 
+    #: the readable rule (back-project, decay, subtract: galore-torch's order with ``reference_order``) and its twin
+    paths = ("readable", "gemm")
+
+    def path(self, s: ParamStep) -> str:
+        """The readable rule for full-rank parameters and ``reference_order``, else the one-GEMM twin."""
+        if (forced := self.forced_path(s)) is not None:
+            return forced
+        return "readable" if s.P is None or s.group["reference_order"] else "gemm"
+
     def update(self, s: ParamStep) -> None:
         p, grad, state, group, projector = s.W, s.G, s.state, s.group, s.P
         R = self.project(projector, grad, shard=s.shard) if projector is not None else grad
@@ -144,9 +153,9 @@ class GaLoreAdafactor(LowRankOptimizer):
         if group["beta1"] is not None:
             state["exp_avg"].mul_(group["beta1"]).add_(update, alpha=1 - group["beta1"])
             update = state["exp_avg"]
-        if projector is not None and not group["reference_order"]:  # W ← (1 − η_t wd) W − α back(D), one GEMM
+        if self.path(s) == "gemm":  # W ← (1 − η_t wd) W − α back(D), one GEMM
             projector.add_back(p32, update, alpha=-1.0, beta=1.0 - group["weight_decay"] * eta)
-        else:
+        else:  # readable: back-project, decay, subtract (galore-torch's order)
             if projector is not None:
                 update = projector.project_back(update)
             if group["weight_decay"] != 0:

@@ -207,10 +207,8 @@ class GaLoreAdamW(LowRankOptimizer):
         has both arithmetic modes); else the readable rule for the references' arithmetic (``reference_adam``:
         bitwise parity with galore-torch / fira) and the GEMM twin for the default one. ``force_path`` (tests,
         benchmarks) overrides it."""
-        if self.force_path is not None and s.P is not None:
-            if self.force_path not in self.paths:
-                raise ValueError(f"force_path={self.force_path!r}: {type(self).__name__} computes by {self.paths}")
-            return self.force_path
+        if (forced := self.forced_path(s)) is not None:
+            return forced
         if s.P is None:
             return "readable"
         if self.fusable and s.P.one_sided and s.W.is_contiguous() and \

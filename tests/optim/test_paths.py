@@ -26,7 +26,8 @@ def _net(dtype):
 
 def _train(name, path, dtype, steps, state=None, **kwargs):
     net = _net(dtype)
-    opt = build_optimizer(net, OptimizerConfig(name, rank=4, update_proj_gap=3, lr=1e-2, weight_decay=0.1,
+    rank = {} if OPTIMIZERS[name].fixed_rank else {"rank": 4}
+    opt = build_optimizer(net, OptimizerConfig(name, **rank, update_proj_gap=3, lr=1e-2, weight_decay=0.1,
                                                target_modules=["0", "2"], **kwargs))
     opt.force_path = path
     if state is not None:
@@ -43,7 +44,8 @@ def _train(name, path, dtype, steps, state=None, **kwargs):
 
 
 TWINS = [(name, path) for name in ("galore_adamw", "rsvd_galore_adamw", "dct_adamw", "galore_adamw8bit",
-                                   "natural_galore_adamw", "fira_adamw", "dct_fira_adamw")
+                                   "natural_galore_adamw", "fira_adamw", "dct_fira_adamw", "apollo_adamw",
+                                   "apollo_mini", "galore_adafactor")
          for path in OPTIMIZERS[name].cls.paths if path not in ("readable", "fused")]
 
 
