@@ -124,6 +124,12 @@ ARCHITECTURES: dict[str, Architecture] = {
 #: families whose norms ``leantune.memory`` folds (the others only get placement / VeLoRA / kernels)
 FOLDING_MODEL_TYPES = tuple(name for name, arch in ARCHITECTURES.items() if arch.norm_kind is not None)
 
+#: causal LMs whose ``…ForCausalLM.forward`` is "base model → last hidden state → ``lm_head`` → ``loss_function``"
+#: with nothing between (no logit soft-capping, scaling or auxiliary router loss), so the chunked LM-head loss
+#: (``patching/loss_patch.py``) can take the hidden states from the base model instead (checked per model type
+#: against transformers 5.25's code; others are refused with this list)
+PLAIN_LM_HEAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma", "gpt2")
+
 
 def hf_model(model: nn.Module) -> nn.Module:
     """The transformers ``PreTrainedModel`` inside a (possibly peft-wrapped) model."""

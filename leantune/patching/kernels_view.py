@@ -27,7 +27,7 @@ from torch import nn
 
 from leantune.kernels.dispatch import triton_available
 
-from .options import ALL_KERNELS, APPROXIMATE_KERNELS, EXACT_KERNELS
+from .options import ALL_KERNELS, APPROXIMATE_KERNELS, EXACT_KERNELS  # noqa: F401  (leantune.kernels' names)
 from .patcher import configure
 from .state import state_of
 

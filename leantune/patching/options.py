@@ -33,6 +33,11 @@ class MemoryConfig:
             folded; if False the final norm is skipped and the report says so.
         keep_original_weights: keep a CPU copy of every folded weight so ``undo()`` restores it bit-exactly
             (otherwise it divides by γ again).
+        chunked_loss: causal LMs trained with labels compute the LM-head cross-entropy a chunk of tokens at a time
+            (``leantune.kernels.chunked_loss``): the [tokens × vocab] logits and their gradient never exist (exact:
+            the same loss and gradients to fp32 rounding); ``outputs.logits`` is then None in training. Off by
+            default (code that reads the training logits would break).
+        loss_chunk_tokens: tokens per chunk of the chunked loss (None: N / ⌈V / H⌉ rounded to a power of two).
         verbose: print the report of what was patched and what was skipped.
     """
 
@@ -46,11 +51,13 @@ class MemoryConfig:
     fold_final_norm: bool = True
     untie_embeddings: bool = False
     keep_original_weights: bool = True
+    chunked_loss: bool = False
+    loss_chunk_tokens: int | None = None
     verbose: bool = False
 
     def __post_init__(self) -> None:
         for name in ("ms_norms", "approx_activations", "fused_gated_mlp", "velora", "fold_final_norm",
-                     "untie_embeddings", "keep_original_weights", "verbose"):
+                     "untie_embeddings", "keep_original_weights", "chunked_loss", "verbose"):
             check_bool(self, name)
         targets = self.velora_targets
         if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or \
@@ -58,6 +65,7 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.velora_targets must be a list of roles from 'attn_out' and 'mlp_down', "
                              f"got {targets!r}.")
         check_int(self, "velora_num_groups", minimum=1)
+        check_int(self, "loss_chunk_tokens", minimum=1, optional=True)
         check_number(self, "velora_scale")
         self.velora_targets = tuple(self.velora_targets)
 

@@ -18,6 +18,7 @@ gated MLP       fused MLP saving x, e, g (``fused_gated_mlp``, ``gated_mlp``)
 adapter linear  fused adapter linear (``lora_linear``, ``lowrank_linear``)  per call it runs the layer's own
                                                                            forward when it cannot fuse
 LoRA-A input    VeLoRA (``velora``)                                         the fused linear then steps aside
+causal LM       chunked LM-head loss (``chunked_loss``)                     training with labels only
 ==============  =========================================================  =====================================
 
 Every patch is per instance: ``forward`` rebound (and ``_get_name`` set, so ``print(model)`` shows e.g.
@@ -34,6 +35,7 @@ from torch import nn
 from leantune.architectures import hf_model
 
 from .folding_patch import fold_check, patch_norm_folded
+from .loss_patch import patch_chunked_loss
 from .ops_patch import patch_activation, patch_adapter_linear, patch_gated_mlp, patch_norm_unfolded, patch_velora
 from .options import ALL_KERNELS
 from .sites import Sites, find_sites
@@ -68,6 +70,9 @@ def _choices(sites: Sites, memory, kernels: tuple[str, ...]) -> list[tuple[str, 
         lowrank = not hasattr(module, "lora_A")
         wanted = ("lowrank_linear" if lowrank else "lora_linear") in on
         out.append(("adapter", module, (name, module), ["fused"] if wanted else []))
+    if sites.causal_lm is not None:
+        wanted = memory is not None and memory.chunked_loss
+        out.append(("loss", sites.causal_lm, sites.causal_lm, ["chunked"] if wanted else []))
     down_of_fused = {id(site.mlp.down_proj) for site in sites.gated_mlps if id(site.mlp) in fused_mlps}
     for role, modules in sites.velora.items():
         wanted = memory is not None and memory.velora and role in memory.velora_targets
@@ -84,6 +89,7 @@ _PATCHERS = {
     ("mlp", "fused"): patch_gated_mlp,
     ("adapter", "fused"): patch_adapter_linear,
     ("velora", "velora"): patch_velora,
+    ("loss", "chunked"): patch_chunked_loss,
 }
 
 

@@ -68,6 +68,7 @@ class Sites:
     gated_mlps: list[GatedMLPSite] = field(default_factory=list)
     adapter_linears: list[tuple[str, nn.Module]] = field(default_factory=list)
     velora: dict[str, list[tuple[str, nn.Module]]] = field(default_factory=dict)  # role -> linears
+    causal_lm: nn.Module | None = None  # the …ForCausalLM whose LM-head loss can be chunked
     notes: list[str] = field(default_factory=list)
 
 
@@ -178,6 +179,9 @@ def find_sites(model: nn.Module) -> Sites:
     model_type = model_type_of(model)
     architecture = ARCHITECTURES.get(model_type)
     sites = Sites(model_type, architecture is not None and architecture.norm_kind is not None)
+    lm = hf_model(model)
+    if type(lm).__name__.endswith(("ForCausalLM", "LMHeadModel")) and hasattr(lm, "lm_head"):
+        sites.causal_lm = lm
     if sites.known:
         _table_norms(model, sites)
     elif architecture is not None:  # placement-only family: VeLoRA roles still come from the table

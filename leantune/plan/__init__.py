@@ -27,6 +27,7 @@ from peft import get_peft_model
 from torch import nn
 
 from leantune.adapters import ADAPTERS
+from leantune.kernels.chunked_loss import default_chunk
 from leantune.memory import MemoryConfig, apply, enable_checkpointing
 from leantune.optim import OPTIMIZERS, OptimizerConfig
 from leantune.optim.config import optimizer_options
@@ -35,7 +36,8 @@ from leantune.plan.estimate import optimizer_state_bytes, weight_bytes
 from leantune.plan.presets import PRESETS, config_from
 from leantune.plan.trace import saved_bytes
 
-MEMORY_OPTIONS = ("none", "checkpointing", "leantune", "leantune+checkpointing")
+MEMORY_OPTIONS = ("none", "checkpointing", "leantune", "leantune+checkpointing", "leantune+chunked_loss",
+                  "leantune+checkpointing+chunked_loss")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 __all__ = ["MEMORY_OPTIONS", "PRESETS", "Plan", "plan", "parse_spec"]
 
@@ -185,7 +187,12 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
                                                                                       device="meta")}
     activations = saved_bytes(net, inputs, device=device)
     vocab = getattr(config, "vocab_size", 0) if task == "CAUSAL_LM" else 0
-    transient = 2 * batch * seq * vocab * 4  # the fp32 logits the loss upcasts, and their gradient
+    if vocab and memory.endswith("chunked_loss"):  # one chunk's logits: z and ∂L/∂z, each in the dtype and fp32
+        element = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        chunk = default_chunk(batch * seq, vocab, config.hidden_size)
+        transient = chunk * vocab * 2 * (element + 4) + batch * seq * 4  # + the per-token log-sum-exp
+    else:
+        transient = 2 * batch * seq * vocab * 4  # the fp32 logits the loss upcasts, and their gradient
     shard = processes if fsdp else 1
     weights_s, grads_s, state_s = weights // shard, grads // shard, state // shard
     largest = max((p.numel() * p.element_size() for p in trainable), default=0)
@@ -214,8 +221,8 @@ def prepare(model: str | dict, dtype: str = "bf16", adapter: str | None = None, 
         with torch.device(device):  # adapters created where the model is (meta: nothing allocated, any rank)
             net = get_peft_model(net, _adapter_config(adapter_name, adapter_options, task))
     if memory.startswith("leantune"):
-        apply(net, MemoryConfig(keep_original_weights=False))
-    if memory.endswith("checkpointing"):
+        apply(net, MemoryConfig(keep_original_weights=False, chunked_loss=memory.endswith("chunked_loss")))
+    if "checkpointing" in memory:
         enable_checkpointing(net)
     net.train()
     return net, config, task

@@ -13,7 +13,9 @@ from leantune.plan import MEMORY_OPTIONS, Plan, plan
 #: checkpointing recomputes the forward (+1/3), a frozen base skips the weight-gradient GEMMs (~2/3 of the backward),
 #: dequantizing 4/8-bit bases costs ~20% / ~40%, leantune's memory options ~5% (benchmarks/memory.py), low-rank
 #: optimizers ~0–5% at this scale (benchmarks/optim_speed.py).
-OVERHEAD = {"memory": {"none": 1.0, "leantune": 1.05, "checkpointing": 1.33, "leantune+checkpointing": 1.38},
+OVERHEAD = {"memory": {"none": 1.0, "leantune": 1.05, "checkpointing": 1.33, "leantune+checkpointing": 1.38,
+                       # the chunked loss runs lm_head's forward once more (benchmarks/chunked_loss.py)
+                       "leantune+chunked_loss": 1.07, "leantune+checkpointing+chunked_loss": 1.40},
             "quant": {None: 1.0, "8bit": 1.4, "4bit": 1.2}, "adapter": 0.75, "low_rank_optimizer": 1.05}
 
 

@@ -1,0 +1,121 @@
+"""LM-head cross-entropy that never materialises the logits: the loss and its gradients, a chunk of tokens at a time.
+
+For hidden states X ∈ R^{N×H} (already aligned with their targets y, ``ignore_index`` where no loss is taken) and
+an output head f (any module: a linear, a peft LoRA or ``modules_to_save`` head, a tied or folded weight, …):
+
+    z_i   = f(x_i)                       (V logits of token i, in the model's dtype, upcast to fp32)
+    lse_i = log Σ_v exp(z_iv)
+    L     = Σ_{i: y_i valid} (lse_i − z_{i y_i}) / D        D = ``num_items_in_batch`` if given, else #valid tokens
+    ∂L/∂z_i = (softmax(z_i) − onehot(y_i)) / D   (0 for ignored tokens)
+
+— the loss of transformers' ``ForCausalLMLoss`` ("sum" ÷ ``num_items_in_batch``, or "mean" over valid tokens).
+Forward: per chunk of C tokens, z (C × V) without autograd, keep lse_i (4 bytes a token). Backward: per chunk,
+z again through f with autograd, ∂L/∂z from lse, and one ``autograd.grad`` through f gives the chunk's ∂L/∂X and the
+head parameters' gradients (accumulated in fp32, returned as this function's gradients, so ``loss.backward()``,
+``autograd.grad`` and gradient scaling all see them). Peak extra memory: a chunk's logits and their gradient (C × V),
+never N × V; cost: f's forward once more than the unfused loss (the recompute; Cut Cross-Entropy's choice,
+arXiv 2411.09009, where Liger's fused loss computes the gradients in the forward pass instead).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+
+def default_chunk(tokens: int, vocab: int, hidden: int) -> int:
+    """Tokens per chunk: N / ⌈V / H⌉ rounded up to a power of two, as Liger's fused loss chooses it (its transient
+    logits ≈ N·H numbers, the size of the hidden states), at least 1 and at most N.
+
+    >>> default_chunk(4096, 128256, 4096)   # Llama-3: 32 chunks of 128 tokens
+    128
+    """
+    return max(1, min(tokens, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(tokens / math.ceil(vocab / hidden))))))))
+
+
+class ChunkedHeadLoss(torch.autograd.Function):
+    """``ChunkedHeadLoss.apply(hidden, labels, denominator, head, chunk, ignore_index, *params)``: the module
+    docstring's L for ``hidden`` [..., H] and flat aligned ``labels``; ``params``: the head's parameters that train
+    (their gradients are this function's). ``hidden`` itself is what it saves (no view of it: a planner tracing on
+    the meta device, and storage accounting, see the tensor the previous layer already keeps)."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, labels: torch.Tensor, denominator: torch.Tensor, head: Callable,
+                chunk: int, ignore_index: int, *params: torch.Tensor) -> torch.Tensor:
+        x = hidden.reshape(-1, hidden.shape[-1])
+        wide = torch.float64 if x.dtype == torch.float64 else torch.float32  # the loss's arithmetic (fp32 as HF's)
+        lse = torch.empty(x.shape[0], dtype=wide, device=x.device)
+        total = torch.zeros((), dtype=wide, device=x.device)
+        with torch.no_grad():
+            for start in range(0, x.shape[0], chunk):
+                z = head(x[start:start + chunk]).to(total.dtype)
+                y = labels[start:start + chunk]
+                valid = y != ignore_index
+                lse_c = torch.logsumexp(z, dim=-1)
+                lse[start:start + chunk] = lse_c
+                target = z.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
+                total += torch.where(valid, lse_c - target, 0.0).sum()
+        ctx.save_for_backward(hidden, labels, lse, denominator)
+        ctx.head, ctx.chunk, ctx.ignore_index, ctx.n_params = head, chunk, ignore_index, len(params)
+        ctx.params = params
+        return total / denominator.to(total.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        hidden, labels, lse, denominator = ctx.saved_tensors
+        x = hidden.reshape(-1, hidden.shape[-1])
+        params = [p for p in ctx.params if p.requires_grad]
+        want_x = ctx.needs_input_grad[0]
+        grad_x = torch.empty_like(x) if want_x else None
+        grads = [torch.zeros(p.shape, dtype=torch.float32 if p.dtype != torch.float64 else p.dtype, device=p.device)
+                 for p in params]
+        scale = (grad_output / denominator).to(lse.dtype)
+        for start in range(0, x.shape[0], ctx.chunk):
+            x_c = x[start:start + ctx.chunk].detach().requires_grad_(want_x)
+            y = labels[start:start + ctx.chunk]
+            valid = y != ctx.ignore_index
+            with torch.enable_grad():
+                z = ctx.head(x_c)
+                dz = (z.detach().to(lse.dtype) - lse[start:start + ctx.chunk, None]).exp_()  # softmax(z)
+                rows = torch.arange(y.shape[0], device=y.device)
+                dz[rows, torch.where(valid, y, 0)] -= 1.0
+                dz.mul_((valid * scale).unsqueeze(1))
+                inputs = ([x_c] if want_x else []) + params
+                if not inputs:
+                    continue
+                out = torch.autograd.grad(z, inputs, dz.to(z.dtype), allow_unused=True)
+            if want_x:
+                grad_x[start:start + ctx.chunk] = out[0]
+                out = out[1:]
+            for acc, g in zip(grads, out):
+                if g is not None:
+                    acc += g
+        by_id = {id(p): g.to(p.dtype) for p, g in zip(params, grads)}
+        return (None if grad_x is None else grad_x.view(hidden.shape), None, None, None, None, None,
+                *[by_id.get(id(p)) for p in ctx.params])
+
+
+def chunked_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
+                      params: Sequence[torch.Tensor] = (), num_items_in_batch: torch.Tensor | int | None = None,
+                      ignore_index: int = -100, chunk: int | None = None, vocab_size: int | None = None
+                      ) -> torch.Tensor:
+    """The loss of the module docstring for ``hidden`` [..., H] and aligned ``labels`` [...] (shift them first for
+    causal LMs); ``params``: the head's trainable parameters; ``chunk``: tokens per chunk (default
+    :func:`default_chunk`, which needs ``vocab_size``). Equal to ``F.cross_entropy(head(hidden), labels,
+    reduction="sum") / num_items_in_batch`` (or ``reduction="mean"``) to rounding, gradients included."""
+    tokens = hidden.numel() // hidden.shape[-1]
+    y = labels.reshape(-1).to(hidden.device)
+    if y.shape[0] != tokens:
+        raise ValueError(f"chunked_head_loss: {tokens} hidden states but {y.shape[0]} labels")
+    if num_items_in_batch is None:
+        denominator = (y != ignore_index).sum()  # "mean" over valid tokens (0 valid: NaN, as torch's mean)
+    else:
+        denominator = torch.as_tensor(num_items_in_batch, device=hidden.device)
+    if chunk is None:
+        chunk = default_chunk(tokens, vocab_size or hidden.shape[-1], hidden.shape[-1])
+    return ChunkedHeadLoss.apply(hidden, y, denominator, head, int(chunk), ignore_index, *params)
+
+
+__all__ = ["ChunkedHeadLoss", "chunked_head_loss", "default_chunk"]
