@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "chunked_loss.md"))
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    chunk = default_chunk(args.tokens, args.vocab, args.hidden)
+    chunk = default_chunk(args.tokens, args.vocab, args.hidden, floor=256)
     lines = ["# Chunked LM-head loss\n", f"Command: `python benchmarks/chunked_loss.py` (defaults: {args.tokens} tokens, "
              f"hidden {args.hidden}, vocab {args.vocab}, {args.rounds} interleaved rounds; {torch.get_num_threads()} "
              f"threads; chunk {chunk} tokens)\n",

@@ -29,6 +29,10 @@ STACKS = [  # label, plan() keyword arguments
                                                       memory="leantune+checkpointing")),
     ("8-bit GaLore r=1024 per-layer + leantune memory + checkpointing",
      dict(optimizer="galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+checkpointing")),
+    ("QLoRA + leantune memory + checkpointing + chunked loss", dict(adapter="lora:r=64", quant="4bit",
+                                                                     memory="leantune+checkpointing+chunked_loss")),
+    ("8-bit GaLore r=1024 per-layer + leantune memory + checkpointing + chunked loss",
+     dict(optimizer="galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+checkpointing+chunked_loss")),
 ]
 COMPONENTS = ["weights", "gradients", "optimizer_state", "activations", "transient"]
 

@@ -27,7 +27,7 @@ from peft import get_peft_model
 from torch import nn
 
 from leantune.adapters import ADAPTERS
-from leantune.kernels.chunked_loss import default_chunk
+from leantune.kernels.chunked_loss import cpu_floor, default_chunk
 from leantune.memory import MemoryConfig, apply, enable_checkpointing
 from leantune.optim import OPTIMIZERS, OptimizerConfig
 from leantune.optim.config import optimizer_options
@@ -187,10 +187,11 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
                                                                                       device="meta")}
     activations = saved_bytes(net, inputs, device=device)
     vocab = getattr(config, "vocab_size", 0) if task == "CAUSAL_LM" else 0
-    if vocab and memory.endswith("chunked_loss"):  # one chunk's logits: z and ∂L/∂z, each in the dtype and fp32
+    if vocab and memory.endswith("chunked_loss"):  # one chunk's logits z and ∂L/∂z: fp32, + dtype copies if 16-bit
         element = torch.empty((), dtype=DTYPES[dtype]).element_size()
-        chunk = default_chunk(batch * seq, vocab, config.hidden_size)
-        transient = chunk * vocab * 2 * (element + 4) + batch * seq * 4  # + the per-token log-sum-exp
+        chunk = default_chunk(batch * seq, vocab, config.hidden_size, cpu_floor(device))
+        per_logit = 8 + (2 * element if element != 4 else 0)
+        transient = chunk * vocab * per_logit + batch * seq * 4  # + the per-token log-sum-exp
     else:
         transient = 2 * batch * seq * vocab * 4  # the fp32 logits the loss upcasts, and their gradient
     shard = processes if fsdp else 1

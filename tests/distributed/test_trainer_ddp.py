@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.distributed.helpers import WORLD, batches, gathered, tiny_llama
@@ -27,6 +28,15 @@ def _as_torchrun(rank: int, port: int) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, fn, port: int, *args) -> None:
+    """``fn(rank, port, *args)`` as a torchrun worker; afterwards both ranks leave the process group together (a gloo
+    group still alive at interpreter exit can abort the process: "terminate called without an active exception")."""
+    fn(rank, port, *args)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _run_trainer(rank: int, port: int, out: str, layerwise: bool, stack: str) -> None:
@@ -64,7 +74,7 @@ def _run_trainer(rank: int, port: int, out: str, layerwise: bool, stack: str) ->
 @pytest.mark.parametrize("stack", ["full", "lora_xs+memory-bf16"])
 def test_trainer_layerwise_galore_under_ddp_equals_plain(tmp_path, stack):
     for layerwise in (False, True):
-        mp.spawn(_run_trainer, args=(_free_port(), str(tmp_path), layerwise, stack), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(_run_trainer, _free_port(), str(tmp_path), layerwise, stack), nprocs=WORLD, join=True)
     plain = torch.load(tmp_path / "plain0.pt")  # each worker also asserted that its trainable weights moved
     for rank in range(WORLD):
         for name in ("plain", "layerwise"):
@@ -102,7 +112,7 @@ def _run_lisa(rank: int, port: int, out: str) -> None:
 
 
 def test_lisa_under_ddp_samples_the_same_layers_on_every_rank(tmp_path):
-    mp.spawn(_run_lisa, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_run_lisa, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     r0, r1 = (torch.load(tmp_path / f"lisa{r}.pt") for r in range(WORLD))
     assert r0["active"] == r1["active"] and r0["stateful"] == r1["stateful"]
     layers = {n.split("layers.")[1].split(".")[0] for n in r0["stateful"] if "layers." in n}
@@ -140,7 +150,7 @@ def _run_resume(rank: int, port: int, out: str, layerwise: bool) -> None:
 def test_resume_under_ddp_is_exact(tmp_path, layerwise):
     """Fira (refresh every 3 steps, so one falls after the resume point), plain and per-layer, under DDP: resuming
     from the step-2 checkpoint gives the uninterrupted run's weights on both ranks."""
-    mp.spawn(_run_resume, args=(_free_port(), str(tmp_path), layerwise), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_run_resume, _free_port(), str(tmp_path), layerwise), nprocs=WORLD, join=True)
     for rank in range(WORLD):
         whole, resumed = torch.load(tmp_path / f"resume{rank}.pt")
         for key, value in whole.items():
@@ -201,7 +211,7 @@ def test_trainer_fsdp2_equals_ddp(tmp_path):
     import leantune  # noqa: F401 - registers leantune's tuner types with peft for loading
 
     for mode in ("ddp", "fsdp2"):
-        mp.spawn(_run_fsdp2_trainer, args=(_free_port(), str(tmp_path), mode), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(_run_fsdp2_trainer, _free_port(), str(tmp_path), mode), nprocs=WORLD, join=True)
     ddp = torch.load(tmp_path / "ddp0.pt")
     assert not ddp["sharded"]
     for rank in range(WORLD):
@@ -260,7 +270,7 @@ def test_every_adapter_through_trainer_under_ddp(tmp_path):
     from tests.distributed.test_ddp import _adapter_configs
 
     names = list(_adapter_configs())
-    mp.spawn(_adapter_jobs, args=(_free_port(), str(tmp_path), names), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_adapter_jobs, _free_port(), str(tmp_path), names), nprocs=WORLD, join=True)
     _adapter_jobs(None, 0, str(tmp_path), names)
     single = torch.load(tmp_path / "adapters-single.pt")
     ranks = [torch.load(tmp_path / f"adapters-ddp{r}.pt") for r in range(WORLD)]

@@ -53,8 +53,10 @@ def test_all_ignored_is_nan_like_torch_and_a_frozen_head_gets_no_gradient():
 
 
 def test_default_chunk_bounds_the_transient_logits():
-    assert default_chunk(4096, 128256, 4096) == 128  # 1/32 of the tokens: 32 chunks
-    assert default_chunk(3, 100, 64) == 2 and default_chunk(1, 10, 64) == 1
+    assert default_chunk(4096, 128256, 4096) == 128  # Liger's rule: 32 chunks
+    assert default_chunk(4096, 128256, 4096, floor=256) == 256  # what a CPU asks for
+    assert default_chunk(3, 100, 64) == 2 and default_chunk(3, 100, 64, floor=256) == 3
+    assert default_chunk(1, 10, 64) == 1
 
 
 def _llama(dtype=torch.float64, vocab=96):
@@ -182,7 +184,7 @@ def test_the_logits_never_exist():
     """Peak memory of the loss's forward + backward: the unfused loss holds several N × V fp32 buffers; the chunked
     one a chunk of them, under 1/8 of one N × V fp32 logits tensor besides what both keep."""
     torch.manual_seed(0)
-    n, h, v = 1024, 64, 8192
+    n, h, v = 4096, 64, 8192  # 128 MiB of fp32 logits; chunks of 64 tokens
     head = torch.nn.Linear(h, v, bias=False).requires_grad_(False)
     x = torch.randn(n, h, requires_grad=True)
     y = torch.randint(0, v, (n,))
@@ -191,7 +193,7 @@ def test_the_logits_never_exist():
         F.cross_entropy(head(x).float(), y).backward()
 
     def chunked():
-        chunked_head_loss(x, y, head, vocab_size=v).backward()
+        chunked_head_loss(x, y, head, chunk=64).backward()
 
     logits_bytes = n * v * 4
     base = list(head.parameters()) + [x, y]

@@ -94,10 +94,10 @@ def test_chunked_loss_prediction_matches_measurement():
     model = {**LLAMA, "vocab_size": 16384}
     runs = {}
     for memory in ("leantune", "leantune+chunked_loss"):
-        predicted = plan(model, seq=128, batch=2, dtype="fp32", adapter="lora:r=8", memory=memory, device="cpu")
-        runs[memory] = (predicted, _measure(model, "fp32", "lora:r=8", "adamw", memory, 128, 2))
+        predicted = plan(model, seq=512, batch=2, dtype="fp32", adapter="lora:r=8", memory=memory, device="cpu")
+        runs[memory] = (predicted, _measure(model, "fp32", "lora:r=8", "adamw", memory, 512, 2))
     (plain, (saved_plain, _, peak_plain)), (chunked, (saved_chunked, _, peak_chunked)) = runs.values()
-    assert chunked.transient < plain.transient / 8
+    assert chunked.transient < plain.transient / 3  # 1,024 tokens: 4 chunks of 256
     assert plain.activations - chunked.activations == pytest.approx(saved_plain - saved_chunked, rel=0.05)
     assert chunked.peak == pytest.approx(peak_chunked, rel=0.10), (chunked.peak, peak_chunked)
     assert peak_chunked < peak_plain
