@@ -77,8 +77,15 @@ class LeanTuneCallback(TrainerCallback):
             raise TypeError(f"adapter must be a peft or leantune config, got {type(adapter).__name__}.")
         if memory is True:
             memory = MemoryConfig()
+        elif isinstance(memory, dict):  # MemoryConfig's fields, e.g. {"chunked_loss": True}
+            unknown = sorted(set(memory) - set(MemoryConfig.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"memory: unknown option(s) {unknown}; MemoryConfig's options: "
+                                 f"{sorted(MemoryConfig.__dataclass_fields__)}.")
+            memory = MemoryConfig(**memory)
         elif memory is not None and memory is not False and not isinstance(memory, MemoryConfig):
-            raise TypeError(f"memory must be a leantune.memory.MemoryConfig, True or None, got {type(memory).__name__}.")
+            raise TypeError(f"memory must be a leantune.memory.MemoryConfig, a dict of its options, True or None, got "
+                            f"{type(memory).__name__}.")
         if kernels not in (None, True, False):
             if isinstance(kernels, str) or not all(k in ALL_KERNELS for k in kernels):
                 raise ValueError(f"kernels must be True/False/None or a list of kernel names from {list(ALL_KERNELS)}, "

@@ -20,7 +20,7 @@ from leantune.patching.options import MemoryConfig
 
 from .profiler import profile
 
-TECHNIQUES = ("ms_norms", "approx_activations", "fused_gated_mlp", "velora")
+TECHNIQUES = ("ms_norms", "approx_activations", "fused_gated_mlp", "velora", "chunked_loss")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -238,3 +238,22 @@ def test_trainer_with_gradient_accumulation_trains_as_the_unfused_loss(tmp_path)
     assert any("lora_B" in name and bool(value.abs().sum() > 0) for name, value in plain.items())  # it trained
     for name in plain:
         assert torch.allclose(plain[name], chunked[name], rtol=1e-5, atol=1e-6), name
+
+
+def test_callback_takes_memory_as_a_dict_and_names_unknown_options():
+    import leantune
+
+    callback = leantune.LeanTuneCallback(memory={"chunked_loss": True, "ms_norms": False}, verbose=False)
+    assert callback.memory.chunked_loss and not callback.memory.ms_norms and callback.memory.fused_gated_mlp
+    with pytest.raises(ValueError, match="unknown option.*chunked_los"):
+        leantune.LeanTuneCallback(memory={"chunked_los": True})
+
+
+def test_profile_command_takes_chunked_loss(tmp_path, capsys):
+    from leantune.memory.cli import main, memory_config_from_string
+
+    assert memory_config_from_string("chunked_loss").chunked_loss
+    _llama(torch.float32).config.save_pretrained(tmp_path)
+    assert main(["profile", str(tmp_path), "--seq-len", "8", "--lora-rank", "2", "--memory", "chunked_loss",
+                 "--compare"]) == 0
+    assert "saved for backward" in capsys.readouterr().out
