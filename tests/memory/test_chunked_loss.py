@@ -257,3 +257,20 @@ def test_profile_command_takes_chunked_loss(tmp_path, capsys):
     assert main(["profile", str(tmp_path), "--seq-len", "8", "--lora-rank", "2", "--memory", "chunked_loss",
                  "--compare"]) == 0
     assert "saved for backward" in capsys.readouterr().out
+
+
+def test_shift_labels_are_taken_as_given():
+    """``shift_labels`` (already aligned with the positions, as context-parallel training passes them) replaces the
+    shift of ``labels``: passing the shifted labels gives the same loss and gradients as passing ``labels``."""
+    ids, labels = _batch()
+    shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    losses, grads = [], []
+    for kwargs in ({"labels": labels}, {"labels": torch.full_like(labels, -100), "shift_labels": shifted}):
+        model = _llama()
+        lm.apply(model, lm.MemoryConfig(**CHUNKED))
+        loss = model(input_ids=ids, **kwargs).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(_grads(model))
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
