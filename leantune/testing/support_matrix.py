@@ -38,7 +38,7 @@ from leantune.patching import restore_all
 FACTORS: dict[str, list[str]] = {
     "adapter": ["peft LoRA", "LoRA-XS", "LoRA-SB", "ALLoRA", "DyLoRA", "NOLA", "Bottleneck", "Compacter",
                 "Compacter++", "SLTrain", "LOST"],
-    "memory": ["off", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "all"],
+    "memory": ["off", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "chunked_loss", "all"],
     "kernels": ["off", "on"],
     # torch's AdamW, every entry of the optimizer spec table, and two modes of GaLore
     "optimizer": ["adamw", *OPTIMIZERS, "galore_adamw/layerwise", "galore_adamw/reset"],
@@ -173,7 +173,7 @@ def memory_config(name: str):
         return None
     if name == "all":
         return MemoryConfig.all()
-    techniques = ("ms_norms", "approx_activations", "fused_gated_mlp", "velora")
+    techniques = ("ms_norms", "approx_activations", "fused_gated_mlp", "velora", "chunked_loss")
     return MemoryConfig(**{t: t == name for t in techniques})
 
 
