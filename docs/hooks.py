@@ -57,6 +57,8 @@ def _adapter_page(name: str, cls: type, seen: dict[str, str]) -> str:
 
 
 def _optimizer_page(name: str, spec, seen: dict[str, str]) -> str:
+    import torch
+
     rank = "none (full basis)" if spec.rank is None else (f"{spec.rank} (fixed)" if spec.fixed_rank else spec.rank)
     rows = [("summary", spec.summary), ("class", f"`{spec.cls.__name__}`"), ("projector", spec.projector or "–"),
             ("default rank", rank), ("default scale α", spec.scale), ("default refresh gap T", spec.update_proj_gap),
@@ -66,7 +68,7 @@ def _optimizer_page(name: str, spec, seen: dict[str, str]) -> str:
             ("moment policies at a refresh", ", ".join(spec.moment_policies)),
             ("8-bit moments", "yes" if spec.eight_bit else "no")]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    example = spec.state_bytes((4096, 11008), 1024, __import__("torch").bfloat16)
+    example = spec.state_bytes((4096, 11008), 1024, torch.bfloat16)
     return (f"# {name}\n\n`OptimizerConfig(\"{name}\")`, `LeanTuneCallback(optimizer=\"{name}\")`, "
             f"`leantune plan --optimizer {name}`.\n\n| | |\n|---|---|\n{table}\n\n"
             f"State bytes (the formula the planner uses, checked against the built optimizer in "

@@ -138,7 +138,8 @@ def test_function_local_imports_are_optional_or_explained():
 
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_module_imports_alone(module):
-    """Every module imports on its own in a fresh interpreter order (no hidden dependency on import order)."""
+    """Every module imports, also those ``import leantune`` does not load (``leantune.testing``, the CLI's parts).
+    (In this one interpreter: it does not show that a module would import first in a fresh one.)"""
     import importlib
 
     importlib.import_module(module)

@@ -70,15 +70,15 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 target = z.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
                 total += torch.where(valid, lse_c - target, 0.0).sum()
         ctx.save_for_backward(hidden, labels, lse, denominator)
-        ctx.head, ctx.chunk, ctx.ignore_index, ctx.n_params = head, chunk, ignore_index, len(params)
-        ctx.params = params
+        ctx.head, ctx.chunk, ctx.ignore_index, ctx.params = head, chunk, ignore_index, params
         return total / denominator.to(total.dtype)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         hidden, labels, lse, denominator = ctx.saved_tensors
         x = hidden.reshape(-1, hidden.shape[-1])
-        params = [p for p in ctx.params if p.requires_grad]
+        wanted = ctx.needs_input_grad[6:]  # which of the head's parameters autograd asks a gradient of
+        params = [p for p, want in zip(ctx.params, wanted) if want]
         want_x = ctx.needs_input_grad[0]
         grad_x = torch.empty_like(x) if want_x else None
         grads = [torch.zeros(p.shape, dtype=torch.float32 if p.dtype != torch.float64 else p.dtype, device=p.device)
@@ -94,19 +94,16 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 rows = torch.arange(y.shape[0], device=y.device)
                 dz[rows, torch.where(valid, y, 0)] -= 1.0
                 dz.mul_((valid * scale).unsqueeze(1))
-                inputs = ([x_c] if want_x else []) + params
-                if not inputs:
-                    continue
-                out = torch.autograd.grad(z, inputs, dz.to(z.dtype), allow_unused=True)
+                out = torch.autograd.grad(z, ([x_c] if want_x else []) + params, dz.to(z.dtype), allow_unused=True)
             if want_x:
                 grad_x[start:start + ctx.chunk] = out[0]
                 out = out[1:]
             for acc, g in zip(grads, out):
                 if g is not None:
                     acc += g
-        by_id = {id(p): g.to(p.dtype) for p, g in zip(params, grads)}
+        cast = iter(g.to(p.dtype) for p, g in zip(params, grads))
         return (None if grad_x is None else grad_x.view(hidden.shape), None, None, None, None, None,
-                *[by_id.get(id(p)) for p in ctx.params])
+                *[next(cast) if want else None for want in wanted])
 
 
 def chunked_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor],
