@@ -91,7 +91,8 @@ def projection_from_module(module: nn.Module) -> tuple[Projection | None, str]:
             if affine is not None:
                 gamma, beta = affine
                 if beta is not None:
-                    shift = F.linear(F.linear(beta.to(device=a.device, dtype=a.dtype), a), lora_b.weight) * scaling
+                    row = beta.to(device=a.device, dtype=a.dtype)[None]  # a row: F.linear squeezes a vector's
+                    shift = F.linear(F.linear(row, a), lora_b.weight)[0] * scaling  # output in place (SAC refuses)
                     shift = shift.to(base.weight.dtype)
                     projection.bias = shift if projection.bias is None else projection.bias + shift
                 projection.gamma = gamma.to(device=a.device)

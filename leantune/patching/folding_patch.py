@@ -118,7 +118,10 @@ def _lora_beta_hook(beta: torch.Tensor):
             if adapter not in module.lora_A:
                 continue
             a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-            shift = F.linear(F.linear(beta.to(device=a.device, dtype=a.dtype), a), b) * module.scaling[adapter]
+            # on a [1, in] row, not a vector: F.linear of a vector squeezes its matmul's output in place, which
+            # selective checkpointing (a cache of matmul outputs) rejects as a mutation
+            row = beta.to(device=a.device, dtype=a.dtype)[None]
+            shift = F.linear(F.linear(row, a), b)[0] * module.scaling[adapter]
             output = output + shift.to(output.dtype)
         return output
 

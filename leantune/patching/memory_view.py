@@ -16,6 +16,7 @@ from leantune.architectures import FOLDING_MODEL_TYPES, hf_model, model_type_of
 
 from .options import MemoryConfig
 from .patcher import configure
+from .sites import layer_stack
 from .state import SharingWarning, state_of
 
 SUPPORTED_MODEL_TYPES = FOLDING_MODEL_TYPES
@@ -91,11 +92,25 @@ def apply(model: nn.Module, config: MemoryConfig | None = None) -> MemoryHandle:
                          "inputs, so folded norms cannot recognise their own output. Enable it with "
                          "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
                          "or use MemoryConfig(ms_norms=False).")
+    if config.budget is not None or config.layer_modes is not None:
+        _check_layer_stack(model)
     configure(model, memory=config)
     handle = MemoryHandle(model, config)
     if config.verbose:
         print(handle)
     return handle
+
+
+def _check_layer_stack(model: nn.Module) -> None:
+    """The activation budget works on one stack of alike layers; refuse models where it would cover only part."""
+    if getattr(getattr(hf_model(model), "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"leantune.memory: MemoryConfig(budget=...) handles one stack of layers and "
+                         f"{type(hf_model(model)).__name__} has two (encoder and decoder); use "
+                         f"model.activation_checkpointing_enable() instead, or drop the budget")
+    if layer_stack(model) is None:
+        raise ValueError(f"leantune.memory: MemoryConfig(budget=...) found no layer list in "
+                         f"{type(hf_model(model)).__name__} (model.layers, transformer.h, encoder.layer); use "
+                         f"model.activation_checkpointing_enable() instead, or drop the budget")
 
 
 def enable_checkpointing(model: nn.Module) -> None:

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass
 
 from leantune._validation import check_bool, check_int, check_number
 
+from .budget import check_modes, parse_budget
+
 #: the exact kernels (same forward and gradients up to rounding); the default set
 EXACT_KERNELS = ("lora_linear", "lowrank_linear", "ms_rmsnorm", "ms_layernorm", "gated_mlp")
 #: opt-in, approximate gradients (2-bit activation backward)
@@ -38,7 +40,14 @@ class MemoryConfig:
             the same loss and gradients to fp32 rounding); ``outputs.logits`` is then None in training. Off by
             default (code that reads the training logits would break).
         loss_chunk_tokens: tokens per chunk of the chunked loss (None: N / ⌈V / H⌉ rounded to a power of two).
-        verbose: print the report of what was patched and what was skipped.
+        budget: activation budget of the decoder layers — a fraction of what they keep without it (``0.25``,
+            ``"25%"``) or bytes (``"6GB"``, an int). Per layer the policy (``leantune.patching.budget``) picks the
+            cheapest of keep / selective recomputation / checkpointing / offload (CUDA) that fits, from a cost model
+            measured on the first training step of each input shape; gradients are those without it (exact).
+        layer_modes: instead of a budget, the mode of every layer (one name for all, or one per layer) from
+            ``leantune.patching.recompute.MODES``.
+        budget_modes: the modes the budget may pick from (besides ``keep``).
+        verbose: print the report of what was patched and what was skipped (and each budget decision).
     """
 
     ms_norms: bool = True
@@ -53,6 +62,9 @@ class MemoryConfig:
     keep_original_weights: bool = True
     chunked_loss: bool = False
     loss_chunk_tokens: int | None = None
+    budget: float | int | str | None = None
+    layer_modes: tuple[str, ...] | str | None = None
+    budget_modes: tuple[str, ...] = ("save_matmuls", "recompute_mlp", "save_attention", "checkpoint", "offload")
     verbose: bool = False
 
     def __post_init__(self) -> None:
@@ -68,6 +80,13 @@ class MemoryConfig:
         check_int(self, "loss_chunk_tokens", minimum=1, optional=True)
         check_number(self, "velora_scale")
         self.velora_targets = tuple(self.velora_targets)
+        if self.budget is not None:
+            parse_budget(self.budget)
+        if self.layer_modes is not None:
+            if self.budget is not None:
+                raise ValueError("MemoryConfig: give budget or layer_modes, not both")
+            self.layer_modes = check_modes(self.layer_modes)
+        self.budget_modes = tuple(m for m in check_modes(self.budget_modes) if m != "keep")
 
     @classmethod
     def all(cls, **overrides) -> "MemoryConfig":
@@ -80,8 +99,10 @@ class MemoryConfig:
         return cls(**{"approx_activations": False, "velora": False, **overrides})
 
     @classmethod
-    def none(cls) -> "MemoryConfig":
-        return cls(ms_norms=False, approx_activations=False, fused_gated_mlp=False, velora=False)
+    def none(cls, **overrides) -> "MemoryConfig":
+        """No technique (``budget`` / ``layer_modes`` may still be given: recomputation alone)."""
+        return cls(**{"ms_norms": False, "approx_activations": False, "fused_gated_mlp": False, "velora": False,
+                      **overrides})
 
     def to_dict(self) -> dict:
         return asdict(self)

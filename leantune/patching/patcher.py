@@ -19,6 +19,8 @@ adapter linear  fused adapter linear (``lora_linear``, ``lowrank_linear``)  per 
                                                                            forward when it cannot fuse
 LoRA-A input    VeLoRA (``velora``)                                         the fused linear then steps aside
 causal LM       chunked LM-head loss (``chunked_loss``)                     training with labels only
+decoder layers  activation budget: per layer keep / selective recompute /   training with gradients only
+                checkpoint / offload (``budget``, ``layer_modes``)
 ==============  =========================================================  =====================================
 
 Every patch is per instance: ``forward`` rebound (and ``_get_name`` set, so ``print(model)`` shows e.g.
@@ -34,6 +36,7 @@ from torch import nn
 
 from leantune.architectures import hf_model
 
+from .budget import patch_budget
 from .folding_patch import fold_check, patch_norm_folded
 from .loss_patch import patch_chunked_loss
 from .ops_patch import patch_activation, patch_adapter_linear, patch_gated_mlp, patch_norm_unfolded, patch_velora
@@ -73,6 +76,9 @@ def _choices(sites: Sites, memory, kernels: tuple[str, ...]) -> list[tuple[str, 
     if sites.causal_lm is not None:
         wanted = memory is not None and memory.chunked_loss
         out.append(("loss", sites.causal_lm, sites.causal_lm, ["chunked"] if wanted else []))
+    if sites.layer_stack is not None:
+        wanted = memory is not None and (memory.budget is not None or memory.layer_modes is not None)
+        out.append(("layers", sites.layer_stack, sites.layer_stack, ["budget"] if wanted else []))
     down_of_fused = {id(site.mlp.down_proj) for site in sites.gated_mlps if id(site.mlp) in fused_mlps}
     for role, modules in sites.velora.items():
         wanted = memory is not None and memory.velora and role in memory.velora_targets
@@ -90,6 +96,7 @@ _PATCHERS = {
     ("adapter", "fused"): patch_adapter_linear,
     ("velora", "velora"): patch_velora,
     ("loss", "chunked"): patch_chunked_loss,
+    ("layers", "budget"): patch_budget,
 }
 
 

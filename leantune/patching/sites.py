@@ -23,7 +23,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from leantune.architectures import ARCHITECTURES, blocks_of, get_path, hf_model, model_type_of
+from leantune.architectures import ARCHITECTURES, blocks_of, find_layer_stack, get_path, hf_model, model_type_of
 
 
 @dataclass
@@ -69,6 +69,7 @@ class Sites:
     adapter_linears: list[tuple[str, nn.Module]] = field(default_factory=list)
     velora: dict[str, list[tuple[str, nn.Module]]] = field(default_factory=dict)  # role -> linears
     causal_lm: nn.Module | None = None  # the …ForCausalLM whose LM-head loss can be chunked
+    layer_stack: nn.ModuleList | None = None  # the decoder layers (the activation budget's unit)
     notes: list[str] = field(default_factory=list)
 
 
@@ -174,6 +175,18 @@ def _table_norms(model: nn.Module, sites: Sites) -> None:
     sites.notes.extend(architecture.notes)
 
 
+def layer_stack(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder (or encoder) layer list, or None when the model has none of the usual ones."""
+    try:
+        return find_layer_stack(model)
+    except ValueError:
+        pass
+    for name, module in hf_model(model).named_modules():  # BERT: <base>.encoder.layer, ViT: vit.layers
+        if name.endswith(("encoder.layer", ".layers")) and isinstance(module, nn.ModuleList):
+            return module
+    return None
+
+
 def find_sites(model: nn.Module) -> Sites:
     """Every patchable site of ``model`` (see the module docstring)."""
     model_type = model_type_of(model)
@@ -182,6 +195,7 @@ def find_sites(model: nn.Module) -> Sites:
     lm = hf_model(model)
     if type(lm).__name__.endswith(("ForCausalLM", "LMHeadModel")) and hasattr(lm, "lm_head"):
         sites.causal_lm = lm
+    sites.layer_stack = layer_stack(model)
     if sites.known:
         _table_norms(model, sites)
     elif architecture is not None:  # placement-only family: VeLoRA roles still come from the table

@@ -36,6 +36,7 @@ class PatchState:
         self.model = model
         self.memory = None  # leantune.memory.MemoryConfig or None
         self.kernels: tuple[str, ...] = ()
+        self.policy: Any = None  # the activation budget's BudgetPolicy (patching.budget), when one is on
         self.applied: dict[tuple[str, int], Applied] = {}
         self.report: list[str] = []
         self._warned: set[tuple[str, str]] = set()

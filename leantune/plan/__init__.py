@@ -32,12 +32,16 @@ from leantune.memory import MemoryConfig, apply, enable_checkpointing
 from leantune.optim import OPTIMIZERS, OptimizerConfig
 from leantune.optim.config import optimizer_options
 from leantune.optim.param_groups import find_target_weights
+from leantune.patching.budget import parse_budget
+from leantune.patching.state import state_of
 from leantune.plan.estimate import optimizer_state_bytes, weight_bytes
 from leantune.plan.presets import PRESETS, config_from
-from leantune.plan.trace import saved_bytes
+from leantune.plan.trace import live_bytes, saved_bytes
 
 MEMORY_OPTIONS = ("none", "checkpointing", "leantune", "leantune+checkpointing", "leantune+chunked_loss",
                   "leantune+checkpointing+chunked_loss")
+#: ``+budget:X`` may end any option without checkpointing (``budget:25%`` alone = leantune's techniques + the budget)
+BUDGET_EXAMPLES = ("budget:25%", "leantune+chunked_loss+budget:0.5", "none+budget:6GB")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 __all__ = ["MEMORY_OPTIONS", "PRESETS", "Plan", "plan", "parse_spec"]
 
@@ -162,8 +166,7 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     or "cpu" (one tensor at a time)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if memory not in MEMORY_OPTIONS:
-        raise ValueError(f"memory must be one of {MEMORY_OPTIONS}, got {memory!r}")
+    memory_name, budget = parse_memory(memory)
     if quant not in (None, "4bit", "8bit"):
         raise ValueError(f"quant must be 4bit or 8bit, got {quant!r}")
     if quant and adapter is None:
@@ -171,9 +174,11 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     for name, value in (("seq", seq), ("batch", batch), ("processes", processes)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    notes: list[str] = []
     net, config, task = prepare(model, dtype, adapter, memory, task)
+    if budget is not None:
+        state_of(net).policy.device = device  # costs (and offload) of the device planned for
     optimizer_name, optimizer_options = parse_spec(optimizer)
-    notes = []
     _check_possible(net, adapter, optimizer_name, optimizer_options, quant)
     trainable = [p for p in net.parameters() if p.requires_grad]
     weights, quantized = weight_bytes(net, quant)
@@ -185,9 +190,13 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     inputs = {"input_ids": ids, "labels": ids if task == "CAUSAL_LM" else torch.zeros(batch, dtype=torch.long,
                                                                                       device="meta")}
-    activations = saved_bytes(net, inputs, device=device)
+    if budget is None:
+        activations = saved_bytes(net, inputs, device=device)
+    else:  # checkpoint frames and selective caches hold what saved-tensor hooks do not see
+        activations = live_bytes(net, inputs, device=device)
+        notes.append(_policy_note(net))
     vocab = getattr(config, "vocab_size", 0) if task == "CAUSAL_LM" else 0
-    if vocab and memory.endswith("chunked_loss"):  # one chunk's logits z and ∂L/∂z: fp32, + dtype copies if 16-bit
+    if vocab and "chunked_loss" in memory_name:  # one chunk's logits z and ∂L/∂z: fp32, + dtype copies if 16-bit
         element = torch.empty((), dtype=DTYPES[dtype]).element_size()
         chunk = default_chunk(batch * seq, vocab, config.hidden_size, cpu_floor(device))
         per_logit = 8 + (2 * element if element != 4 else 0)
@@ -209,10 +218,45 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
                 state_s, activations, transient, peak, _gpu_bytes(gpu), notes)
 
 
+def parse_memory(memory: str) -> tuple[str, str | None]:
+    """``(option, budget)``: one of :data:`MEMORY_OPTIONS`, optionally ending in ``+budget:X`` (``budget:X`` alone:
+    leantune's techniques with the budget).
+
+    >>> parse_memory("budget:25%")
+    ('leantune', '25%')
+    >>> parse_memory("leantune+chunked_loss+budget:6GB")
+    ('leantune+chunked_loss', '6GB')
+    """
+    name, _, budget = memory.partition("budget:")
+    name = name.rstrip("+") or "leantune"
+    if name not in MEMORY_OPTIONS or (memory.count("budget:") and not budget) or memory.count("budget:") > 1:
+        raise ValueError(f"memory must be one of {MEMORY_OPTIONS}, optionally ending in +budget:X (e.g. "
+                         f"{', '.join(BUDGET_EXAMPLES)}), got {memory!r}")
+    if budget and "checkpointing" in name:
+        raise ValueError(f"memory {memory!r}: the budget policy checkpoints layers itself; drop 'checkpointing'")
+    if budget:
+        parse_budget(_budget_value(budget))
+    return name, (budget or None)
+
+
+def _budget_value(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _policy_note(net) -> str:
+    policy = state_of(net).policy
+    return "activation budget: " + ("; ".join(policy.report()) if policy.report() else "not decided")
+
+
 def prepare(model: str | dict, dtype: str = "bf16", adapter: str | None = None, memory: str = "none",
             task: str | None = None, device: str = "meta"):
     """``(model, config, task)``: the model as it will train — from its config on ``device`` (meta for planning),
-    with the adapter, leantune memory options and gradient checkpointing, in training mode."""
+    with the adapter, leantune memory options (and activation budget) and gradient checkpointing, in training
+    mode."""
+    memory, budget = parse_memory(memory)
     config = config_from(model)
     task = task or ("SEQ_CLS" if any("SequenceClassification" in a for a in (config.architectures or []))
                     else "CAUSAL_LM")
@@ -222,7 +266,10 @@ def prepare(model: str | dict, dtype: str = "bf16", adapter: str | None = None, 
         with torch.device(device):  # adapters created where the model is (meta: nothing allocated, any rank)
             net = get_peft_model(net, _adapter_config(adapter_name, adapter_options, task))
     if memory.startswith("leantune"):
-        apply(net, MemoryConfig(keep_original_weights=False, chunked_loss=memory.endswith("chunked_loss")))
+        apply(net, MemoryConfig(keep_original_weights=False, chunked_loss=memory.endswith("chunked_loss"),
+                                budget=None if budget is None else _budget_value(budget)))
+    elif budget is not None:
+        apply(net, MemoryConfig.none(keep_original_weights=False, budget=_budget_value(budget)))
     if "checkpointing" in memory:
         enable_checkpointing(net)
     net.train()

@@ -19,21 +19,34 @@ import transformers
 import transformers.masking_utils as masking
 from torch import nn
 
+from leantune.patching.live import LiveStorages
+from leantune.patching.recompute import ATTENTION_OPS
 
-class _FusedAttentionShapes(torch.autograd.Function):
-    """What a flash / memory-efficient SDPA kernel saves: q, k, v, out and a (…, s) fp32 log-sum-exp."""
 
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
-        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
+@torch.library.custom_op("leantune::fused_attention_shapes", mutates_args=())
+def _fused_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a flash / memory-efficient SDPA kernel returns: out and a (…, s) fp32 log-sum-exp (values unset: the
+    trace only needs shapes). One op, so selective checkpointing caches it as it caches the real kernels."""
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - the trace never runs backward
-        q, k, v, _, _ = ctx.saved_tensors
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+@_fused_attention_shapes.register_fake
+def _(q, k, v):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v = inputs
+    ctx.save_for_backward(q, k, v, *output)  # what the kernels keep: q, k, v, out, lse
+
+
+def _backward(ctx, grad_out, grad_lse):  # pragma: no cover - the trace never runs backward
+    q, k, v, _, _ = ctx.saved_tensors
+    return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+
+
+_fused_attention_shapes.register_autograd(_backward, setup_context=_setup)
+ATTENTION_OPS.add(torch.ops.leantune.fused_attention_shapes.default)
 
 
 @contextlib.contextmanager
@@ -49,7 +62,7 @@ def fused_attention(device: str = "cuda") -> Iterator[None]:
         if device == "cpu" and dropout_p > 0:
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
-        return _FusedAttentionShapes.apply(query, key, value)
+        return torch.ops.leantune.fused_attention_shapes(query, key, value)[0]
 
     torch.nn.functional.scaled_dot_product_attention = sdpa
     if original_packed is not None:
@@ -60,6 +73,29 @@ def fused_attention(device: str = "cuda") -> Iterator[None]:
         torch.nn.functional.scaled_dot_product_attention = original
         if original_packed is not None:
             masking.find_packed_sequence_indices = original_packed
+
+
+def live_bytes(model: nn.Module, batch: dict[str, torch.Tensor], emulate_fused_attention: bool = True,
+               device: str = "cuda") -> int:
+    """Bytes one forward of ``model`` on ``batch`` leaves alive for backward, however they are held (saved tensors,
+    checkpoint frames, selective-checkpoint caches: :class:`leantune.patching.live.LiveStorages`), the loss
+    excluded; attention as ``device``'s fused kernels run it. What the activation budget is planned with."""
+    where = next(model.parameters()).device.type
+    attention = fused_attention(device) if emulate_fused_attention else contextlib.nullcontext()
+    live = LiveStorages(where)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with attention, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with live:
+                out = model(**batch)
+        loss = out.loss if getattr(out, "loss", None) is not None else None
+        del out
+        return live.bytes(exclude=loss)
+    finally:
+        live.release()
+        transformers.logging.set_verbosity(verbosity)
 
 
 def saved_bytes(model: nn.Module, batch: dict[str, torch.Tensor], emulate_fused_attention: bool = True,

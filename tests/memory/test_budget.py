@@ -1,0 +1,265 @@
+"""The activation budget (``MemoryConfig(budget=...)``, ``leantune.patching.budget`` / ``recompute``): every mode
+gives the gradients of the model without it, bitwise on the CPU (fp32 and bf16, every family with a layer stack,
+with and without leantune's techniques, with dropout); the live-storage counter sees what saved-tensor hooks miss;
+offload packs one tensor per layer and reuses its buffers; the solver is the convex-hull choice, checked by hand;
+budgets are met, monotone, a no-op above ``keep``, and fraction and bytes agree; bad input is refused."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import transformers as T
+
+from leantune.memory import MemoryConfig, apply
+from leantune.patching.budget import LayerCosts, ModeCost, parse_budget, solve
+from leantune.patching.live import LiveStorages
+from leantune.patching.recompute import MODES, Offloader, run_layer
+from leantune.patching.state import state_of
+from leantune.plan.trace import saved_bytes
+
+from .conftest import batch_for, build, with_lora
+
+FAMILIES = ["llama", "qwen2", "gpt2", "bert", "vit"]
+SELECTIVE = ("save_matmuls", "recompute_mlp", "save_attention")
+
+
+def _grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _lora(family, dtype, dropout=0.0):
+    model = with_lora(build(family), dropout=dropout).to(dtype)
+    model.train()
+    return model
+
+
+def _cast(batch, dtype):
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("techniques", [False, True], ids=["plain", "exact_techniques"])
+def test_every_mode_gives_the_gradients_of_keep_bitwise(family, dtype, techniques):
+    batch = _cast(batch_for(family), dtype)
+    reference = _lora(family, dtype)
+    if techniques:
+        apply(reference, MemoryConfig.exact(keep_original_weights=False))
+    loss0, grads0 = _grads(reference, batch)
+    for mode in MODES[1:-1]:  # offload: its own test (it needs host copies on the CPU)
+        model = _lora(family, dtype)  # the same weights (seeded)
+        make = MemoryConfig.exact if techniques else MemoryConfig.none
+        apply(model, make(keep_original_weights=False, layer_modes=mode))
+        loss, grads = _grads(model, batch)
+        assert torch.equal(loss, loss0), mode
+        assert grads.keys() == grads0.keys()
+        for name in grads0:
+            assert torch.equal(grads[name], grads0[name]), (mode, name)
+
+
+def test_dropout_is_replayed_exactly():
+    """Recomputation restores the RNG state: GPT-2 with dropout 0.1 everywhere gives the same gradients."""
+    torch.manual_seed(0)
+    cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0, eos_token_id=0,
+                       attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1)
+    base = with_lora(T.GPT2LMHeadModel(cfg), dropout=0.1)
+    batch = batch_for("gpt2")
+    for mode in ("checkpoint", "save_matmuls", "recompute_mlp"):
+        plain, patched = copy.deepcopy(base).train(), copy.deepcopy(base).train()
+        apply(patched, MemoryConfig.none(layer_modes=mode))
+        torch.manual_seed(5)
+        loss0, grads0 = _grads(plain, batch)
+        torch.manual_seed(5)
+        loss, grads = _grads(patched, batch)
+        assert torch.equal(loss, loss0)
+        assert all(torch.equal(grads[n], grads0[n]) for n in grads0), mode
+
+
+def test_the_kv_cache_is_dropped_in_recomputed_layers():
+    """Training with use_cache=True (the default config) — the cache would grow in the recomputation."""
+    model = _lora("llama", torch.float32)
+    model.config.use_cache = True
+    apply(model, MemoryConfig.none(layer_modes="checkpoint"))
+    batch = batch_for("llama")
+    _grads(model, {**batch, "use_cache": True})
+
+
+def _live(model, batch):
+    live = LiveStorages("cpu")
+    with live:
+        out = model(**batch)
+    loss = out.loss
+    del out
+    got = live.bytes(exclude=loss)
+    live.release()
+    loss.backward()
+    return got
+
+
+def test_the_live_counter_agrees_with_saved_tensor_hooks_and_sees_the_selective_cache():
+    batch = batch_for("llama")
+    plain = _lora("llama", torch.float32)
+    assert _live(plain, batch) == saved_bytes(plain, batch, emulate_fused_attention=False)
+    cached = _lora("llama", torch.float32)
+    apply(cached, MemoryConfig.none(layer_modes="save_matmuls"))
+    checkpointed = _lora("llama", torch.float32)
+    apply(checkpointed, MemoryConfig.none(layer_modes="checkpoint"))
+    hooks = saved_bytes(cached, batch, emulate_fused_attention=False)
+    assert hooks == saved_bytes(checkpointed, batch, emulate_fused_attention=False)  # hooks miss the cache
+    assert _live(cached, batch) > _live(checkpointed, batch)                          # the counter does not
+
+
+def test_offload_packs_one_input_per_layer_and_reuses_its_buffers():
+    layer = _lora("llama", torch.float32).base_model.model.model.layers[0]
+    offloader = Offloader(host_copies_on_cpu=True)
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    cos, sin = torch.ones(2, 8, 8), torch.zeros(2, 8, 8)
+    kwargs = {"position_embeddings": (cos, sin), "attention_mask": None}
+
+    def step(mode):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        out = run_layer(layer.forward, mode, (x,), kwargs, offloader)
+        out = out[0] if isinstance(out, tuple) else out
+        out.pow(2).sum().backward()
+        return x.grad.clone(), {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
+    ref_x, ref = step("keep")
+    buffers = []
+    for round_ in range(3):
+        got_x, got = step("offload")
+        assert torch.equal(got_x, ref_x) and all(torch.equal(got[n], ref[n]) for n in ref)
+        assert offloader.packs == offloader.unpacks == round_ + 1  # one [b, s, h] per step and layer
+        buffers.append(id(offloader._pool[((2, 8, 32), torch.float32)][0]))
+    assert len(set(buffers)) == 1  # the same pinned buffer every step
+
+
+def _costs(*modes):
+    return LayerCosts([ModeCost(m, b, e) for m, b, e in modes], step=10.0, input_bytes=1)
+
+
+def test_solver_is_the_convex_hull_by_hand():
+    # keep 100 B / 0 s; a 60 B / 1 s; b 50 B / 4 s (above the segment a–c: never on the hull); c 10 B / 3 s
+    costs = _costs(("keep", 100, 0.0), ("a", 60, 1.0), ("b", 50, 4.0), ("c", 10, 3.0), ("d", 120, 0.5))
+    assert solve(costs, 4, 400) == ["keep"] * 4                  # at or above keep: nothing changes
+    assert solve(costs, 4, 360) == ["a", "keep", "keep", "keep"]  # one layer down to a (360 B)
+    assert solve(costs, 4, 240) == ["a"] * 4                     # the hull's first corner, 4 s
+    assert solve(costs, 4, 200) == ["c", "a", "a", "a"]          # 190 B, 6 s (b would cost 7 s for 230 B)
+    assert solve(costs, 4, 40) == ["c"] * 4
+    assert solve(costs, 4, 1) == ["c"] * 4                       # below the minimum: the leanest everywhere
+
+
+def test_solver_settles_the_last_layer_on_the_cheapest_mode_that_fits():
+    costs = _costs(("keep", 100, 0.0), ("ckpt", 10, 5.0), ("mid", 70, 2.0))  # mid is above keep–ckpt
+    # hull moves layer 0 to ckpt (110 B ≤ 150) but mid (170 B) does not fit; with 170 B allowed mid is chosen
+    assert solve(costs, 2, 150) == ["ckpt", "keep"]
+    assert solve(costs, 2, 170) == ["mid", "keep"]
+
+
+def _decided(model):
+    policy = state_of(model).policy
+    (key, modes), = policy.decisions.items()
+    return modes, policy.layer_costs[key]
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.6, 0.3, 0.05])
+def test_budgets_are_met_and_fraction_and_bytes_agree(budget):
+    batch = batch_for("llama")
+    model = _lora("llama", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply(model, MemoryConfig.exact(budget=budget))
+        _grads(model, batch)
+    modes, costs = _decided(model)
+    kept = sum(costs.cost(m).bytes for m in modes)
+    keep = costs.cost("keep").bytes * len(modes)
+    leanest = min(c.bytes for c in costs.modes) * len(modes)
+    assert kept <= max(budget * keep, leanest)
+    if budget == 1.0:
+        assert modes == ["keep"] * len(modes)
+    other = _lora("llama", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        apply(other, MemoryConfig.exact(budget=int(budget * keep) if budget * keep > 1 else 2))
+        _grads(other, batch)
+    assert _decided(other)[0] == modes or budget * keep < leanest
+
+
+def test_smaller_budgets_keep_fewer_bytes_measured():
+    batch = batch_for("llama")
+    measured = []
+    for budget in (1.0, 0.7, 0.4, 0.1):
+        model = _lora("llama", torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply(model, MemoryConfig.exact(budget=budget))
+            _grads(model, batch)  # the decision
+        measured.append(_live(model, batch))
+    assert measured == sorted(measured, reverse=True) and measured[0] > measured[-1]
+
+
+def test_an_unreachable_budget_warns_and_the_report_says_what_was_chosen(capsys):
+    model = _lora("llama", torch.float32)
+    apply(model, MemoryConfig.exact(budget="1KB", verbose=True))
+    with pytest.warns(UserWarning, match="below what the decoder layers can keep"):
+        _grads(model, batch_for("llama"))
+    assert "checkpoint" in capsys.readouterr().out
+    assert any("layers 0-1" in line for line in state_of(model).policy.report())
+
+
+def test_evaluation_and_no_grad_run_the_layers_as_they_are():
+    model = _lora("llama", torch.float32)
+    apply(model, MemoryConfig.exact(budget=0.5))
+    model.eval()
+    with torch.no_grad():
+        model(**batch_for("llama"))
+    assert state_of(model).policy.decisions == {}
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.1, "abc", "0%", "-3GB", True, [0.5]])
+def test_bad_budgets_are_refused(bad):
+    with pytest.raises(ValueError, match="budget"):
+        MemoryConfig(budget=bad)
+
+
+def test_parse_budget():
+    assert parse_budget("25%") == ("fraction", 0.25)
+    assert parse_budget(0.5) == ("fraction", 0.5)
+    assert parse_budget("6GB") == ("bytes", 6e9)
+    assert parse_budget("512MiB") == ("bytes", 512e6)
+    assert parse_budget(4096) == ("bytes", 4096.0)
+
+
+def test_refusals_name_the_part_and_what_to_use_instead():
+    with pytest.raises(ValueError, match="budget or layer_modes"):
+        MemoryConfig(budget=0.5, layer_modes="checkpoint")
+    with pytest.raises(ValueError, match="layer_modes"):
+        MemoryConfig(layer_modes="everything")
+    model = _lora("llama", torch.float32)
+    with pytest.raises(ValueError, match="one per decoder layer"):
+        apply(model, MemoryConfig.none(layer_modes=("keep", "checkpoint", "keep")))
+    checkpointed = _lora("llama", torch.float32)
+    checkpointed.base_model.model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="activation_checkpointing_disable"):
+        apply(checkpointed, MemoryConfig.none(budget=0.5))
+    t5 = build("t5")
+    with pytest.raises(ValueError, match="two"):
+        apply(t5, MemoryConfig.none(budget=0.5))
+
+
+def test_undo_restores_the_layers():
+    model = _lora("llama", torch.float32)
+    batch = batch_for("llama")
+    before = _live(model, batch)
+    handle = apply(model, MemoryConfig.none(layer_modes="checkpoint"))
+    assert _live(model, batch) < before
+    handle.undo()
+    assert _live(model, batch) == before
+    assert all("forward" not in layer.__dict__ for layer in model.base_model.model.model.layers)
