@@ -33,6 +33,14 @@ STACKS = [  # label, plan() keyword arguments
                                                                      memory="leantune+checkpointing+chunked_loss")),
     ("8-bit GaLore r=1024 per-layer + leantune memory + checkpointing + chunked loss",
      dict(optimizer="galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+checkpointing+chunked_loss")),
+    ("QLoRA + leantune memory + chunked loss + budget 25% (offload / keep per layer)",
+     dict(adapter="lora:r=64", quant="4bit", memory="leantune+chunked_loss+budget:25%")),
+    ("QLoRA + leantune memory + chunked loss + least budget (every layer input offloaded)",
+     dict(adapter="lora:r=64", quant="4bit", memory="leantune+chunked_loss+budget:1%")),
+    ("QLoRA, 8-bit AdamW + leantune memory + chunked loss + least budget",
+     dict(adapter="lora:r=64", quant="4bit", optimizer="adamw8bit", memory="leantune+chunked_loss+budget:1%")),
+    ("8-bit GaLore r=1024 per-layer + leantune memory + chunked loss + least budget",
+     dict(optimizer="galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+chunked_loss+budget:1%")),
 ]
 COMPONENTS = ["weights", "gradients", "optimizer_state", "activations", "transient"]
 

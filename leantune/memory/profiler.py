@@ -5,6 +5,10 @@ forward. Every tensor autograd saves is attributed to the innermost module runni
 forward pre/post hooks), deduplicated by storage (a storage saved by a norm *and* the next linear counts once, for the
 first saver), and parameters/buffers are excluded. With gradient checkpointing the checkpointed layers keep only their
 inputs; those are counted as "checkpoint inputs".
+
+Saved-tensor hooks do not see everything a step holds: a selective-checkpoint cache (the activation budget's
+selective modes) is invisible to them. ``held_bytes`` counts every storage the forward leaves alive
+(:class:`leantune.patching.live.LiveStorages`), and ``policy`` lists what the activation budget chose per layer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 from torch import nn
 
 from leantune._utils import output_loss, storage_bytes
+from leantune.patching.live import LiveStorages
+from leantune.patching.state import state_of
 
 CATEGORIES = ("norm", "activation", "linear/adapter input", "attention", "mlp", "checkpoint inputs", "other")
 _ACTIVATION_NAMES = ("GELU", "SiLU", "ReLU", "Tanh", "Activation", "ApproxActivation", "Sigmoid")
@@ -62,6 +68,8 @@ class MemoryProfile:
     loss: float
     step_time_s: float
     peak_device_bytes: int | None = None
+    held_bytes: int | None = None
+    policy: list[str] = field(default_factory=list)
 
     @property
     def total_saved_bytes(self) -> int:
@@ -96,8 +104,12 @@ class MemoryProfile:
                      f"({self.trainable_parameter_bytes / 2**20:.2f}) | |")
         lines.append(f"| gradients | {self.gradient_bytes / 2**20:.2f} | |")
         lines.append(f"| optimizer state | {self.optimizer_state_bytes / 2**20:.2f} | |")
+        if self.held_bytes is not None:
+            lines.append(f"| held for backward (live storages: + checkpoint / selective caches) | "
+                         f"{self.held_bytes / 2**20:.2f} | |")
         if self.peak_device_bytes is not None:
             lines.append(f"| peak device memory | {self.peak_device_bytes / 2**20:.2f} | |")
+        lines += [f"\nactivation budget: {line}" for line in self.policy]
         lines.append(f"\nloss {self.loss:.4f}, step time {self.step_time_s * 1000:.1f} ms; by module type: "
                      + ", ".join(f"{k} {v / 2**20:.2f} MiB" for k, v in
                                  sorted(self.saved_bytes_by_type.items(), key=lambda kv: -kv[1])[:8]))
@@ -175,8 +187,9 @@ def profile(model: nn.Module, batch: dict | torch.Tensor | tuple, optimizer: tor
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
+    live = LiveStorages(next((p.device.type for p in model.parameters()), "cpu"))
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if isinstance(batch, dict):
                 output = model(**batch)
             elif isinstance(batch, (tuple, list)):
@@ -185,7 +198,9 @@ def profile(model: nn.Module, batch: dict | torch.Tensor | tuple, optimizer: tor
                 output = model(batch)
             loss = (loss_fn or _default_loss)(output)
         del output
+        held = live.bytes(exclude=loss)
     finally:
+        live.release()
         for h in hooks:
             h.remove()
     records = list(seen.values())
@@ -211,4 +226,11 @@ def profile(model: nn.Module, batch: dict | torch.Tensor | tuple, optimizer: tor
         parameter_bytes=storage_bytes(model.parameters()), trainable_parameter_bytes=storage_bytes(trainable),
         gradient_bytes=gradient_bytes, optimizer_state_bytes=optimizer_state_bytes, loss=float(loss.detach()),
         step_time_s=elapsed, peak_device_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        held_bytes=held, policy=_policy_report(model),
     )
+
+
+def _policy_report(model: nn.Module) -> list[str]:
+    state = state_of(model)
+    policy = getattr(state, "policy", None)
+    return policy.report() if policy is not None else []

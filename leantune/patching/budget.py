@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .live import LiveStorages, OpRecord
 from .recompute import MODES, Offloader, mlp_modules, run_layer, tag_mlp, without_cache, worth_saving
@@ -93,20 +94,9 @@ def probe(forward: Callable, layer: nn.Module, args: tuple, kwargs: dict, modes:
     args, kwargs = without_cache(args, kwargs)
     per_mode: dict[str, int] = {}
     ops: list[OpRecord] = []
-    for mode in ("keep",) + tuple(m for m in modes if m != "keep"):
-        if mode == "offload":
-            continue
-        live = LiveStorages(device, record_ops=mode == "keep")
-        with live:
-            # a fresh leaf like a middle layer's input (requires grad), made inside the counter: counted if kept
-            x = args[0].detach().clone().requires_grad_(True)
-            out = run_layer(forward, mode, (x,) + tuple(args[1:]), kwargs)
-        del x
-        per_mode[mode] = live.bytes(exclude=out)  # the output is the next layer's input: counted there
-        del out
-        if mode == "keep":
-            ops = live.ops
-        live.release()
+    with _disable_current_modes():  # the probe is invisible to outer dispatch modes (a caller's live counter)
+        for mode in ("keep",) + tuple(m for m in modes if m != "keep"):
+            ops = _probe_mode(forward, mode, args, kwargs, device, per_mode) or ops
     input_bytes = args[0].numel() * args[0].element_size()
     fwd = sum(_op_time(op, costs) for op in ops)
     trains_base = any(p.requires_grad and p.ndim == 2 and min(p.shape) > 64 for p in _base_weights(layer))
@@ -122,6 +112,28 @@ def probe(forward: Callable, layer: nn.Module, args: tuple, kwargs: dict, modes:
         else:
             result.append(ModeCost(mode, per_mode[mode], 0.0 if mode == "keep" else recomputed))
     return LayerCosts(result, step, input_bytes)
+
+
+def _probe_mode(forward: Callable, mode: str, args: tuple, kwargs: dict, device: str,
+                per_mode: dict[str, int]) -> list[OpRecord] | None:
+    """Run the layer once in ``mode`` on a copy of its input; store the bytes it keeps; the ops (keep mode)."""
+    if mode == "offload":  # nothing stays on the device; its cost is checkpoint's plus the copies
+        return None
+    live = LiveStorages(device, record_ops=mode == "keep")
+    # identity hooks shadow any outer saved-tensor hooks (a profiler's, an offloader's) for the probe's graph
+    with live, torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        # a fresh leaf like a middle layer's input (requires grad), made inside the counter: counted if kept
+        x = args[0].detach().clone().requires_grad_(True)
+        out = run_layer(forward, mode, (x,) + tuple(args[1:]), kwargs)
+    del x
+    per_mode[mode] = live.bytes(exclude=out)  # the output is the next layer's input: counted there
+    del out
+    live.release()
+    return live.ops if mode == "keep" else None
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _base_weights(layer: nn.Module) -> list[torch.Tensor]:
@@ -248,6 +260,11 @@ class BudgetPolicy:
         if self.verbose:
             print("leantune.memory: " + "\n".join(self.reports[key]))
         return modes
+
+    def recompute_bytes(self) -> int:
+        """The most one recomputed layer holds again during its backward (0 when every layer keeps)."""
+        return max((self.layer_costs[key].cost("keep").bytes for key, modes in self.decisions.items()
+                    if key in self.layer_costs and any(m != "keep" for m in modes)), default=0)
 
     def report(self) -> list[str]:
         return [line for lines in self.reports.values() for line in lines]

@@ -207,7 +207,9 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     weights_s, grads_s, state_s = weights // shard, grads // shard, state // shard
     largest = max((p.numel() * p.element_size() for p in trainable), default=0)
     step_temporaries = grads_s if optimizer_name in (None, "adamw") and device == "cuda" else largest
-    peak = weights_s + state_s + max(activations + transient + (grads_s if layerwise else 0),
+    # a recomputed layer's backward holds that layer's activations again (as kept without the policy)
+    recompute = state_of(net).policy.recompute_bytes() if budget is not None else 0
+    peak = weights_s + state_s + max(activations + max(transient, recompute) + (grads_s if layerwise else 0),
                                      (0 if layerwise else grads_s) + step_temporaries)
     if processes > 1 and not fsdp:
         notes.append("DDP keeps a full replica per GPU (and a gradient-bucket copy, not counted)")

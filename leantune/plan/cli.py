@@ -28,8 +28,10 @@ def add_plan_subcommand(sub) -> None:
     p.add_argument("--adapter", default=None, help="e.g. lora:r=16 or lora_xs:r=32,target_modules=q_proj|v_proj")
     p.add_argument("--optimizer", default="adamw", help="adamw, adamw8bit, or a leantune optimizer with options, "
                                                         "e.g. galore_adamw8bit:rank=1024,layerwise=true")
-    p.add_argument("--memory", default="none", choices=MEMORY_OPTIONS + ("all",),
-                   help="memory option, or 'all' for one column per option")
+    p.add_argument("--memory", default="none",
+                   help=f"memory option ({', '.join(MEMORY_OPTIONS)}), optionally ending in +budget:X for an "
+                        f"activation budget (e.g. budget:25%%, leantune+chunked_loss+budget:6GB), or 'all' for one "
+                        f"column per option")
     p.add_argument("--quant", default=None, choices=["4bit", "8bit"], help="bitsandbytes base (with an adapter)")
     p.add_argument("--gpu", default=None, help="memory per GPU, e.g. 24GB")
     p.add_argument("--processes", type=int, default=1)

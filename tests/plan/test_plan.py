@@ -147,3 +147,63 @@ def test_search_ranks_stacks_that_fit(capsys):
     assert cli(["plan", "llama-2-7b", "--seq", "2048", "--gpu", "24GB", "--search"]) == 0
     out = capsys.readouterr().out
     assert "Stacks that fit in 24GB" in out and "| lora:r=16 |" in out and "full" in out
+
+
+QWEN2 = dict(model_type="qwen2", vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
+             num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True)
+BUDGET_CASES = {  # name: (model, dtype, adapter, memory, seq, batch)
+    "llama-lora-leantune-budget50": ({**LLAMA, "num_hidden_layers": 4}, "fp32", "lora:r=8", "budget:50%", 128, 2),
+    "llama-lora-bf16-plain-budget40": ({**LLAMA, "num_hidden_layers": 4}, "bf16", "lora:r=8", "none+budget:0.4",
+                                       128, 2),
+    "qwen2-gqa-chunked-budget25": (QWEN2, "fp32", "lora:r=8", "leantune+chunked_loss+budget:25%", 128, 2),
+    "gpt2-full-budget30": ({**GPT2, "n_layer": 4}, "fp32", None, "budget:30%", 128, 2),
+    "minilm-lora-budget50": ("minilm", "fp32", "lora:r=8", "budget:50%", 64, 8),
+}
+
+
+@pytest.mark.parametrize("case", list(BUDGET_CASES))
+def test_budget_policy_prediction_matches_measurement(case):
+    """Activation budgets: the plan (on meta, for the CPU) picks the modes the CPU run picks, and predicts what that
+    run holds for backward — counted with the live-storage counter, which sees checkpoint frames and selective
+    caches — within 5%, and the step's peak within 10%."""
+    from leantune.patching.live import LiveStorages
+    from leantune.patching.state import state_of
+
+    model, dtype, adapter, memory, seq, batch = BUDGET_CASES[case]
+    model = _minilm() if model == "minilm" else model
+    predicted = plan(model, seq=seq, batch=batch, dtype=dtype, adapter=adapter, memory=memory, device="cpu")
+    torch.manual_seed(0)
+    net, config, task = prepare(model, dtype, adapter, memory, device="cpu")
+    ids = torch.randint(0, min(config.vocab_size, 1000), (batch, seq))
+    inputs = {"input_ids": ids, "labels": ids if task == "CAUSAL_LM" else torch.zeros(batch, dtype=torch.long)}
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        net(**inputs).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # the policy decides here
+    policy = state_of(net).policy
+    chosen = [n for n in predicted.notes if n.startswith("activation budget")]
+    assert len(chosen) == 1 and chosen[0].split("; ")[-1] == policy.report()[0].split("; ")[-1]  # the modes
+    live = LiveStorages("cpu")
+    with live:
+        out = net(**inputs)
+    loss = out.loss
+    del out
+    held = live.bytes(exclude=loss)
+    live.release()
+    loss.backward()
+    opt.zero_grad(set_to_none=True)
+    state_tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    peak = peak_bytes(step, list(net.parameters()) + list(net.buffers()) + state_tensors)
+    assert predicted.activations == pytest.approx(held, rel=0.05), (predicted.activations, held)
+    assert predicted.peak == pytest.approx(peak, rel=0.10), (predicted.peak, peak)
+
+
+def test_budget_memory_spec_is_checked():
+    for bad in ("budget:", "budget:150%", "leantune+checkpointing+budget:50%", "fast+budget:0.5",
+                "budget:1%+budget:2%"):
+        with pytest.raises(ValueError, match="budget|memory"):
+            plan(LLAMA, seq=64, memory=bad)
