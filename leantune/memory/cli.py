@@ -35,7 +35,9 @@ def add_profile_subcommand(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--lora-rank", type=int, default=8, help="peft LoRA on all linear layers (0: none)")
     parser.add_argument("--memory", default="none",
-                        help="comma-separated techniques to apply: " + ", ".join(TECHNIQUES) + ", or all / none")
+                        help="comma-separated techniques to apply: " + ", ".join(TECHNIQUES) + ", or all / none; "
+                             "add budget:X for an activation budget (budget:25%%, budget:2GB) or layers:MODE "
+                             "(layers:checkpoint): the table then shows what each layer does")
     parser.add_argument("--compare", action="store_true", help="also profile without techniques and print both")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.set_defaults(func=run_profile)
@@ -43,17 +45,39 @@ def add_profile_subcommand(subparsers) -> argparse.ArgumentParser:
 
 
 def memory_config_from_string(spec: str) -> MemoryConfig | None:
-    """"all" / "none" / "ms_norms,fused_gated_mlp" -> MemoryConfig (None for "none")."""
+    """"all" / "none" / "ms_norms,fused_gated_mlp" -> MemoryConfig (None for "none"); ``budget:X`` and
+    ``layers:MODE`` items add an activation budget or one mode for every layer.
+
+    >>> memory_config_from_string("fused_gated_mlp,budget:25%").budget
+    '25%'
+    >>> memory_config_from_string("layers:checkpoint").layer_modes
+    ('checkpoint',)
+    """
     spec = spec.strip().lower()
     if spec in ("", "none"):
         return None
-    if spec == "all":
-        return MemoryConfig.all()
-    chosen = {s.strip() for s in spec.split(",") if s.strip()}
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    extra: dict = {}
+    for item in [i for i in items if i.startswith(("budget:", "layers:"))]:
+        items.remove(item)
+        key, _, value = item.partition(":")
+        if key == "budget":
+            try:
+                extra["budget"] = float(value)
+            except ValueError:
+                extra["budget"] = value
+        else:
+            extra["layer_modes"] = value
+    if items in ([], ["none"]):
+        return MemoryConfig.none(**extra)
+    if items == ["all"]:
+        return MemoryConfig.all(**extra)
+    chosen = set(items)
     unknown = chosen - set(TECHNIQUES)
     if unknown:
-        raise ValueError(f"--memory: unknown technique(s) {sorted(unknown)}; choose from {', '.join(TECHNIQUES)}")
-    return MemoryConfig(**{t: t in chosen for t in TECHNIQUES})
+        raise ValueError(f"--memory: unknown technique(s) {sorted(unknown)}; choose from {', '.join(TECHNIQUES)}, "
+                         f"budget:X or layers:MODE")
+    return MemoryConfig(**{t: t in chosen for t in TECHNIQUES}, **extra)
 
 
 def load_model(path: str, dtype: torch.dtype) -> nn.Module:

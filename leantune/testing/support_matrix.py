@@ -38,7 +38,8 @@ from leantune.patching import restore_all
 FACTORS: dict[str, list[str]] = {
     "adapter": ["peft LoRA", "LoRA-XS", "LoRA-SB", "ALLoRA", "DyLoRA", "NOLA", "Bottleneck", "Compacter",
                 "Compacter++", "SLTrain", "LOST"],
-    "memory": ["off", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "chunked_loss", "all"],
+    "memory": ["off", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "chunked_loss", "all",
+               "budget"],
     "kernels": ["off", "on"],
     # torch's AdamW, every entry of the optimizer spec table, and two modes of GaLore
     "optimizer": ["adamw", *OPTIMIZERS, "galore_adamw/layerwise", "galore_adamw/reset"],
@@ -173,6 +174,8 @@ def memory_config(name: str):
         return None
     if name == "all":
         return MemoryConfig.all()
+    if name == "budget":  # the exact techniques and an activation budget of 30% of what they keep
+        return MemoryConfig.exact(budget=0.3)
     techniques = ("ms_norms", "approx_activations", "fused_gated_mlp", "velora", "chunked_loss")
     return MemoryConfig(**{t: t == name for t in techniques})
 

@@ -263,3 +263,51 @@ def test_undo_restores_the_layers():
     handle.undo()
     assert _live(model, batch) == before
     assert all("forward" not in layer.__dict__ for layer in model.base_model.model.model.layers)
+
+
+def test_trainer_with_a_budget_trains_bitwise_as_without(tmp_path):
+    """LeanTuneCallback(memory={"budget": 0.3, ...}) under Trainer, bf16 weights, gradient accumulation and the
+    chunked loss: the same adapter weights after 3 optimizer steps as the same stack without the budget — bitwise
+    (recomputation replays the same kernels) — and the budget's decision is in the callback's model."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import Trainer, TrainingArguments
+
+    import leantune
+
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 64, (8, 12), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    trained, models = [], []
+    for budget in (None, 0.3):
+        model = build("llama").to(torch.bfloat16)
+        memory = {"approx_activations": False, "chunked_loss": True, "budget": budget}
+        callback = leantune.LeanTuneCallback(adapter=LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0),
+                                             memory=memory, verbose=False)
+        args = TrainingArguments(str(tmp_path / str(budget)), per_device_train_batch_size=2,
+                                 gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2, report_to=[],
+                                 save_strategy="no", logging_strategy="no", use_cpu=True, seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = callback.setup(Trainer(model=model, args=args, train_dataset=data))
+            trainer.train()
+        trained.append({n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad})
+        models.append(trainer.model)
+    assert any(bool(v.abs().sum() > 0) for n, v in trained[0].items() if "lora_B" in n)
+    assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+    policy = state_of(models[1]).policy
+    assert policy.decisions and any(m != "keep" for modes in policy.decisions.values() for m in modes)
+
+
+def test_profile_command_prints_the_policy_and_refuses_a_bad_budget(tmp_path, capsys):
+    from leantune.cli import main
+
+    build("llama").config.save_pretrained(tmp_path)
+    assert main(["profile", str(tmp_path), "--seq-len", "16", "--lora-rank", "2", "--memory",
+                 "fused_gated_mlp,budget:30%"]) == 0
+    out = capsys.readouterr()
+    assert "activation budget: budget 0.3" in out.out or "activation budget: budget 30%" in out.out
+    assert "held for backward" in out.out and out.err == ""
+    assert main(["profile", str(tmp_path), "--memory", "budget:lots"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("leantune: error:") and "budget" in err[0]
