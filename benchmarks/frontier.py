@@ -83,7 +83,9 @@ def batch_for(name: str, model, seq: int, batch: int, device: str) -> dict:
 
 def variants(device: str) -> dict:
     """name → function(model) switching the variant on (the model is peft-wrapped already, except VeLoRA's)."""
-    mm = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default] + [
+    import leantune.plan.trace  # noqa: F401 - registers the planner's attention stand-in, cached like the kernels
+
+    mm = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.leantune.fused_attention_shapes.default] + [
         getattr(torch.ops.aten, n).default for n in ("_scaled_dot_product_flash_attention_for_cpu",
                                                      "_scaled_dot_product_flash_attention",
                                                      "_scaled_dot_product_efficient_attention")
@@ -137,6 +139,28 @@ def prepare(base, name: str, how) -> torch.nn.Module:
     return model
 
 
+def predicted_bytes(name: str, dtype: str, vocab: int, how, data: dict, device: str) -> int | None:
+    """What the planner's machinery predicts for the same variant: built on ``meta``, one forward traced with the
+    live-storage counter, attention as ``device``'s fused kernels run it (``leantune.plan.trace.live_bytes``)."""
+    if name == "minilm":
+        return None  # the pretrained weights come from disk; the planner builds from configs only
+    from leantune.plan.trace import live_bytes
+
+    with torch.device("meta"):
+        base = build_model(name, DTYPES[dtype], vocab)
+    try:
+        model = prepare(base, name, how)
+    except Exception:  # noqa: BLE001 - a variant the meta device cannot build (it is measured all the same)
+        return None
+    state = state_of(model)
+    if state is not None and state.policy is not None:
+        state.policy.device = device
+    try:
+        return live_bytes(model, {k: v.to("meta") for k, v in data.items()}, device=device)
+    except RuntimeError:  # peft VeLoRA reads values (.item()) in its forward: not traceable on meta
+        return None
+
+
 def activation_bytes(model, batch, device: str) -> int:
     live = LiveStorages(device)
     with live:
@@ -184,7 +208,8 @@ def run_cell(name: str, dtype: str, seq: int, batch: int, rounds: int, device: s
         state = state_of(model)
         policy = getattr(state, "policy", None) if state is not None else None
         rows[vname] = {"variant": vname, "bytes": activation_bytes(model, data, device), "times": [],
-                       "policy": policy.report()[0] if policy is not None and policy.report() else ""}
+                       "policy": policy.report()[0] if policy is not None and policy.report() else "",
+                       "predicted": predicted_bytes(name, dtype, vocab, how, data, device)}
         if device == "cuda":
             rows[vname]["cuda_peak"] = cuda_peak(model, data)
     for _ in range(rounds):  # interleaved: every variant once per round
@@ -205,16 +230,20 @@ def run_cell(name: str, dtype: str, seq: int, batch: int, rounds: int, device: s
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | dtype | seq | variant | activations vs eager | step vs eager (min–max) | MiB | policy |",
-             "|---|---|---:|---|---:|---:|---:|---|"]
+    cuda = any("cuda_peak" in r for r in rows)
+    lines = ["| model | dtype | seq | variant | activations vs eager | step vs eager (min–max) | MiB | plan MiB | "
+             + ("CUDA peak MiB | " if cuda else "") + "policy |",
+             "|---|---|---:|---|---:|---:|---:|---:|" + ("---:|" if cuda else "") + "---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['dtype']} | {r['seq']} | {r['variant']} | n/a | n/a | | "
-                         f"{r['error']} |")
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['seq']} | {r['variant']} | n/a | n/a | | | "
+                         + ("| " if cuda else "") + f"{r['error']} |")
             continue
         lo, hi = r["step_spread"]
+        plan = f"{r['predicted'] / 2**20:.0f}" if r.get("predicted") else "—"
+        peak = f"{r['cuda_peak'] / 2**20:.0f} | " if cuda else ""
         lines.append(f"| {r['model']} | {r['dtype']} | {r['seq']} | {r['variant']} | {r['bytes_ratio']:.2f} | "
-                     f"{r['step_ratio']:.2f} ({lo:.2f}–{hi:.2f}) | {r['bytes'] / 2**20:.0f} | "
+                     f"{r['step_ratio']:.2f} ({lo:.2f}–{hi:.2f}) | {r['bytes'] / 2**20:.0f} | {plan} | {peak}"
                      f"{r.get('policy', '').split('; ')[-1]} |")
     return "\n".join(lines)
 

@@ -233,7 +233,7 @@ class BudgetPolicy:
         device = self.device or key[2]
         if self.layer_modes is not None:
             modes = list(self.layer_modes) * n if len(self.layer_modes) == 1 else list(self.layer_modes)
-            self.reports[key] = [f"layers 0-{n - 1}: {describe_modes(modes)} (given)"]
+            self.reports[key] = [f"given per layer; {describe_modes(modes)}"]
             return modes
         allowed = tuple(m for m in self.allowed if m != "offload" or device == "cuda")
         if "recompute_mlp" in allowed and not mlp_modules(self.layers[0]):
