@@ -15,6 +15,11 @@ head parameters' gradients (accumulated in fp32, returned as this function's gra
 ``autograd.grad`` and gradient scaling all see them). Peak extra memory: a chunk's logits and their gradient (C × V),
 never N × V; cost: f's forward once more than the unfused loss (the recompute; Cut Cross-Entropy's choice,
 arXiv 2411.09009, where Liger's fused loss computes the gradients in the forward pass instead).
+
+On CUDA with Liger-Kernel installed, a plain ``nn.Linear`` head (tied or not) goes to Liger's fused linear
+cross-entropy instead (:func:`liger_head_loss`: Triton, the gradients formed chunk by chunk in its forward). Any other
+head stays on this path: Liger reads ``head.weight``, which for a peft LoRA head is the frozen base weight (its
+adapter would get no gradient), and knows nothing of a folded final norm's hook.
 """
 
 from __future__ import annotations
@@ -127,4 +132,34 @@ def chunked_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable
     return ChunkedHeadLoss.apply(hidden, y, denominator, head, int(chunk), ignore_index, *params)
 
 
-__all__ = ["ChunkedHeadLoss", "chunked_head_loss", "default_chunk"]
+#: devices where Liger's kernel is used when installed (its kernels are Triton on CUDA)
+LIGER_DEVICES = ("cuda",)
+
+
+def _plain_linear(head: Callable) -> bool:
+    """A bare ``nn.Linear``: no adapter wrapper, no hooks, no replaced forward."""
+    return type(head) is torch.nn.Linear and not (head._forward_pre_hooks or head._forward_hooks or
+                                                  "forward" in head.__dict__)
+
+
+def liger_head_loss(hidden: torch.Tensor, labels: torch.Tensor, head: Callable,
+                    num_items_in_batch: torch.Tensor | int | None = None, ignore_index: int = -100
+                    ) -> torch.Tensor | None:
+    """Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (reduction "sum" ÷ the count, as above) when it applies —
+    ``hidden`` on a device of :data:`LIGER_DEVICES`, ``liger_kernel`` importable, ``head`` a plain ``nn.Linear`` —
+    else None (the caller uses :func:`chunked_head_loss`)."""
+    if hidden.device.type not in LIGER_DEVICES or not _plain_linear(head):
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    y = labels.reshape(-1).to(hidden.device)
+    x = hidden.reshape(-1, hidden.shape[-1])
+    total = LigerFusedLinearCrossEntropyLoss(ignore_index=ignore_index, reduction="sum")(head.weight, x, y,
+                                                                                        head.bias)
+    denominator = (y != ignore_index).sum() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(denominator, device=hidden.device)
+
+
+__all__ = ["LIGER_DEVICES", "ChunkedHeadLoss", "chunked_head_loss", "default_chunk", "liger_head_loss"]

@@ -7,7 +7,8 @@ through ``lm_head`` — the module itself, called a chunk at a time, so every he
 in the model: a plain or tied linear, peft LoRA or ``modules_to_save`` on ``lm_head``, a final norm folded into it.
 ``num_items_in_batch`` (the Trainer's count over a gradient-accumulation window) and ``ignore_index`` are honoured;
 ``outputs.logits`` is None. Anything else (evaluation, no labels, positional arguments, ``logits_to_keep``, a
-replaced ``loss_function``) runs the model's own forward.
+replaced ``loss_function``) runs the model's own forward. On CUDA with Liger-Kernel installed and a plain linear
+head, Liger's fused linear cross-entropy computes the loss (:func:`leantune.kernels.chunked_loss.liger_head_loss`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from leantune.architectures import PLAIN_LM_HEAD_MODEL_TYPES
-from leantune.kernels.chunked_loss import chunked_head_loss
+from leantune.kernels.chunked_loss import chunked_head_loss, liger_head_loss
 
 from .state import rebind
 
@@ -61,10 +62,12 @@ def patch_chunked_loss(state, applied, lm: nn.Module) -> bool:
         if shift is None:
             shift = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         head = self.lm_head
-        loss = chunked_head_loss(outputs.last_hidden_state, shift, head,
-                                 [p for p in head.parameters() if p.requires_grad],
-                                 num_items_in_batch=kwargs.get("num_items_in_batch"), ignore_index=ignore_index,
-                                 chunk=chunk, vocab_size=self.config.vocab_size)
+        count = kwargs.get("num_items_in_batch")
+        loss = liger_head_loss(outputs.last_hidden_state, shift, head, count, ignore_index)  # CUDA, plain head
+        if loss is None:
+            loss = chunked_head_loss(outputs.last_hidden_state, shift, head,
+                                     [p for p in head.parameters() if p.requires_grad], num_items_in_batch=count,
+                                     ignore_index=ignore_index, chunk=chunk, vocab_size=self.config.vocab_size)
         cls = _output_class(type(self))
         fields = cls.__dataclass_fields__
         return cls(loss=loss, logits=None, **{k: v for k, v in outputs.items()

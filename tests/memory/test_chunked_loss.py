@@ -274,3 +274,49 @@ def test_shift_labels_are_taken_as_given():
         grads.append(_grads(model))
     assert torch.equal(losses[0], losses[1])
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_liger_is_used_only_where_it_composes(monkeypatch):
+    """The Liger dispatch, with a stand-in for Liger's class (Liger is Triton on CUDA, not installed here): a plain
+    linear head goes to it (same loss and gradients as the torch path: "sum" ÷ count); a peft LoRA head, a hooked
+    (folded) head, or a device outside LIGER_DEVICES never does."""
+    import sys
+    import types
+
+    import leantune.kernels.chunked_loss as cl
+
+    calls = []
+
+    class FakeLiger(torch.nn.Module):  # Liger's signature and semantics, in torch
+        def __init__(self, ignore_index=-100, reduction="mean"):
+            super().__init__()
+            self.ignore_index, self.reduction = ignore_index, reduction
+
+        def forward(self, weight, x, y, bias=None):
+            calls.append(weight.shape)
+            return F.cross_entropy(F.linear(x, weight, bias), y, ignore_index=self.ignore_index,
+                                   reduction=self.reduction)
+
+    module = types.ModuleType("liger_kernel.transformers")
+    module.LigerFusedLinearCrossEntropyLoss = FakeLiger
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", module)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 5))
+    labels[0, :2] = -100
+    head = torch.nn.Linear(8, 11, dtype=torch.float64)
+    assert cl.liger_head_loss(hidden, labels, head) is None  # CPU is not a Liger device
+    monkeypatch.setattr(cl, "LIGER_DEVICES", ("cpu",))
+    loss = cl.liger_head_loss(hidden, labels, head, num_items_in_batch=7)
+    assert calls and loss is not None
+    (gx, gw) = torch.autograd.grad(loss, (hidden, head.weight))
+    ref = cl.chunked_head_loss(hidden, labels, head, [head.weight, head.bias], num_items_in_batch=7, chunk=3)
+    (rx, rw) = torch.autograd.grad(ref, (hidden, head.weight))
+    assert torch.allclose(loss, ref) and torch.allclose(gx, rx) and torch.allclose(gw, rw)
+    from peft import LoraConfig, get_peft_model
+
+    wrapped = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 11)), LoraConfig(r=2, target_modules=["0"]))
+    assert cl.liger_head_loss(hidden, labels, wrapped.base_model.model[0]) is None  # LoRA head: torch path
+    hooked = torch.nn.Linear(8, 11, dtype=torch.float64)
+    hooked.register_forward_pre_hook(lambda m, a: None)
+    assert cl.liger_head_loss(hidden, labels, hooked) is None  # a folded final norm's hook: torch path
