@@ -17,7 +17,7 @@ PACKAGE = ROOT / "leantune"
 #: third-party modules that may be missing on a user's machine (or are slow and rarely needed), so they are imported
 #: where they are used
 OPTIONAL = ("bitsandbytes", "triton", "matplotlib", "torch.distributed.tensor", "torch.distributed.fsdp",
-            "torch.distributed.checkpoint", "deepspeed", "mkdocs")
+            "torch.distributed.checkpoint", "deepspeed", "mkdocs", "liger_kernel")
 
 
 def floors() -> dict[str, int]:
