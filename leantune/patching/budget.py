@@ -109,6 +109,8 @@ def probe(forward: Callable, layer: nn.Module, args: tuple, kwargs: dict, modes:
         if mode == "offload":
             exposed = max(0.0, input_bytes / costs.host_bandwidth - fwd)
             result.append(ModeCost(mode, 0, recomputed + exposed, input_bytes))
+        elif mode == "division":  # no recomputation: compressing and rebuilding each saved byte, ~12 passes
+            result.append(ModeCost(mode, per_mode[mode], 12 * per_mode["keep"] / costs.bandwidth))
         else:
             result.append(ModeCost(mode, per_mode[mode], 0.0 if mode == "keep" else recomputed))
     return LayerCosts(result, step, input_bytes)

@@ -46,7 +46,8 @@ class MemoryConfig:
             measured on the first training step of each input shape; gradients are those without it (exact).
         layer_modes: instead of a budget, the mode of every layer (one name for all, or one per layer) from
             ``leantune.patching.recompute.MODES``.
-        budget_modes: the modes the budget may pick from (besides ``keep``).
+        budget_modes: the modes the budget may pick from (besides ``keep``); add ``"division"`` to let it use
+            DIVISION's lossy compression of saved tensors (``leantune.patching.division``; off by default).
         verbose: print the report of what was patched and what was skipped (and each budget decision).
     """
 

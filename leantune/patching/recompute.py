@@ -16,6 +16,8 @@ mode               kept for backward                                            
 ``offload``        nothing on the device: the layer input goes to pinned host memory    the whole layer forward
                    on a side stream, and comes back ahead of the layer's backward
                    (CUDA only)
+``division``       every saved tensor as DIVISION's low-frequency part + 2-bit         nothing (lossy: the saved
+                   high-frequency part (:mod:`.division`, ≈ 4.5 bits an element)       tensors are approximations)
 =================  ==================================================================  ==============================
 
 The selective modes are torch's selective activation checkpointing (``create_selective_checkpoint_contexts``) with a
@@ -36,9 +38,12 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 from transformers.cache_utils import Cache
 
+from . import division
 from .live import current_region, region
 
-MODES = ("keep", "save_matmuls", "recompute_mlp", "save_attention", "checkpoint", "offload")
+MODES = ("keep", "save_matmuls", "recompute_mlp", "save_attention", "checkpoint", "offload", "division")
+#: modes whose gradients differ from keep's (never picked by a budget unless named in ``budget_modes``)
+LOSSY_MODES = ("division",)
 
 _aten = torch.ops.aten
 #: matmul ops whose outputs the selective modes keep (``nn.Linear`` reaches the dispatcher as mm / addmm)
@@ -223,6 +228,9 @@ def run_layer(forward: Callable, mode: str, args: tuple, kwargs: dict, offloader
     layer keeps; keyword tensors such as RoPE tables and masks are shared by all layers and kept anyway)."""
     if mode == "keep":
         return forward(*args, **kwargs)
+    if mode == "division":
+        with torch.autograd.graph.saved_tensors_hooks(division.pack, division.unpack):
+            return forward(*args, **kwargs)
     args, kwargs = without_cache(args, kwargs)
     call = functools.partial(forward, **kwargs)
     options: dict[str, Any] = {"use_reentrant": False, "preserve_rng_state": True}

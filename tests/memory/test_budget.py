@@ -11,12 +11,13 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers as T
 
 from leantune.memory import MemoryConfig, apply
 from leantune.patching.budget import LayerCosts, ModeCost, parse_budget, solve
 from leantune.patching.live import LiveStorages
-from leantune.patching.recompute import MODES, Offloader, run_layer
+from leantune.patching.recompute import LOSSY_MODES, MODES, Offloader, run_layer
 from leantune.patching.state import state_of
 from leantune.plan.trace import saved_bytes
 
@@ -52,7 +53,7 @@ def test_every_mode_gives_the_gradients_of_keep_bitwise(family, dtype, technique
     if techniques:
         apply(reference, MemoryConfig.exact(keep_original_weights=False))
     loss0, grads0 = _grads(reference, batch)
-    for mode in MODES[1:-1]:  # offload: its own test (it needs host copies on the CPU)
+    for mode in [m for m in MODES if m not in ("keep", "offload") + LOSSY_MODES]:  # offload: its own test
         model = _lora(family, dtype)  # the same weights (seeded)
         make = MemoryConfig.exact if techniques else MemoryConfig.none
         apply(model, make(keep_original_weights=False, layer_modes=mode))
@@ -311,3 +312,70 @@ def test_profile_command_prints_the_policy_and_refuses_a_bad_budget(tmp_path, ca
     assert main(["profile", str(tmp_path), "--memory", "budget:lots"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("leantune: error:") and "budget" in err[0]
+
+
+def test_division_is_lossy_as_stated_and_smaller():
+    """DIVISION: the forward (and loss) is unchanged, the saved tensors shrink (≈ 4.5 bits an element + small
+    tensors kept as they are), the gradients change but stay aligned with the exact ones (measured: cosine
+    similarity 0.87 of the whole LoRA gradient on a random 4-layer Llama at 64 tokens; held to ≥ 0.8)."""
+    from leantune.patching.division import pack, unpack
+
+    x = torch.randn(4, 32, 48)
+    back = unpack(pack(x))
+    assert back.shape == x.shape and back.dtype == x.dtype
+    assert float((back - x).norm() / x.norm()) < 0.5  # the 2-bit high-frequency part: a coarse but real copy
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    base = with_lora(T.LlamaForCausalLM(cfg))
+    ids = torch.randint(1, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "labels": ids}
+    exact, lossy = copy.deepcopy(base).train(), copy.deepcopy(base).train()
+    apply(lossy, MemoryConfig.none(layer_modes="division"))
+    loss0, g0 = _grads(exact, batch)
+    loss1, g1 = _grads(lossy, batch)
+    assert torch.equal(loss0, loss1)
+    a = torch.cat([g0[n].flatten() for n in g0])
+    b = torch.cat([g1[n].flatten() for n in g0])
+    assert 0.8 <= float(F.cosine_similarity(a, b, dim=0)) < 1.0
+    assert _live(copy.deepcopy(lossy), batch) < 0.6 * _live(copy.deepcopy(exact), batch)
+
+
+def test_a_budget_picks_division_only_when_named():
+    batch = batch_for("llama")
+    for modes, allowed in ((None, False), (("checkpoint", "division"), True)):
+        model = _lora("llama", torch.float32)
+        extra = {} if modes is None else {"budget_modes": modes}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply(model, MemoryConfig.none(budget=0.5, **extra))
+            _grads(model, batch)
+        (key, chosen), = state_of(model).policy.decisions.items()
+        costs = state_of(model).policy.layer_costs[key]
+        assert ("division" in [m.mode for m in costs.modes]) == allowed
+
+
+def test_division_training_reaches_the_loss_of_exact_training():
+    """Its effect on the loss: 60 AdamW steps (lr 3e-3) of LoRA on a 4-layer Llama memorising a batch, exact vs
+    DIVISION — measured 3.19 vs 3.27 from 4.19; held to within 5% (both fall by more than 20%). At lr 1e-2 the
+    DIVISION run diverged late in the same experiment (3.06 exact vs 4.08): lossy, and off unless named."""
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=64)
+    torch.manual_seed(0)
+    base = with_lora(T.LlamaForCausalLM(cfg))
+    ids = torch.randint(1, 64, (4, 32), generator=torch.Generator().manual_seed(2))
+    final = {}
+    for mode in ("keep", "division"):
+        model = copy.deepcopy(base).train()
+        apply(model, MemoryConfig.none(layer_modes=mode))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        first = None
+        for _ in range(60):
+            loss = model(input_ids=ids, labels=ids).loss
+            first = first if first is not None else float(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        final[mode] = float(model(input_ids=ids, labels=ids).loss)
+        assert final[mode] < 0.8 * first
+    assert final["division"] == pytest.approx(final["keep"], rel=0.05)
