@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 
-from leantune.memory import MemoryConfig, apply
+from leantune.memory import MemoryConfig, apply, enable_checkpointing
 from leantune.patching.budget import LayerCosts, ModeCost, parse_budget, solve
 from leantune.patching.live import LiveStorages
 from leantune.patching.recompute import LOSSY_MODES, MODES, Offloader, run_layer
@@ -246,8 +246,7 @@ def test_refusals_name_the_part_and_what_to_use_instead():
     with pytest.raises(ValueError, match="one per decoder layer"):
         apply(model, MemoryConfig.none(layer_modes=("keep", "checkpoint", "keep")))
     checkpointed = _lora("llama", torch.float32)
-    checkpointed.base_model.model.activation_checkpointing_enable(
-        activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(checkpointed)  # transformers' own (activation_checkpointing_enable or its older name)
     with pytest.raises(ValueError, match="activation_checkpointing_disable"):
         apply(checkpointed, MemoryConfig.none(budget=0.5))
     t5 = build("t5")
