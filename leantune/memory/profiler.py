@@ -7,12 +7,13 @@ first saver), and parameters/buffers are excluded. With gradient checkpointing t
 inputs; those are counted as "checkpoint inputs".
 
 Saved-tensor hooks do not see everything a step holds: a selective-checkpoint cache (the activation budget's
-selective modes) is invisible to them. ``held_bytes`` counts every storage the forward leaves alive
-(:class:`leantune.patching.live.LiveStorages`), and ``policy`` lists what the activation budget chose per layer.
+selective modes) is invisible to them. With a budget on, ``held_bytes`` counts every storage the forward leaves alive
+(:class:`leantune.patching.live.LiveStorages`), and ``policy`` lists what the budget chose per layer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -187,9 +188,11 @@ def profile(model: nn.Module, batch: dict | torch.Tensor | tuple, optimizer: tor
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    live = LiveStorages(next((p.device.type for p in model.parameters()), "cpu"))
+    # the live counter (a dispatch mode: a cost per op) runs where saved-tensor hooks miss something: a budget
+    live = LiveStorages(next((p.device.type for p in model.parameters()), "cpu")) if _policy_report(model) is not None \
+        else None
     try:
-        with live, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with live or contextlib.nullcontext(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             if isinstance(batch, dict):
                 output = model(**batch)
             elif isinstance(batch, (tuple, list)):
@@ -198,9 +201,10 @@ def profile(model: nn.Module, batch: dict | torch.Tensor | tuple, optimizer: tor
                 output = model(batch)
             loss = (loss_fn or _default_loss)(output)
         del output
-        held = live.bytes(exclude=loss)
+        held = live.bytes(exclude=loss) if live is not None else None
     finally:
-        live.release()
+        if live is not None:
+            live.release()
         for h in hooks:
             h.remove()
     records = list(seen.values())
@@ -226,11 +230,12 @@ def profile(model: nn.Module, batch: dict | torch.Tensor | tuple, optimizer: tor
         parameter_bytes=storage_bytes(model.parameters()), trainable_parameter_bytes=storage_bytes(trainable),
         gradient_bytes=gradient_bytes, optimizer_state_bytes=optimizer_state_bytes, loss=float(loss.detach()),
         step_time_s=elapsed, peak_device_bytes=torch.cuda.max_memory_allocated() if cuda else None,
-        held_bytes=held, policy=_policy_report(model),
+        held_bytes=held, policy=_policy_report(model) or [],
     )
 
 
-def _policy_report(model: nn.Module) -> list[str]:
+def _policy_report(model: nn.Module) -> list[str] | None:
+    """The activation budget's decisions (None: the model has no budget)."""
     state = state_of(model)
     policy = getattr(state, "policy", None)
-    return policy.report() if policy is not None else []
+    return policy.report() if policy is not None else None
