@@ -41,7 +41,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) recipes/demo.py
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q --durations=15
 
 # the documentation site (docs/, mkdocs.yml) into site/; `make test` builds it too (tests/test_docs.py, --strict)
 docs: $(STAMP)
