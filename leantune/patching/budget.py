@@ -54,7 +54,10 @@ def default_costs(device: str, dtype: torch.dtype) -> DeviceCosts:
     if device == "cuda":
         return DeviceCosts(flops=4e14 if dtype in (torch.bfloat16, torch.float16) else 5e13, bandwidth=2e12,
                            host_bandwidth=2.4e10, op_overhead=5e-6, sac_overhead=2e-5)
-    return DeviceCosts(flops=5e10, bandwidth=1e10, host_bandwidth=1e10, op_overhead=5e-6, sac_overhead=2e-5)
+    # a 2-core CPU (measured with benchmarks/frontier.py): GEMMs run near 4e11 FLOP/s, elementwise ops far below
+    # memory speed (bf16 ones convert each element), and a selective-checkpoint dispatch costs ~30 µs an op
+    return DeviceCosts(flops=4e11, bandwidth=1e10 if dtype == torch.float32 else 4e9, host_bandwidth=1e10,
+                       op_overhead=5e-6, sac_overhead=3e-5)
 
 
 def _op_time(op: OpRecord, costs: DeviceCosts) -> float:

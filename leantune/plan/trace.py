@@ -18,6 +18,7 @@ import torch
 import transformers
 import transformers.masking_utils as masking
 from torch import nn
+from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
 from leantune.patching.live import LiveStorages
 from leantune.patching.recompute import ATTENTION_OPS
@@ -27,12 +28,20 @@ from leantune.patching.recompute import ATTENTION_OPS
 def _fused_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What a flash / memory-efficient SDPA kernel returns: out and a (…, s) fp32 log-sum-exp (values unset: the
     trace only needs shapes). One op, so selective checkpointing caches it as it caches the real kernels."""
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _outputs(q, v)
+
+
+def _outputs(q: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # flash kernels (CUDA's and torch's CPU one) write out as (b, s, heads, d) and return its (b, heads, s, d)
+    # transpose, so the caller's transpose(1, 2).reshape(b, s, h) is a view — no copy for o_proj to save
+    b, heads, s, _ = q.shape
+    out = q.new_empty((b, s, heads, v.shape[-1])).transpose(1, 2)
+    return out, q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @_fused_attention_shapes.register_fake
 def _(q, k, v):
-    return q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return _outputs(q, v)
 
 
 def _setup(ctx, inputs, output):
@@ -47,6 +56,9 @@ def _backward(ctx, grad_out, grad_lse):  # pragma: no cover - the trace never ru
 
 _fused_attention_shapes.register_autograd(_backward, setup_context=_setup)
 ATTENTION_OPS.add(torch.ops.leantune.fused_attention_shapes.default)
+# the activation budget's cost model prices ops by their FLOPs: the stand-in costs what the kernels cost
+register_flop_formula(torch.ops.leantune.fused_attention_shapes)(
+    lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
 
 
 @contextlib.contextmanager
