@@ -13,7 +13,7 @@ time built from the same weights:
 * leantune: its exact techniques (``MemoryConfig.exact()``), and the budget policy at 0.75 / 0.5 / 0.25 / 0.1 of what
   those keep, and its minimum (every layer checkpointed; on CUDA offloaded);
 
-**activation bytes** = what the forward leaves alive for backward (``leantune.patching.live.LiveStorages``: it sees
+**activation bytes** = what the forward leaves alive for backward (``leantune.patching.live.held_for_backward``: it sees
 checkpoint frames and selective-checkpoint caches, which saved-tensor hooks miss), as a fraction of eager's;
 **step** = forward + backward, median of interleaved rounds / eager's (min–max over rounds). With ``--device cuda``
 the peak of ``torch.cuda.max_memory_allocated`` over a step is measured as well, next to ``leantune plan``'s
@@ -41,7 +41,7 @@ import transformers as T  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 import leantune.memory as lm  # noqa: E402
-from leantune.patching.live import LiveStorages  # noqa: E402
+from leantune.patching.live import held_for_backward  # noqa: E402
 from leantune.patching.state import state_of  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -161,19 +161,6 @@ def predicted_bytes(name: str, dtype: str, vocab: int, how, data: dict, device: 
         return None
 
 
-def activation_bytes(model, batch, device: str) -> int:
-    live = LiveStorages(device)
-    with live:
-        out = model(**batch)
-    loss = out.loss
-    del out
-    got = live.bytes(exclude=loss)
-    live.release()
-    loss.backward()
-    model.zero_grad(set_to_none=True)
-    return got
-
-
 def step(model, batch) -> float:
     start = time.perf_counter()
     model(**batch).loss.backward()
@@ -207,7 +194,7 @@ def run_cell(name: str, dtype: str, seq: int, batch: int, rounds: int, device: s
         models[vname] = model
         state = state_of(model)
         policy = getattr(state, "policy", None) if state is not None else None
-        rows[vname] = {"variant": vname, "bytes": activation_bytes(model, data, device), "times": [],
+        rows[vname] = {"variant": vname, "bytes": held_for_backward(model, data), "times": [],
                        "policy": policy.report()[0] if policy is not None and policy.report() else "",
                        "predicted": predicted_bytes(name, dtype, vocab, how, data, device)}
         if device == "cuda":

@@ -123,3 +123,18 @@ class LiveStorages(TorchDispatchMode):
             if entry[1] == 0:
                 del _HANDLES[key]
         self._keys.clear()
+
+
+def held_for_backward(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Bytes one forward ``model(**batch)`` leaves alive for backward on the model's device, the loss (or output)
+    itself excluded; the graph is dropped afterwards (no backward runs)."""
+    device = next((p.device.type for p in model.parameters()), "cpu")
+    live = LiveStorages(device)
+    try:
+        with live:
+            out = model(**batch)
+        loss = getattr(out, "loss", None)
+        del out
+        return live.bytes(exclude=loss)
+    finally:
+        live.release()

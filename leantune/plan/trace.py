@@ -20,7 +20,7 @@ import transformers.masking_utils as masking
 from torch import nn
 from torch.utils.flop_counter import register_flop_formula, sdpa_flop_count
 
-from leantune.patching.live import LiveStorages
+from leantune.patching.live import held_for_backward
 from leantune.patching.recompute import ATTENTION_OPS
 
 
@@ -92,21 +92,14 @@ def live_bytes(model: nn.Module, batch: dict[str, torch.Tensor], emulate_fused_a
     """Bytes one forward of ``model`` on ``batch`` leaves alive for backward, however they are held (saved tensors,
     checkpoint frames, selective-checkpoint caches: :class:`leantune.patching.live.LiveStorages`), the loss
     excluded; attention as ``device``'s fused kernels run it. What the activation budget is planned with."""
-    where = next(model.parameters()).device.type
     attention = fused_attention(device) if emulate_fused_attention else contextlib.nullcontext()
-    live = LiveStorages(where)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
         with attention, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with live:
-                out = model(**batch)
-        loss = out.loss if getattr(out, "loss", None) is not None else None
-        del out
-        return live.bytes(exclude=loss)
+            return held_for_backward(model, batch)
     finally:
-        live.release()
         transformers.logging.set_verbosity(verbosity)
 
 

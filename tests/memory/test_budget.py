@@ -16,7 +16,7 @@ import transformers as T
 
 from leantune.memory import MemoryConfig, apply, enable_checkpointing
 from leantune.patching.budget import LayerCosts, ModeCost, parse_budget, solve
-from leantune.patching.live import LiveStorages
+from leantune.patching.live import held_for_backward
 from leantune.patching.recompute import LOSSY_MODES, MODES, Offloader, run_layer
 from leantune.patching.state import state_of
 from leantune.plan.trace import saved_bytes
@@ -92,15 +92,7 @@ def test_the_kv_cache_is_dropped_in_recomputed_layers():
 
 
 def _live(model, batch):
-    live = LiveStorages("cpu")
-    with live:
-        out = model(**batch)
-    loss = out.loss
-    del out
-    got = live.bytes(exclude=loss)
-    live.release()
-    loss.backward()
-    return got
+    return held_for_backward(model, batch)
 
 
 def test_the_live_counter_agrees_with_saved_tensor_hooks_and_sees_the_selective_cache():

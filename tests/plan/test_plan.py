@@ -166,7 +166,7 @@ def test_budget_policy_prediction_matches_measurement(case):
     """Activation budgets: the plan (on meta, for the CPU) picks the modes the CPU run picks, and predicts what that
     run holds for backward — counted with the live-storage counter, which sees checkpoint frames and selective
     caches — within 5%, and the step's peak within 10%."""
-    from leantune.patching.live import LiveStorages
+    from leantune.patching.live import held_for_backward
     from leantune.patching.state import state_of
 
     model, dtype, adapter, memory, seq, batch = BUDGET_CASES[case]
@@ -187,15 +187,7 @@ def test_budget_policy_prediction_matches_measurement(case):
     policy = state_of(net).policy
     chosen = [n for n in predicted.notes if n.startswith("activation budget")]
     assert len(chosen) == 1 and chosen[0].split("; ")[-1] == policy.report()[0].split("; ")[-1]  # the modes
-    live = LiveStorages("cpu")
-    with live:
-        out = net(**inputs)
-    loss = out.loss
-    del out
-    held = live.bytes(exclude=loss)
-    live.release()
-    loss.backward()
-    opt.zero_grad(set_to_none=True)
+    held = held_for_backward(net, inputs)
     state_tensors = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     peak = peak_bytes(step, list(net.parameters()) + list(net.buffers()) + state_tensors)
     assert predicted.activations == pytest.approx(held, rel=0.05), (predicted.activations, held)
