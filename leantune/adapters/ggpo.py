@@ -22,7 +22,6 @@ Works on peft LoRA layers and leantune's low-rank layers (LoRA-XS, LoRA-SB, ALLo
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer

@@ -29,7 +29,6 @@ import leantune.adapters  # noqa: F401  (registers the tuner types)
 from leantune import _notices
 from leantune._io import (
     ADAPTER_WEIGHTS,
-    _require_dir,
     atomic_output_dir,
     open_safetensors,
     read_model_config,

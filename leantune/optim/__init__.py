@@ -35,6 +35,7 @@ from leantune.optim.projectors import (
     TwoSidedSVDProjector,
     subspace_distance,
 )
+from leantune.optim.qgalore import QGaLoreAdamW, QGaLoreAdamW8bit, dequantize_weights, quantize_weights
 from leantune.optim.spec import OPTIMIZERS, OptimizerSpec
 from leantune.optim.state_bytes import optimizer_state_bytes, storage_bytes
 from leantune.optim.trainer import LowRankOptimizerFactory, install_in_trainer, optimizer_cls_and_kwargs
@@ -58,6 +59,8 @@ __all__ = [
     "NonFiniteGradientWarning",
     "OptimizerConfig",
     "OptimizerSpec",
+    "QGaLoreAdamW",
+    "QGaLoreAdamW8bit",
     "Projector",
     "RandomProjector",
     "RandomizedSVDProjector",
@@ -65,6 +68,7 @@ __all__ = [
     "TwoSidedSVDProjector",
     "build_optimizer",
     "dct_matrix",
+    "dequantize_weights",
     "find_layer_stack",
     "find_target_weights",
     "install_in_trainer",
@@ -73,6 +77,7 @@ __all__ = [
     "make_projector",
     "optimizer_cls_and_kwargs",
     "optimizer_state_bytes",
+    "quantize_weights",
     "save_optimizer",
     "shared_dct_basis",
     "storage_bytes",

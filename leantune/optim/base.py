@@ -187,8 +187,8 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         if self.layerwise:  # updates already happened inside backward; only flush partial windows
             self._flush_layerwise()
         else:
-            todo = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
-            plain = [(p, local(p.grad)) for p, group in todo if not self.is_low_rank(group, p)]
+            todo = [(p, group) for group in self.param_groups for p in group["params"] if self.grad_of(p) is not None]
+            plain = [(p, local(self.grad_of(p))) for p, group in todo if not self.is_low_rank(group, p)]
             finite = iter([])
             if plain:  # one pass and one sync for the finiteness check (projected ones: see _step_param)
                 norms = torch._foreach_norm([g for _, g in plain])
@@ -224,7 +224,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
                     shard: Any) -> None:
         """:meth:`_step_param` on ``p`` (``key``'s tensor, or its rows ``shard`` on this rank; ``key`` owns the
         state)."""
-        grad = local(key.grad)
+        grad = local(self.grad_of(key))
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)}).")
         projected = self.is_low_rank(group, key)
@@ -243,7 +243,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         state = self.state[key]
         projector = None
         if projected:
-            projector = make_projector(group["projector"], state, group, seed=self._param_seed.get(key, 0))
+            projector = self.projector_for(state, group, key)
             if shard is not None:
                 projector = ShardedProjector(projector, shard)
             if projector.needs_refresh(state.get("step", 0)):
@@ -262,6 +262,10 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
             self.update(ParamStep(p, grad, state, group, projector, shard))
         except _NonFiniteProjection:
             self._skip(key)
+
+    def projector_for(self, state: dict[str, Any], group: dict[str, Any], key: torch.Tensor) -> Projector:
+        """The projector of ``key`` for this step (a view on its state; the group's ``projector`` kind)."""
+        return make_projector(group["projector"], state, group, seed=self._param_seed.get(key, 0))
 
     @staticmethod
     def _all_ranks(flag: torch.Tensor, shard: Any) -> bool:

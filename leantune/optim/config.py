@@ -11,8 +11,9 @@ from torch import nn
 
 from leantune._validation import check_bool, check_choice, check_int, check_names, check_number, is_number
 from leantune.optim.base import MOMENT_POLICIES
-from leantune.optim.param_groups import make_param_groups
+from leantune.optim.param_groups import find_target_weights, make_param_groups
 from leantune.optim.projector_kinds import PROJECTOR_KINDS
+from leantune.optim.qgalore import quantize_weights
 from leantune.optim.restarts import RESET_MOMENTS, low_rank_pairs
 from leantune.optim.spec import OPTIMIZERS
 
@@ -119,6 +120,11 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict[str, 
     config = OptimizerConfig.from_any(config)
     spec = OPTIMIZERS[config.name]
     cls = spec.cls
+    accepted = set(optimizer_options(cls)) | ({"int8_weights"} if spec.int8_weights else set())
+    unknown = sorted(set(config.optimizer_kwargs) - accepted)
+    if unknown:
+        raise ValueError(f"OptimizerConfig.optimizer_kwargs: {unknown} are not options of {cls.__name__} "
+                         f"({config.name!r}); accepted: {sorted(accepted)}")
     low_rank: dict[str, Any] = {
         "update_proj_gap": spec.update_proj_gap if config.update_proj_gap is None else config.update_proj_gap,
         "scale": spec.scale if config.scale is None else config.scale,
@@ -126,14 +132,9 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict[str, 
     }
     if spec.projector is not None:
         low_rank.update(projector=config.projector or spec.projector, moment_policy=config.moment_policy)
-    groups = make_param_groups(
-        model,
-        target_modules=config.target_modules,
-        rank=(spec.rank if config.rank is None else config.rank) if spec.rank is not None else None,
-        weight_decay=config.weight_decay or 0.0,
-        **low_rank,
-    )
+    rank = (spec.rank if config.rank is None else config.rank) if spec.rank is not None else None
     kwargs: dict[str, Any] = {**spec.options, **config.optimizer_kwargs}
+    kwargs.pop("int8_weights", None)
     if config.lr is not None:
         kwargs["lr"] = config.lr
     if config.weight_decay is not None:
@@ -146,11 +147,16 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict[str, 
         if config.reference_adam:
             kwargs["reference_adam"] = True
     kwargs["max_grad_norm_per_param"] = config.max_grad_norm_per_param
-    unknown = sorted(set(config.optimizer_kwargs) - set(optimizer_options(cls)))
-    if unknown:
-        raise ValueError(f"OptimizerConfig.optimizer_kwargs: {unknown} are not options of {cls.__name__} "
-                         f"({config.name!r}); accepted: {sorted(optimizer_options(cls))}")
-    optimizer = cls(groups, layerwise=config.layerwise, accumulation_steps=config.accumulation_steps, **kwargs)
+
+    def make():
+        groups = make_param_groups(model, target_modules=config.target_modules, rank=rank,
+                                   weight_decay=config.weight_decay or 0.0, **low_rank)
+        return cls(groups, layerwise=config.layerwise, accumulation_steps=config.accumulation_steps, **kwargs)
+
+    optimizer = make()
+    if quantize_model_weights(model, config):  # validated on the float model first: a refusal changes nothing
+        optimizer.remove_hooks()
+        optimizer = make()
     if config.reset_every is not None:
         pairs = None
         if config.refactorize:
@@ -160,6 +166,20 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict[str, 
                                  "(peft LoRA or ALLoRA) to refactorize; set refactorize=False.")
         optimizer.enable_restarts(config.reset_every, config.reset_moments, config.recovery_steps, pairs)
     return optimizer
+
+
+def quantize_model_weights(model: nn.Module, config: OptimizerConfig) -> list[str]:
+    """For an optimizer that trains INT8 weights (``OptimizerSpec.int8_weights``: Q-GaLore), turn the targeted linears
+    of ``model`` into INT8 (once: a second call finds them converted) unless ``optimizer_kwargs["int8_weights"]`` is
+    False; the module names converted."""
+    if not OPTIMIZERS[config.name].int8_weights:
+        return []
+    flag = config.optimizer_kwargs.get("int8_weights", True)
+    if not isinstance(flag, bool):
+        raise ValueError(f"OptimizerConfig.optimizer_kwargs['int8_weights'] must be True or False, got {flag!r}")
+    if not flag:
+        return []
+    return quantize_weights(model, list(find_target_weights(model, config.target_modules)))
 
 
 def optimizer_options(cls: type) -> list[str]:

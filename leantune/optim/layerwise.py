@@ -73,7 +73,7 @@ class LayerwiseMixin:
         if self._ddp is not None:
             raise RuntimeError("this optimizer is already attached to a DistributedDataParallel model")
         mine = set(self._group_index)
-        theirs = {p for p in ddp_model.parameters() if p.requires_grad}
+        theirs = set(ddp_model.parameters())  # INT8 weights (qgalore.py) do not require grad but are in it
         if mine - theirs:
             raise ValueError(f"{len(mine - theirs)} parameters of this optimizer are not in the DDP model; build the "
                              "optimizer on the module you wrapped")
@@ -101,8 +101,16 @@ class LayerwiseMixin:
 
         return future.then(step_bucket)
 
+    def grad_of(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient the update of ``p`` reads (``p.grad``; INT8 weights keep theirs elsewhere, ``qgalore.py``)."""
+        return p.grad
+
+    def release_grad(self, p: torch.Tensor) -> None:
+        """Free the gradient of ``p`` once it has been stepped on."""
+        p.grad = None
+
     def _layerwise_hook(self, p: torch.Tensor) -> None:
-        if p.grad is None:
+        if self.grad_of(p) is None:
             return
         count = self._micro_counts.get(p, 0) + 1
         if count < self.accumulation_steps:
@@ -111,7 +119,7 @@ class LayerwiseMixin:
         self._micro_counts[p] = 0
         with torch.no_grad():
             self._step_param(p, self.param_groups[self._group_index[p]])
-        p.grad = None
+        self.release_grad(p)
 
     def _flush_layerwise(self) -> None:
         """Step every parameter holding a partial accumulation window (called by ``optimizer.step()``)."""
@@ -120,9 +128,9 @@ class LayerwiseMixin:
                                "without it no parameter would be updated")
         with torch.no_grad():
             for p, count in list(self._micro_counts.items()):
-                if count > 0 and p.grad is not None:
+                if count > 0 and self.grad_of(p) is not None:
                     self._step_param(p, self.param_groups[self._group_index[p]])
-                    p.grad = None
+                    self.release_grad(p)
                 self._micro_counts[p] = 0
 
     def remove_hooks(self) -> None:

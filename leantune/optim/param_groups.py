@@ -18,9 +18,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from leantune.kernels.int8_linear import Int8Linear, is_int8_weight
+
 
 def _linear_types() -> tuple[type, ...]:
-    return (nn.Linear, Conv1D)
+    return (nn.Linear, Conv1D, Int8Linear)
 
 
 def _matches(name: str, target: str | Sequence[str]) -> bool:
@@ -62,8 +64,8 @@ def find_target_weights(model: nn.Module, target_modules: str | Sequence[str] = 
         if not isinstance(module, _linear_types()):
             continue
         w = module.weight
-        if not isinstance(w, torch.Tensor) or w.ndim != 2 or not w.requires_grad:
-            continue
+        if not isinstance(w, torch.Tensor) or w.ndim != 2 or not (w.requires_grad or is_int8_weight(w)):
+            continue  # an INT8 weight trains through its float gradient ``qgrad`` (optim/qgalore.py)
         linear_names.append(name)
         if target_modules == "all-linear":
             if module is head:

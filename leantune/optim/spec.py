@@ -37,6 +37,7 @@ from leantune.optim.galore_adamw import GaLoreAdamW
 from leantune.optim.galore_adamw8bit import GaLoreAdamW8bit
 from leantune.optim.gradnorm_lorp import GradNormLoRPAdamW, GradNormLoRPAdamW8bit
 from leantune.optim.natural_galore import NaturalGaLoreAdamW
+from leantune.optim.qgalore import QGaLoreAdamW, QGaLoreAdamW8bit
 from leantune.optim.sharded import ROW_SHARDABLE_PROJECTORS, register_row_shardable
 
 QMAP_BYTES = 2 * 256 * 4  # bitsandbytes' two dynamic quantization maps (fp32, 256 entries each)
@@ -80,6 +81,10 @@ class OptimizerSpec:
     summary: str = ""
     moments: str = "adam"
     own_state: Callable[[int, int, int, int, str, dict[str, Any]], int] = _own_nothing
+    #: the projector's bytes when they are not the plain basis r·k·b: ``projection(r, k, b, options)``
+    projection: Callable[[int, int, int, dict[str, Any]], int] | None = None
+    #: ``build_optimizer`` turns the targeted linears into INT8 (``optimizer_kwargs={"int8_weights": False}``: not)
+    int8_weights: bool = False
 
     # ---- capabilities (read from the class, which enforces them, so the two cannot disagree) --------------------
     @property
@@ -125,7 +130,8 @@ class OptimizerSpec:
         >>> spec.state_bytes((4096,), 1024, torch.bfloat16)        # a vector: plain Adam, 2·n·b
         16384
         """
-        b = torch.empty((), dtype=dtype).element_size()
+        # INT8 weights are updated in fp32: their moments and projector are fp32 (optim/qgalore.py)
+        b = 4 if dtype == torch.int8 else torch.empty((), dtype=dtype).element_size()
         options = {"scale": self.scale, **(options or {})}
         numel = math.prod(shape)
         first = self.moments == "adafactor" and options.get("beta1") is not None  # Adafactor's optional momentum
@@ -145,7 +151,8 @@ class OptimizerSpec:
             moments, projection = moment_bytes(r * r, b, self.eight_bit), r * (m + n) * b
         else:
             moments = moment_bytes(r * M, b, self.eight_bit)
-            projection = {"svd": r * k * b, "rsvd": r * k * b, "dct": 4 * r, "random": 0}[kind]
+            projection = self.projection(r, k, b, options) if self.projection else \
+                {"svd": r * k * b, "rsvd": r * k * b, "dct": 4 * r, "random": 0}[kind]
         return moments + projection + self.own_state(m, n, r, b, kind, options)
 
     def shared_bytes(self, shapes: Iterable[tuple[int, ...]], dtype: torch.dtype, projector: str | None = None) -> int:
@@ -176,6 +183,16 @@ def _gradnorm(m, n, r, b, projector, options):
     return 4 * m * 4
 
 
+def _qgalore_projection(r, k, b, options):
+    """Q-GaLore's basis: packed INT4 (⌈r·k / B⌉·B / 2 bytes + an fp32 scale per block B) or, with ``proj_bits=None``,
+    r·k·b; plus the fp32 leading vector (k) the lazy rule compares."""
+    block = options.get("proj_block", 256)
+    if options.get("proj_bits", 4) is None:
+        return r * k * b + 4 * k
+    blocks = math.ceil(r * k / block)
+    return blocks * block // 2 + 4 * blocks + 4 * k
+
+
 #: every optimizer name accepted by OptimizerConfig, the callback, ``leantune plan`` and optimizer_cls_and_kwargs
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "galore_adamw": OptimizerSpec(GaLoreAdamW, summary="GaLore: Adam in an SVD subspace"),
@@ -197,6 +214,10 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "gradnorm_lorp": OptimizerSpec(GradNormLoRPAdamW, own_state=_gradnorm, summary="GradNormLoRP: weight-normalized GaLore"),
     "gradnorm_lorp8bit": OptimizerSpec(GradNormLoRPAdamW8bit, own_state=_gradnorm,
                                        summary="GradNormLoRP with 8-bit moments"),
+    "q_galore_adamw": OptimizerSpec(QGaLoreAdamW, projection=_qgalore_projection, int8_weights=True,
+                                    summary="Q-GaLore: INT8 weights (SR), INT4 lazy projectors, fp32 moments"),
+    "q_galore_adamw8bit": OptimizerSpec(QGaLoreAdamW8bit, projection=_qgalore_projection, int8_weights=True,
+                                        summary="Q-GaLore with 8-bit moments (the paper's optimizer)"),
 }
 
 register_row_shardable([name for name, spec in OPTIMIZERS.items() if spec.row_shardable])

@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import TrainerCallback
 
-from leantune.optim.config import OPTIMIZERS, OptimizerConfig, build_optimizer
+from leantune.optim.config import OPTIMIZERS, OptimizerConfig, build_optimizer, quantize_model_weights
 from leantune.optim.param_groups import find_target_weights
 
 
@@ -117,4 +117,13 @@ def install_in_trainer(trainer: Any, optimizer_config: OptimizerConfig | str | d
         if getattr(trainer.args, "world_size", 1) > 1:
             trainer.add_callback(AttachLayerwiseDDP(trainer))
     trainer.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs(trainer.model, config)
+    # INT8 weights (Q-GaLore) now, not when the optimizer is built: resume_from_checkpoint loads the model's weights
+    # before that, and must find the INT8 layers its checkpoint was written from
+    if quantize_model_weights(trainer.model, config) and trainer.args.max_grad_norm and \
+            trainer.args.max_grad_norm > 0:
+        warnings.warn(f"{config.name} trains INT8 weights, whose float gradients are not .grad: the Trainer's global "
+                      f"clipping (max_grad_norm={trainer.args.max_grad_norm}) would not see them, so it is disabled. "
+                      "Use OptimizerConfig(max_grad_norm_per_param=...) to clip each weight's gradient.",
+                      UserWarning, stacklevel=2)
+        trainer.args.max_grad_norm = 0.0
     return config

@@ -13,11 +13,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 import leantune
-from leantune.compress import COMPRESSED, compress_full, compression_info, decompress_adapter, decompress_full
-from leantune.compress.compeft import (decode, encode, golomb_decode, golomb_encode, golomb_parameter, stored_bits,
-                                       ternarize)
-from leantune.integrations.checkpoints import LeanTuneError
 from leantune.cli import main as cli
+from leantune.compress import COMPRESSED, compress_full, compression_info, decompress_adapter, decompress_full
+from leantune.compress.compeft import (
+    decode,
+    encode,
+    golomb_decode,
+    golomb_encode,
+    golomb_parameter,
+    stored_bits,
+    ternarize,
+)
+from leantune.integrations.checkpoints import LeanTuneError
 
 
 def test_ternarize_by_hand():

@@ -32,9 +32,7 @@ SVD_POLICIES = {"galore_adamw": ("reset", "rotate"), "galore_adafactor": ("reset
 
 
 def _optimizer(model, name, policy: str = "keep", gap: int = 2):
-    from leantune.optim import OptimizerConfig, build_optimizer
-
-    from leantune.optim import OPTIMIZERS
+    from leantune.optim import OPTIMIZERS, OptimizerConfig, build_optimizer
 
     rank = None if OPTIMIZERS[name].fixed_rank or OPTIMIZERS[name].rank is None else 4
     return build_optimizer(model, OptimizerConfig(name, lr=1e-2, rank=rank, update_proj_gap=gap,
@@ -71,8 +69,9 @@ def _train_optimizers(rank: int | None, names: list[str], dtype: torch.dtype, po
 
 
 def _adapter_configs() -> dict:
-    import leantune as lt
     from peft import LoraConfig
+
+    import leantune as lt
 
     t = dict(target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
     return {

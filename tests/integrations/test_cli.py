@@ -117,9 +117,8 @@ def minilm_adapter(tmp_path_factory):
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from recipes.common import load_minilm_classifier, minilm_path
-
     import leantune.adapters as la
+    from recipes.common import load_minilm_classifier, minilm_path
 
     tmp = tmp_path_factory.mktemp("minilm")
     model, tokenizer = load_minilm_classifier()

@@ -5,12 +5,11 @@ import torch
 from torch import nn
 
 import leantune.kernels as K
-
-from .conftest import assert_close
-
 from leantune.kernels import activations as memory_acts
 from leantune.kernels import fused_mlp as memory_mlp
 from leantune.kernels import norms as memory_norms
+
+from .conftest import assert_close
 
 
 def _run(fn, *inputs):

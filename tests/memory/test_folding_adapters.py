@@ -4,8 +4,6 @@ saved; also through LeanTuneCallback(memory=True) and for an adapter loaded befo
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model

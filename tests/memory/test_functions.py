@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
 
 import leantune.kernels as lk
-import leantune.memory as lm
 from leantune.kernels.activations import REGELU2_CONSTANTS, RESILU2_CONSTANTS, step_codes
 from leantune.kernels.fused_mlp import GatedMLPFunction, GatedMLPSpec
 

@@ -73,8 +73,8 @@ def test_train_save_resume_bit_exact_in_every_dtype(name, dtype, layerwise):
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)  # plain tensors and values only
     resumed = _net(dt)
+    opt2 = _optimizer(name, resumed, layerwise)  # first: Q-GaLore makes the model's INT8 layers the checkpoint holds
     resumed.load_state_dict(saved["model"])
-    opt2 = _optimizer(name, resumed, layerwise)
     opt2.load_state_dict(saved["opt"])
     for p, p2 in zip(opt.state, opt2.state):  # every state tensor kept its dtype (int32 indices, fp32 absmax ...)
         for key, value in opt.state[p].items():

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from leantune.kernels.int8_linear import is_int8_weight
 from leantune.optim import OPTIMIZERS, NonFiniteGradientWarning, OptimizerConfig, build_optimizer
 from tests.optim.helpers import batches, loss_fn, make_net, rank_options
 
@@ -24,17 +25,25 @@ def test_nan_gradient_skips_the_parameter_and_the_rest_trains(name, bad_step, la
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         state_before = {k: v.clone() if isinstance(v, torch.Tensor) else v
                         for k, v in opt.state.get(poisoned, {}).items()}
-        if step == bad_step:
-            poisoned.register_hook(lambda g: torch.full_like(g, float("nan"))) if layerwise else None
+        int8 = is_int8_weight(poisoned)  # Q-GaLore: its gradient is ``qgrad``, handed over by the INT8 linear
+        if step == bad_step and layerwise:
+            if int8:
+                stepper = poisoned.qgrad_hook
+                poisoned.qgrad_hook = lambda w: (w.qgrad.fill_(float("nan")), stepper(w))
+            else:
+                poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             loss_fn(model, xy).backward()
             if step == bad_step and not layerwise:
-                poisoned.grad[0, 0] = float("inf")
+                (poisoned.qgrad if int8 else poisoned.grad)[0, 0] = float("inf")
             opt.step()
             opt.zero_grad()
         if step == bad_step and layerwise:
-            poisoned._backward_hooks.clear()
+            if int8:
+                poisoned.qgrad_hook = stepper
+            else:
+                poisoned._backward_hooks.clear()
         assert all(torch.isfinite(p).all() for p in model.parameters())
         if step == bad_step:
             assert any(issubclass(w.category, NonFiniteGradientWarning) for w in caught)

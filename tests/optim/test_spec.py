@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from leantune.kernels.int8_linear import is_int8_weight
 from leantune.optim import OPTIMIZERS, OptimizerConfig, build_optimizer, optimizer_state_bytes
 from leantune.optim.sharded import ROW_SHARDABLE_OPTIMIZERS
 from leantune.plan import estimate
@@ -43,7 +44,7 @@ def _check(name, dtype, projector=None, **options):
         opt.step()
         opt.zero_grad(set_to_none=True)
     targets = {id(net.lin1.weight), id(net.lin2.weight)}
-    trainable = [p for p in net.parameters() if p.requires_grad]
+    trainable = [p for p in net.parameters() if p.requires_grad or is_int8_weight(p)]  # Q-GaLore's INT8 weights
     predicted = estimate.optimizer_state_bytes(name, trainable, targets, rank=rank, projector=projector,
                                                options=options)
     assert predicted == optimizer_state_bytes(opt)

@@ -11,7 +11,6 @@ import leantune.kernels as K
 import leantune.memory as lm
 from leantune.kernels import fused_mlp
 from leantune.patching import describe
-
 from tests.memory.conftest import batch_for, build, with_lora
 
 FAMILIES = ["llama", "gpt2", "bert", "t5"]
