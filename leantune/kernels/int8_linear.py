@@ -32,10 +32,28 @@ from .quantize import dequantize, quantize
 DEFAULT_BLOCK = 256
 
 
+#: rows are (de)quantized this many numbers at a time, so the fp32 temporaries of a 7B layer (45 M numbers) stay
+#: ~16 MB each instead of 180 MB; a row never shares a block with the next, so chunks of rows are exact
+CHUNK_NUMEL = 1 << 22
+
+
+def _row_chunks(weight: torch.Tensor, block: int):
+    """(rows, scale slice) of consecutive row chunks of about :data:`CHUNK_NUMEL` numbers."""
+    m, n = weight.shape
+    per_row = math.ceil(n / block)
+    step = max(1, CHUNK_NUMEL // max(n, 1))
+    for start in range(0, m, step):
+        stop = min(m, start + step)
+        yield slice(start, stop), slice(start * per_row, stop * per_row)
+
+
 def dequantized_weight(weight: torch.Tensor, scales: torch.Tensor, block: int,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """deq(W) of an (m, n) INT8 weight with (m · ⌈n / block⌉,) fp32 scales, in ``dtype``."""
-    return dequantize(weight, scales, weight.shape, block, per_row=True, dtype=dtype)
+    """deq(W) of an (m, n) INT8 weight with (m · ⌈n / block⌉,) fp32 scales, in ``dtype`` (row chunk by chunk)."""
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    for rows, blocks in _row_chunks(weight, block):
+        out[rows] = dequantize(weight[rows], scales[blocks], out[rows].shape, block, per_row=True, dtype=dtype)
+    return out
 
 
 def is_int8_weight(p: torch.Tensor) -> bool:
@@ -121,9 +139,10 @@ class Int8Linear(nn.Module):
     @torch.no_grad()
     def set_weight(self, w: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Quantize the float matrix ``w`` into this layer (stochastic rounding with a ``generator``)."""
-        codes, scales = quantize(w, 8, self.block_size, per_row=True, generator=generator)
-        self.weight.copy_(codes)
-        self.weight_scale.copy_(scales)
+        for rows, blocks in _row_chunks(self.weight, self.block_size):  # bounded temporaries; noise drawn in order
+            codes, scales = quantize(w[rows], 8, self.block_size, per_row=True, generator=generator)
+            self.weight[rows] = codes
+            self.weight_scale[blocks] = scales
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """deq(W) in ``dtype``."""

@@ -28,13 +28,14 @@ from torch import nn
 
 from leantune.adapters import ADAPTERS
 from leantune.kernels.chunked_loss import cpu_floor, default_chunk
+from leantune.kernels.int8_linear import is_int8_weight
 from leantune.memory import MemoryConfig, apply, enable_checkpointing
 from leantune.optim import OPTIMIZERS, OptimizerConfig
-from leantune.optim.config import optimizer_options
+from leantune.optim.config import optimizer_options, quantize_model_weights
 from leantune.optim.param_groups import find_target_weights
 from leantune.patching.budget import parse_budget
 from leantune.patching.state import state_of
-from leantune.plan.estimate import optimizer_state_bytes, weight_bytes
+from leantune.plan.estimate import grad_bytes, optimizer_state_bytes, requantize_bytes, weight_bytes
 from leantune.plan.presets import PRESETS, config_from
 from leantune.plan.trace import live_bytes, saved_bytes
 
@@ -72,7 +73,7 @@ class Plan:
 
     def __str__(self) -> str:
         gib = 2**30
-        rows = [("weights", self.weights), ("  of which quantized bases", self.quantized_weights),
+        rows = [("weights", self.weights), ("  of which quantized", self.quantized_weights),
                 ("gradients", self.gradients), ("optimizer state", self.optimizer_state),
                 ("saved activations", self.activations), ("logits + loss transient", self.transient),
                 ("peak", self.peak)]
@@ -180,12 +181,17 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
         state_of(net).policy.device = device  # costs (and offload) of the device planned for
     optimizer_name, optimizer_options = parse_spec(optimizer)
     _check_possible(net, adapter, optimizer_name, optimizer_options, quant)
-    trainable = [p for p in net.parameters() if p.requires_grad]
+    if optimizer_name in OPTIMIZERS:  # Q-GaLore trains INT8 weights: make them, as build_optimizer does
+        quantize_model_weights(net, OptimizerConfig(
+            optimizer_name, target_modules=optimizer_options.get("target_modules", "all-linear"),
+            optimizer_kwargs={k: v for k, v in optimizer_options.items() if k == "int8_weights"}))
+    trainable = [p for p in net.parameters() if p.requires_grad or is_int8_weight(p)]
     weights, quantized = weight_bytes(net, quant)
-    grads = sum(p.numel() * p.element_size() for p in trainable)
+    compute = torch.empty((), dtype=DTYPES[dtype]).element_size()
+    grads = sum(grad_bytes(p, compute) for p in trainable)
     layerwise = bool(optimizer_options.pop("layerwise", False))
     if layerwise:
-        grads = max((p.numel() * p.element_size() for p in trainable), default=0)
+        grads = max((grad_bytes(p, compute) for p in trainable), default=0)
     state = _optimizer_state(net, optimizer_name or "adamw", optimizer_options, trainable)
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     inputs = {"input_ids": ids, "labels": ids if task == "CAUSAL_LM" else torch.zeros(batch, dtype=torch.long,
@@ -205,8 +211,12 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
         transient = 2 * batch * seq * vocab * 4  # the fp32 logits the loss upcasts, and their gradient
     shard = processes if fsdp else 1
     weights_s, grads_s, state_s = weights // shard, grads // shard, state // shard
-    largest = max((p.numel() * p.element_size() for p in trainable), default=0)
+    largest = max((grad_bytes(p, compute) for p in trainable), default=0)
     step_temporaries = grads_s if optimizer_name in (None, "adamw") and device == "cuda" else largest
+    requantize = max((requantize_bytes(p, compute) for p in trainable if is_int8_weight(p)), default=0)
+    # per-layer: an INT8 weight is requantized inside backward, once the loss's transient and the last layer's
+    # activations are gone, so it does not add to the backward peak (measured: tests/plan)
+    step_temporaries = max(step_temporaries, requantize)
     # a recomputed layer's backward holds that layer's activations again (as kept without the policy)
     recompute = state_of(net).policy.recompute_bytes() if budget is not None else 0
     peak = weights_s + state_s + max(activations + max(transient, recompute) + (grads_s if layerwise else 0),
@@ -308,7 +318,7 @@ def _check_optimizer_options(name: str, options: dict[str, Any]) -> None:
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose adamw, adamw8bit or one of {sorted(OPTIMIZERS)}")
     fields = {f.name for f in dataclasses.fields(OptimizerConfig)} - {"name", "optimizer_kwargs"}
-    own = set(optimizer_options(OPTIMIZERS[name].cls))
+    own = set(optimizer_options(OPTIMIZERS[name].cls)) | ({"int8_weights"} if OPTIMIZERS[name].int8_weights else set())
     unknown = sorted(set(options) - fields - own)
     if unknown:
         raise ValueError(f"optimizer {name!r} has no option(s) {unknown}; its options: {sorted(fields | own)}")

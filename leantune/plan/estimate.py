@@ -14,6 +14,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from leantune.kernels.int8_linear import CHUNK_NUMEL, Int8Linear, is_int8_weight
 from leantune.optim import OPTIMIZERS
 
 QUANT_BYTES = {  # bytes per weight of a quantized base linear (bnb defaults), and per output row
@@ -44,7 +45,28 @@ def weight_bytes(model: torch.nn.Module, quant: str | None) -> tuple[int, int]:
             else:
                 size = p.numel() * p.element_size()
             total += size
+    for module in model.modules():  # INT8 weights trained by Q-GaLore: codes (counted above) + fp32 block scales
+        if isinstance(module, Int8Linear):
+            scales = module.weight_scale.numel() * 4
+            total += scales
+            qbytes += scales + module.weight.numel()
     return total, qbytes
+
+
+def grad_bytes(p: torch.Tensor, compute: int) -> int:
+    """Bytes of ``p``'s gradient: its own dtype, or the compute dtype (``compute`` bytes) for an INT8 weight, whose
+    float gradient ``qgrad`` is in the activations' dtype."""
+    return p.numel() * (compute if is_int8_weight(p) else p.element_size())
+
+
+def requantize_bytes(p: torch.Tensor, compute: int) -> int:
+    """Temporaries of one Q-GaLore update of the INT8 weight ``p`` (n numbers): deq(W) in fp32 (4n), the fp32 copy of
+    a 16-bit gradient (4n), and the quantizer's per-chunk temporaries (|w|, w / s, ⌊w / s⌋, the SR noise: 4 × 4
+    bytes per number of a :data:`~leantune.kernels.int8_linear.CHUNK_NUMEL` chunk of whole rows)."""
+    n = p.numel()
+    rows = max(1, CHUNK_NUMEL // p.shape[1])
+    chunk = min(p.shape[0], rows) * p.shape[1]
+    return 4 * n + (4 * n if compute != 4 else 0) + 16 * chunk
 
 
 def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor], targets: set[int], rank: int | None = None,

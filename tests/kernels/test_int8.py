@@ -172,3 +172,16 @@ def test_triton_int8_matmul_matches_reference(triton_on, transpose, in_features)
     w = dequantize(codes, scales, codes.shape, 32, per_row=True)
     ref = x @ (w.t() if transpose else w)
     assert_close(got, ref)
+
+
+def test_row_chunks_give_the_whole_matrix_result(monkeypatch):
+    """(De)quantizing a few rows at a time (bounded temporaries) equals doing the whole matrix at once."""
+    import leantune.kernels.int8_linear as il
+
+    lin = nn.Linear(300, 40)
+    whole = Int8Linear.from_linear(lin)
+    monkeypatch.setattr(il, "CHUNK_NUMEL", 700)  # two rows of 300 per chunk
+    chunked = Int8Linear.from_linear(lin)
+    assert torch.equal(chunked.weight, whole.weight) and torch.equal(chunked.weight_scale, whole.weight_scale)
+    ref = dequantize(whole.weight, whole.weight_scale, whole.weight.shape, 256, per_row=True)
+    assert torch.equal(chunked.dequantized(), ref)

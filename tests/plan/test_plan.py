@@ -1,5 +1,5 @@
 """``leantune plan`` against measurement on the CPU: saved activations (leantune.memory.profile) and optimizer state
-(optimizer_state_bytes) within 5%, the peak (leantune.memory.peak_bytes) within 10%, over 14 configurations of
+(optimizer_state_bytes) within 5%, the peak (leantune.memory.peak_bytes) within 10%, over 16 configurations of
 Llama, GPT-2 and the real MiniLM in fp32 and bf16; and its refusals."""
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ CASES = {  # name: (model, dtype, adapter, optimizer, memory, seq, batch)
     "llama-apollo-mini": (LLAMA, "bf16", None, "apollo_mini", "none", 128, 2),
     "llama-adamw8bit": (LLAMA, "fp32", None, "adamw8bit", "none", 128, 2),
     "llama-galore8bit-layerwise": (LLAMA, "fp32", None, "galore_adamw8bit:rank=64,layerwise=true", "none", 128, 2),
+    "llama-qgalore-bf16": (LLAMA, "bf16", None, "q_galore_adamw8bit:rank=64", "leantune", 128, 2),
+    "llama-qgalore-layerwise": (LLAMA, "fp32", None, "q_galore_adamw:rank=64,layerwise=true", "none", 128, 2),
     "gpt2-fp32": (GPT2, "fp32", None, "adamw", "none", 128, 2),
     "gpt2-lora-bf16": (GPT2, "bf16", "lora:r=8", "adamw", "none", 128, 2),
     "minilm-fp32": ("minilm", "fp32", None, "adamw", "none", 64, 8),
