@@ -1,4 +1,4 @@
-"""Will Llama-2-7B fit? ``leantune plan`` for four stacks at seq 2048, batch 1, against accelerate's estimate.
+"""Will Llama-2-7B fit? ``leantune plan`` for each stack at seq 2048, batch 1, against accelerate's estimate.
 
 accelerate's ``estimate-memory`` (``accelerate.commands.estimate``) sizes the model from its parameters only
 (mixed-precision AdamW: fp32 model, 1.5x gradients, 2x optimizer states, and it reports the largest of these, not
@@ -7,6 +7,7 @@ number for every stack. The planner builds each stack on the meta device and add
 logits transient (``leantune/plan``; validated against CPU measurement in ``tests/plan/test_plan.py``).
 
     python benchmarks/plan_7b.py [--model llama-2-7b] [--seq 2048] [--out benchmarks/results/plan_7b]
+    python benchmarks/plan_7b.py --model llama-3-8b --seq 4096 --out benchmarks/results/plan_llama3_8b
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ STACKS = [  # label, plan() keyword arguments
      dict(adapter="lora:r=64", quant="4bit", optimizer="adamw8bit", memory="leantune+chunked_loss+budget:1%")),
     ("8-bit GaLore r=1024 per-layer + leantune memory + chunked loss + least budget",
      dict(optimizer="galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+chunked_loss+budget:1%")),
+    ("Q-GaLore (INT8 weights, 8-bit moments, INT4 P) r=1024 per-layer + leantune memory + checkpointing",
+     dict(optimizer="q_galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+checkpointing")),
+    ("Q-GaLore r=1024 per-layer + leantune memory + checkpointing + chunked loss",
+     dict(optimizer="q_galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+checkpointing+chunked_loss")),
 ]
 COMPONENTS = ["weights", "gradients", "optimizer_state", "activations", "transient"]
 

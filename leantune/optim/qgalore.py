@@ -161,17 +161,19 @@ class QGaLoreAdamW8bit(QGaLoreMixin, GaLoreAdamW8bit):
 def quantize_weights(model: nn.Module, names: Sequence[str] | None = None, block_size: int = DEFAULT_BLOCK) -> list[str]:
     """Replace trainable ``nn.Linear`` (and transformers ``Conv1D``) modules by :class:`Int8Linear` (nearest rounding);
     ``names``: the weights' parameter names to convert (``find_target_weights``), None: every trainable linear but the
-    output head. Linears inside peft tuner layers (adapter factors, frozen bases) are left as they are. Returns the
-    converted module names."""
+    output head. A peft model is left as it is (Q-GaLore's INT8 weights are for full-parameter training; adapter
+    factors and ``modules_to_save`` copies stay float, and are still projected with INT4 lazy projectors). Returns
+    the converted module names."""
     from peft.tuners.tuners_utils import BaseTunerLayer  # late: peft is heavy and only needed here
     from transformers.pytorch_utils import Conv1D
 
+    if hasattr(model, "peft_config") or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return []
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inside_tuner = {id(m) for t in model.modules() if isinstance(t, BaseTunerLayer) for m in t.modules()}
     wanted = None if names is None else {n[: -len(".weight")] if n.endswith(".weight") else n for n in names}
     converted = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, Conv1D)) or id(module) in inside_tuner or module is head:
+        if not isinstance(module, (nn.Linear, Conv1D)) or module is head:
             continue
         if not module.weight.requires_grad or (wanted is not None and name not in wanted):
             continue

@@ -284,3 +284,48 @@ def test_tall_wide_net_trains_with_helpers():
         opt.zero_grad()
     assert float(loss.detach()) < first
     assert {type(m).__name__ for m in net.modules()} >= {"Int8Linear", "LayerNorm"}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("memory", ["all", "budget", "norms_mlp"])
+def test_with_leantune_memory_the_gradients_are_those_without(arch, memory):
+    """Q-GaLore's INT8 model with leantune.memory (the exact techniques, or an activation budget) gets the INT8
+    weights' and the float parameters' gradients of the same INT8 model without it (to fp32 rounding), whichever
+    was set up first."""
+    import warnings
+
+    import transformers as T
+
+    import leantune
+    from leantune.memory import MemoryConfig
+
+    def model():
+        torch.manual_seed(0)
+        if arch == "llama":
+            return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                    tie_word_embeddings=False)).train()
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=16,
+                                              resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).train()
+
+    config = {"all": MemoryConfig(approx_activations=False),  # the 2-bit activation backward is approximate
+              "budget": MemoryConfig(budget=0.3, approx_activations=False),
+              "norms_mlp": MemoryConfig.none(ms_norms=True, fused_gated_mlp=True)}[memory]
+    ids = torch.randint(0, 64, (2, 8))
+    grads = []
+    for order in ("none", "memory-first", "optimizer-first"):
+        net = model()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if order == "memory-first":
+                leantune.memory.apply(net, config)
+            build_optimizer(net, OptimizerConfig("q_galore_adamw", rank=4, lr=1e-2))
+            if order == "optimizer-first":
+                leantune.memory.apply(net, config)
+            net(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: (p.qgrad if is_int8_weight(p) else p.grad) for n, p in net.named_parameters()})
+    assert sum(is_int8_weight(p) for p in net.parameters()) >= 8
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for name, g in grads[0].items():
+            torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-6, msg=name)

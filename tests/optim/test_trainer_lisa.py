@@ -137,3 +137,26 @@ def test_lisa_in_trainer(tmp_path):
     layers = trainer.model.model.layers
     with_state = [i for i, l in enumerate(layers) if any(p in opt.state for p in l.parameters())]
     assert with_state == lisa.active == lisa.sample(1)
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16-autocast"])
+def test_qgalore_in_trainer_resumes_bit_exact(tmp_path, layerwise, bf16):
+    """Q-GaLore through install_in_trainer: the INT8 layers are made at install (before resume_from_checkpoint loads
+    the checkpoint's INT8 codes and scales into them), the LR schedule reaches every update, global clipping is
+    turned off with a warning (it cannot see the INT8 weights' gradients), and a resumed run ends bit for bit where
+    the uninterrupted one does."""
+    config = OptimizerConfig(name="q_galore_adamw8bit", rank=4, update_proj_gap=2, layerwise=layerwise,
+                             optimizer_kwargs={"lazy_queue": 2})
+    full = make_trainer(tmp_path, "full", config, bf16=bf16)
+    assert full.args.max_grad_norm == 0.0
+    assert type(full.model.model.layers[0].self_attn.q_proj).__name__ == "Int8Linear"
+    full.train()
+    assert full.lr_scheduler.get_last_lr()[0] == pytest.approx(0.0)
+    resumed = make_trainer(tmp_path, "full", config, bf16=bf16)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    final = weights(full.model)
+    assert same(final, weights(resumed.model))
+    start = make_trainer(tmp_path, "start", config, bf16=bf16)
+    assert not torch.equal(final["model.layers.0.mlp.up_proj.weight"],
+                           start.model.model.layers[0].mlp.up_proj.weight)  # the INT8 codes trained
