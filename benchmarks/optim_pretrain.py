@@ -48,6 +48,10 @@ RUNS: dict[str, object] = {
     "8-bit AdamW": "adamw8bit",
     "GaLore": OptimizerConfig("galore_adamw", **LOW),
     "8-bit GaLore": OptimizerConfig("galore_adamw8bit", **LOW, optimizer_kwargs={"min_8bit_size": 1024}),
+    # INT8 weights (stochastic rounding), INT4 lazy projectors: fp32 moments, and the paper's 8-bit moments
+    "Q-GaLore": OptimizerConfig("q_galore_adamw", **LOW),
+    "Q-GaLore (8-bit moments)": OptimizerConfig("q_galore_adamw8bit", **LOW,
+                                                optimizer_kwargs={"min_8bit_size": 1024}),
     "Fira": OptimizerConfig("fira_adamw", **LOW),
     "DCT-AdamW": OptimizerConfig("dct_adamw", **LOW),
     "Natural GaLore": OptimizerConfig("natural_galore_adamw", **LOW),
@@ -113,8 +117,11 @@ def make_model(seed: int, parameterization: str | None = None) -> torch.nn.Modul
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
-    """Trained numbers, each tensor once (peft's modules_to_save copies replace their originals in training)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trained numbers, each tensor once (peft's modules_to_save copies replace their originals in training; INT8
+    weights train through their float gradient)."""
+    from leantune.kernels.int8_linear import is_int8_weight
+
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or is_int8_weight(p))
 
 
 def make_optimizer(spec: object, model: torch.nn.Module, lr: float, steps: int):
@@ -151,7 +158,30 @@ def state_bytes(opt) -> int:
     return storage_bytes(list(_tensors(dict(inner.state))))
 
 
+class CountSVDs:
+    """Counts ``torch.linalg.svd`` calls while active (every SVD-based projector refresh goes through it)."""
+
+    def __enter__(self):
+        self.count, self._svd = 0, torch.linalg.svd
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return self._svd(*args, **kwargs)
+
+        torch.linalg.svd = counted
+        return self
+
+    def __exit__(self, *exc):
+        torch.linalg.svd = self._svd
+
+
 def run(label: str, spec: object, data: list[torch.Tensor], seed: int, lr: float) -> dict:
+    with CountSVDs() as svds:
+        result = _run(label, spec, data, seed, lr)
+    return {**result, "svds": svds.count}
+
+
+def _run(label: str, spec: object, data: list[torch.Tensor], seed: int, lr: float) -> dict:
     parameterization, spec = spec if isinstance(spec, tuple) else (None, spec)
     model = make_model(seed, parameterization)
     opt = make_optimizer(spec, model, lr, len(data))
@@ -171,7 +201,9 @@ def run(label: str, spec: object, data: list[torch.Tensor], seed: int, lr: float
         if s in (1, steps - 1):
             peak_state = max(peak_state, state_bytes(opt))
     trained = trainable_parameters(model)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.numel())
+    # INT8 weights (Q-GaLore): their codes are parameters, their fp32 block scales buffers
+    weights = sum(p.numel() * p.element_size() for p in model.parameters() if p.numel()) + \
+        sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith("weight_scale"))
     return {"losses": losses, "step_s": statistics.median(times[2:]), "state_bytes": peak_state,
             "trainable": trained, "memory_bytes": weights + trained * 4 + peak_state}
 
@@ -211,7 +243,7 @@ def main() -> None:
         data = batches(tokens, args.steps, args.batch, seed)
         for label in labels:
             key = f"{label}|{seed}|{args.steps}|{args.batch}|{args.lr}|{args.data}"
-            if key not in done:
+            if key not in done or "svds" not in done[key]:  # runs before the SVD count was recorded: rerun
                 done[key] = run(label, RUNS[label], data, seed, args.lr)
                 cache.write_text(json.dumps(done))
     result = {label: [done[f"{label}|{s}|{args.steps}|{args.batch}|{args.lr}|{args.data}"] for s in args.seeds]
@@ -222,8 +254,8 @@ def main() -> None:
     print(f"\n### Pretraining a tiny Llama (d={D}, {LAYERS} layers) on {source}: {args.steps} steps x batch "
           f"{args.batch} x {SEQ} tokens, lr {args.lr}, seeds {args.seeds}\n")
     print("| optimizer | final loss (mean ± std, last 20 steps) | trainable params | state KiB | weights + grads + state "
-          "KiB | step ms (median) | steps to AdamW's final loss |")
-    print("|---|---|---|---|---|---|---|")
+          "KiB | step ms (median) | steps to AdamW's final loss | SVDs |")
+    print("|---|---|---|---|---|---|---|---:|")
     for n, rs in result.items():
         mean, std = statistics.fmean(final[n]), statistics.stdev(final[n]) if len(final[n]) > 1 else 0.0
         reach = [steps_to(r["losses"], adamw_final) for r in rs] if adamw_final else []
@@ -231,7 +263,8 @@ def main() -> None:
         print(f"| {n} | {mean:.4f} ± {std:.4f} | {rs[0]['trainable']:,} | "
               f"{statistics.fmean(r['state_bytes'] for r in rs) / 1024:.0f} | "
               f"{statistics.fmean(r['memory_bytes'] for r in rs) / 1024:.0f} | "
-              f"{statistics.fmean(r['step_s'] for r in rs) * 1e3:.0f} | {reach_s} |")
+              f"{statistics.fmean(r['step_s'] for r in rs) * 1e3:.0f} | {reach_s} | "
+              f"{statistics.fmean(r['svds'] for r in rs):.0f} |")
     if "Conda" in result and "AdamW" in result:
         conda = [steps_to(r["losses"], adamw_final) for r in result["Conda"]]
         adam = [steps_to(r["losses"], adamw_final) for r in result["AdamW"]]

@@ -43,7 +43,11 @@ class QGaLoreMixin:
     """INT8 weights, INT4 lazy projectors and fp32 stochastic-rounding updates on top of a GaLore Adam class."""
 
     fusable = False  # the fused kernel writes the weight in its own dtype; here W is requantized after the update
-    row_shardable = False  # FSDP2 would shard the int8 codes apart from their scales: refused there (sharded.py)
+    row_shardable = False
+    #: why FSDP2 is refused (``sharded.py`` and :func:`quantize_weights` say it)
+    fsdp2_refusal = ("its INT8 weights are made from whole float matrices and keep one scale per block of a row, "
+                     "which FSDP2 would shard apart from the codes (and the model is sharded before the optimizer "
+                     "exists)")
     state_keys = GaLoreAdamW.state_keys + tuple(k for k in LazyQuantizedSVDProjector.state_keys
                                                 if k not in GaLoreAdamW.state_keys)
 
@@ -169,6 +173,9 @@ def quantize_weights(model: nn.Module, names: Sequence[str] | None = None, block
 
     if hasattr(model, "peft_config") or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         return []
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError(f"Q-GaLore on an FSDP2-sharded model is not supported: {QGaLoreMixin.fsdp2_refusal}. "
+                         "Train it under DDP (tested), or use galore_adamw8bit under FSDP2.")
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     wanted = None if names is None else {n[: -len(".weight")] if n.endswith(".weight") else n for n in names}
     converted = []

@@ -204,9 +204,10 @@ def check_sharded_optimizer(optimizer: Any) -> None:
         if "rank" not in group:  # plain (full-rank) groups update element-wise: row-local as they are
             continue
         if not getattr(optimizer, "row_shardable", False):
-            raise ValueError(f"{name} on FSDP2-sharded parameters is not supported: its update needs statistics "
-                             "across all rows of the projected gradient. Use one of " + ", ".join(ROW_SHARDABLE_OPTIMIZERS) +
-                             " under FSDP2, or this optimizer under DDP.")
+            why = getattr(optimizer, "fsdp2_refusal", None) or \
+                "its update needs statistics across all rows of the projected gradient"
+            raise ValueError(f"{name} on FSDP2-sharded parameters is not supported: {why}. Use one of " +
+                             ", ".join(ROW_SHARDABLE_OPTIMIZERS) + " under FSDP2, or this optimizer under DDP.")
         if group["projector"] not in ROW_SHARDABLE_PROJECTORS:
             raise ValueError(f"{name}: projector {group['projector']!r} on FSDP2-sharded parameters is not supported; "
                              f"use one of {ROW_SHARDABLE_PROJECTORS}.")

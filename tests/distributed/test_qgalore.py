@@ -59,3 +59,21 @@ def tiny_int8(key: str) -> torch.Tensor:
     model = tiny_llama(torch.float64)
     quantize_weights(model)
     return model.state_dict()[key]
+
+
+def _fsdp2_refusal(rank: int) -> str:
+    import leantune
+    from leantune.optim import OptimizerConfig, build_optimizer
+
+    model = leantune.shard_model(tiny_llama(torch.float32))
+    try:
+        build_optimizer(model, OptimizerConfig("q_galore_adamw", rank=4))
+    except ValueError as err:
+        return str(err)
+    return "built"
+
+
+def test_qgalore_is_refused_under_fsdp2_with_the_reason(tmp_path):
+    for message in spawn(_fsdp2_refusal, tmp_path):
+        assert "FSDP2-sharded" in message and "not supported" in message and "scale per block" in message
+        assert "under DDP" in message
