@@ -25,6 +25,7 @@ from leantune._utils import NonFiniteGradientWarning
 from leantune.optim.checkpoint import StateLoadingMixin
 from leantune.optim.dct import shared_dct_basis
 from leantune.optim.layerwise import LayerwiseMixin
+from leantune.optim.offload import OFFLOAD_TARGETS, StateOffload
 from leantune.optim.projector_kinds import PROJECTOR_KINDS, PROJECTOR_STATE_KEYS, make_projector
 from leantune.optim.projectors import Projector
 from leantune.optim.restarts import Restarts
@@ -33,6 +34,7 @@ from leantune.optim.sharded import (
     all_ranks_true,
     check_sharded_optimizer,
     full_gradient,
+    is_sharded,
     local,
     norm_over_rows,
     row_shard,
@@ -91,6 +93,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
             for p in group["params"]:
                 self._param_seed[p] = len(self._param_seed)
         self.restarts = None  # momentum reset / refactorization cycles (enable_restarts)
+        self.offload: StateOffload | None = None  # state in host memory between updates (enable_offload)
         #: tests and benchmarks: compute every projected step by this path (a name of :meth:`path`'s rule) instead
         #: of the one the rule picks; None in normal use
         self.force_path: str | None = None
@@ -201,7 +204,30 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
                 self._step_param(p, group, finite=None if self.is_low_rank(group, p) else next(finite))
         if self.restarts is not None:
             self.restarts.end_of_step(self)
+        if self.offload is not None:
+            self.offload.end_of_step()
         return loss
+
+    def enable_offload(self, host: str = "cpu", device: str | torch.device | None = None) -> None:
+        """Keep the optimizer state in ``host`` memory between updates (``offload.py``); ``device``: where updates
+        run (None: each parameter's device; tests: "cpu")."""
+        if host not in OFFLOAD_TARGETS:
+            raise ValueError(f"offload={host!r}: the state can be kept in {OFFLOAD_TARGETS} memory")
+        if any(is_sharded(p) for group in self.param_groups for p in group["params"]):
+            raise ValueError(f"{type(self).__name__}: offloading the optimizer state of FSDP2-sharded parameters is "
+                             "not supported (each rank already keeps 1/N of it); use offload under DDP or one "
+                             "process.")
+        self.offload = StateOffload(self, host, device)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.offload is not None:
+            self.offload.synchronize()  # the host copies are what is saved
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if self.offload is not None:
+            self.offload.to_host_all()
 
     def enable_restarts(self, every: int, moments: str = "all", recovery_steps: int = 10,
                         pairs: list[tuple[str, torch.nn.Parameter, torch.nn.Parameter]] | None = None) -> None:
@@ -218,7 +244,10 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         A projected parameter's gradient is not scanned here: a NaN/inf in G reaches its projection R, which
         :meth:`project` checks (r x max(m, n) instead of m x n numbers); refresh steps check G before the SVD."""
         shard = row_shard(p)  # FSDP2: the update runs on this rank's rows (sharded.py)
-        return self._step_local(p, p if shard is None else local(p), group, finite, shard)
+        if self.offload is None:
+            return self._step_local(p, p if shard is None else local(p), group, finite, shard)
+        with self.offload.on_device(p):  # the state comes in for this update and goes back after it
+            return self._step_local(p, p, group, finite, shard)
 
     def _step_local(self, key: torch.Tensor, p: torch.Tensor, group: dict[str, Any], finite: bool | None,
                     shard: Any) -> None:

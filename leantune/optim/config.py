@@ -11,6 +11,7 @@ from torch import nn
 
 from leantune._validation import check_bool, check_choice, check_int, check_names, check_number, is_number
 from leantune.optim.base import MOMENT_POLICIES
+from leantune.optim.offload import OFFLOAD_TARGETS
 from leantune.optim.param_groups import find_target_weights, make_param_groups
 from leantune.optim.projector_kinds import PROJECTOR_KINDS
 from leantune.optim.qgalore import quantize_weights
@@ -50,6 +51,7 @@ class OptimizerConfig:
     recovery_steps: int = 10
     refactorize: bool = False  # rebalance LoRA/ALLoRA factor pairs at each reset
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"history_size": 4} or {"gamma": 1.01}
+    offload: str | None = None  # "cpu": the state in host memory between updates (offload.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in OPTIMIZERS:
@@ -82,6 +84,8 @@ class OptimizerConfig:
         check_choice(self, "reset_moments", RESET_MOMENTS)
         check_int(self, "recovery_steps", minimum=0)
         check_bool(self, "refactorize")
+        if self.offload is not None:
+            check_choice(self, "offload", OFFLOAD_TARGETS)
         if self.refactorize and self.reset_every is None:
             raise ValueError("OptimizerConfig.refactorize: weight refactorization runs at each momentum reset; set "
                              "reset_every=K as well (the paper uses one cycle length for both).")
@@ -157,6 +161,8 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict[str, 
     if quantize_model_weights(model, config):  # validated on the float model first: a refusal changes nothing
         optimizer.remove_hooks()
         optimizer = make()
+    if config.offload is not None:
+        optimizer.enable_offload(config.offload)
     if config.reset_every is not None:
         pairs = None
         if config.refactorize:
