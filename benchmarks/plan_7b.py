@@ -46,6 +46,9 @@ STACKS = [  # label, plan() keyword arguments
      dict(optimizer="q_galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+checkpointing")),
     ("Q-GaLore r=1024 per-layer + leantune memory + checkpointing + chunked loss",
      dict(optimizer="q_galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+checkpointing+chunked_loss")),
+    ("Q-GaLore r=1024 per-layer + leantune memory + checkpointing + chunked loss, optimizer state on the host",
+     dict(optimizer="q_galore_adamw8bit:rank=1024,layerwise=true", memory="leantune+checkpointing+chunked_loss",
+          offload_optimizer=True)),
 ]
 COMPONENTS = ["weights", "gradients", "optimizer_state", "activations", "transient"]
 

@@ -159,12 +159,14 @@ def build_model(config, dtype: torch.dtype, task: str, device: str = "meta"):
 
 def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16", adapter: str | None = None,
          optimizer: str = "adamw", memory: str = "none", quant: str | None = None, gpu: str | float | None = None,
-         processes: int = 1, fsdp: bool = False, task: str | None = None, device: str = "cuda") -> Plan:
+         processes: int = 1, fsdp: bool = False, task: str | None = None, device: str = "cuda",
+         offload_optimizer: bool = False) -> Plan:
     """Predict the memory of one training step (module docstring). ``adapter``/``optimizer``: ``name:key=value,…``
     (``lora:r=16``, ``galore_adamw:rank=256,layerwise=true``); ``memory``: one of :data:`MEMORY_OPTIONS`;
     ``quant``: None, "4bit" or "8bit" (needs an adapter: the base is frozen); ``gpu``: "24GB" or bytes;
     ``device``: "cuda" (torch's AdamW steps all tensors at once there, with temporaries the size of all gradients)
-    or "cpu" (one tensor at a time)."""
+    or "cpu" (one tensor at a time). ``offload_optimizer``: the state of a leantune optimizer in host memory between
+    updates (``OptimizerConfig(offload="cpu")``): the GPU holds the stepping parameter's and the next one's."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     memory_name, budget = parse_memory(memory)
@@ -193,6 +195,17 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     if layerwise:
         grads = max((grad_bytes(p, compute) for p in trainable), default=0)
     state = _optimizer_state(net, optimizer_name or "adamw", optimizer_options, trainable)
+    if offload_optimizer:
+        if optimizer_name in (None, "adamw", "adamw8bit"):
+            raise ValueError("--offload-optimizer keeps a leantune optimizer's state on the host; give one with "
+                             "--optimizer (e.g. galore_adamw8bit:rank=1024,layerwise=true)")
+        # the stepping parameter's state and the prefetched next one's, in backward order (the reverse of the
+        # parameters' order, as their gradients become ready)
+        per_param = [_optimizer_state(net, optimizer_name, optimizer_options, [p]) for p in reversed(trainable)]
+        on_gpu = max((a + b for a, b in zip(per_param, per_param[1:])), default=sum(per_param))
+        notes.append(f"optimizer state on the host: {state / 1e9:.2f} GB (pinned); on the GPU at most "
+                     f"{on_gpu / 1e9:.2f} GB (two consecutive parameters' state)")
+        state = on_gpu
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     inputs = {"input_ids": ids, "labels": ids if task == "CAUSAL_LM" else torch.zeros(batch, dtype=torch.long,
                                                                                       device="meta")}
@@ -226,6 +239,7 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     setting = {"seq": seq, "batch": batch, "dtype": dtype, "adapter": adapter or "none (full fine-tuning)",
                "optimizer": optimizer, "memory": memory, "quant": quant or "none", "processes": processes,
                "fsdp": fsdp}
+    setting["offload_optimizer"] = offload_optimizer
     return Plan(str(model), setting, weights_s, quantized // shard, sum(p.numel() for p in trainable), grads_s,
                 state_s, activations, transient, peak, _gpu_bytes(gpu), notes)
 

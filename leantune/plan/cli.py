@@ -36,6 +36,9 @@ def add_plan_subcommand(sub) -> None:
     p.add_argument("--gpu", default=None, help="memory per GPU, e.g. 24GB")
     p.add_argument("--processes", type=int, default=1)
     p.add_argument("--fsdp", action="store_true", help="FSDP: shard weights, gradients and optimizer state")
+    p.add_argument("--offload-optimizer", action="store_true",
+                   help="keep the leantune optimizer's state in host memory between updates (OptimizerConfig("
+                        "offload='cpu'))")
     p.add_argument("--json", action="store_true", help="the numbers as JSON (bytes)")
     p.add_argument("--search", action="store_true", help="list the cheapest stacks that fit in --gpu")
     p.set_defaults(func=run_plan)
@@ -43,7 +46,7 @@ def add_plan_subcommand(sub) -> None:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return dict(seq=args.seq, batch=args.batch, dtype=args.dtype, processes=args.processes, fsdp=args.fsdp,
-                gpu=args.gpu)
+                gpu=args.gpu, offload_optimizer=args.offload_optimizer)
 
 
 def candidates(model_plan: Plan) -> list[dict[str, Any]]:
