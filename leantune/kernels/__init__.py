@@ -3,7 +3,8 @@ kernels, choosing the backend by one rule (:mod:`.dispatch`: Triton on CUDA, C l
 
 One file per op — ``activations`` (ReGELU2/ReSiLU2), ``norms`` (MS-RMSNorm/MS-LN, incl. the post-norm variant),
 ``gated_mlp`` (SwiGLU/GeGLU elementwise), ``fused_mlp`` (whole gated MLP with LoRA projections), ``lora_linear``
-(fused adapter linear), ``optimizer_step`` (fused low-rank Adam step) — plus ``cpu_native`` (the C loops) and
+(fused adapter linear), ``optimizer_step`` (fused low-rank Adam step), ``int8_linear`` (INT8-weight linear) with
+``quantize`` (blockwise INT8/INT4, stochastic rounding) — plus ``cpu_native`` (the C loops) and
 the public ``leantune.kernels.apply(model)`` / ``restore(model)`` / ``patched_modules(model)`` and the kernel names,
 which are the kernels view of the one patcher (:mod:`leantune.patching.kernels_view`; the patcher sits above the ops,
 so ``leantune/__init__.py`` attaches the view here).

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["library", "step_flags", "step_backward", "ms_norm_backward", "cache_dir", "ENV_SWITCH"]
+__all__ = ["library", "step_flags", "step_backward", "ms_norm_backward", "int8_dequant", "cache_dir", "ENV_SWITCH"]
 
 ENV_SWITCH = "LEANTUNE_CPU_KERNELS"  # "0" turns the C kernels off (torch reference everywhere)
 _CSRC = Path(__file__).with_name("csrc")
@@ -54,6 +54,7 @@ _SIGNATURES = {  # per C source in csrc/: its functions and their argument types
         "step_backward_bf16": [_P, _P, _P, _N, _F, _F, _F],
     },
     "ms_norm": {f"ms_norm_backward_{t}": [_P, _P, _P, _P, _P, _P, _N, _N, _I] for t in ("f32", "f64", "bf16")},
+    "int8_dequant": {f"int8_dequant_{t}": [_P, _P, _P, _N, _N, _N] for t in ("f32", "bf16")},
 }
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -267,4 +268,26 @@ def ms_norm_backward(grad_y: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, 
                     ptrs[3] + off, b - a, h, layernorm)
 
         _parallel(getattr(lib, names[y.dtype]), rows, args, align=1, item_size=h)
+    return out
+
+
+def int8_dequant(weight: torch.Tensor, scales: torch.Tensor, block: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """deq(W) of a CPU INT8 (m, n) weight with (m · ⌈n / block⌉,) fp32 scales in fp32 or bf16, one pass
+    (``csrc/int8_dequant.c``; the torch reference's bits); ``None`` if unavailable or unsupported."""
+    names = {torch.float32: "int8_dequant_f32", torch.bfloat16: "int8_dequant_bf16"}
+    if (weight.device.type != "cpu" or weight.dtype != torch.int8 or weight.dim() != 2 or dtype not in names
+            or scales.dtype != torch.float32):
+        return None
+    lib = library("int8_dequant")
+    if lib is None:
+        return None
+    weight, scales = weight.contiguous(), scales.contiguous()
+    rows, cols = weight.shape
+    out = torch.empty(rows, cols, dtype=dtype)
+    if weight.numel():
+        per_row, size = math.ceil(cols / block), out.element_size()
+        q, s, o = weight.data_ptr(), scales.data_ptr(), out.data_ptr()
+        _parallel(getattr(lib, names[dtype]), rows,
+                  lambda a, b: (q + a * cols, s + a * per_row * 4, o + a * cols * size, b - a, cols, block),
+                  align=1, item_size=cols)
     return out

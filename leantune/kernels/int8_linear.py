@@ -14,7 +14,8 @@ gradient there.
 
 On CUDA with Triton the forward and the input gradient run one kernel that dequantizes a (BLOCK_N × BLOCK_K) tile of
 W in registers inside the matmul loop (:func:`_int8_matmul_kernel`); elsewhere the torch reference dequantizes the
-whole matrix for the GEMM (on CPU a C loop would not pay: the GEMM dominates, and the dequantization is one pass).
+whole matrix for the GEMM, on the CPU in one C pass (``csrc/int8_dequant.c``: in bf16 the four torch passes took about
+as long as the GEMM itself).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._triton import tl, triton
+from .cpu_native import int8_dequant
 from .dispatch import kernel_for, register_kernel
 from .quantize import dequantize, quantize
 
@@ -49,7 +51,11 @@ def _row_chunks(weight: torch.Tensor, block: int):
 
 def dequantized_weight(weight: torch.Tensor, scales: torch.Tensor, block: int,
                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """deq(W) of an (m, n) INT8 weight with (m · ⌈n / block⌉,) fp32 scales, in ``dtype`` (row chunk by chunk)."""
+    """deq(W) of an (m, n) INT8 weight with (m · ⌈n / block⌉,) fp32 scales, in ``dtype``: on the CPU one C pass
+    (``cpu_native.int8_dequant``, the same bits), else the torch reference row chunk by chunk."""
+    native = int8_dequant(weight, scales, block, dtype)
+    if native is not None:
+        return native
     out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
     for rows, blocks in _row_chunks(weight, block):
         out[rows] = dequantize(weight[rows], scales[blocks], out[rows].shape, block, per_row=True, dtype=dtype)
