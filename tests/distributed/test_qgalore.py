@@ -14,12 +14,13 @@ from tests.distributed.helpers import batches, shard, spawn, tiny_llama
 STEPS = 6
 
 
-def _train(rank: int | None, layerwise: bool) -> dict:
+def _train(rank: int | None, layerwise: bool, offload: bool = False) -> dict:
     from leantune.optim import OptimizerConfig, build_optimizer
 
     model = tiny_llama(torch.float64)
     opt = build_optimizer(model, OptimizerConfig("q_galore_adamw", rank=4, update_proj_gap=2, lr=1e-2,
-                                                 layerwise=layerwise, optimizer_kwargs={"lazy_queue": 2}))
+                                                 layerwise=layerwise, optimizer_kwargs={"lazy_queue": 2},
+                                                 offload="cpu" if offload else None))
     torch.manual_seed(1000 + (rank or 0))  # each rank's global RNG differs: the SR noise must not depend on it
     runner = model if rank is None else DDP(model)  # after the INT8 layers were made
     if layerwise and rank is not None:
@@ -39,10 +40,12 @@ def _train(rank: int | None, layerwise: bool) -> dict:
     return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses}
 
 
-@pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
-def test_qgalore_ranks_identical_and_follow_one_process(tmp_path, layerwise):
-    ranks = spawn(_train, tmp_path, layerwise)
-    single = _train(None, layerwise)
+@pytest.mark.parametrize("layerwise, offload", [(False, False), (True, False), (True, True)],
+                         ids=["step", "layerwise", "layerwise-offload"])
+def test_qgalore_ranks_identical_and_follow_one_process(tmp_path, layerwise, offload):
+    """… also with the optimizer state on the host between updates (offload.py)."""
+    ranks = spawn(_train, tmp_path, layerwise, offload)
+    single = _train(None, layerwise, offload)
     int8 = [k for k, v in single["weights"].items() if v.dtype == torch.int8]
     assert len(int8) == 14  # 7 projections × 2 layers
     for key in single["weights"]:
