@@ -132,6 +132,10 @@ class Int8Linear(nn.Module):
     def _bind(self) -> None:
         self.weight.int8_module = self  # how the optimizer finds the scales of a parameter it is given
 
+    def __setstate__(self, state) -> None:  # deepcopy / unpickling make a new Parameter without the attribute
+        super().__setstate__(state)
+        self._bind()
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, block_size: int = DEFAULT_BLOCK) -> "Int8Linear":
         """The INT8 twin of ``linear`` (nearest rounding); the float weight is not kept."""
@@ -155,6 +159,8 @@ class Int8Linear(nn.Module):
         return dequantized_weight(self.weight, self.weight_scale, self.block_size, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.weight, "int8_module", None) is not self:  # e.g. load_state_dict(assign=True)
+            self._bind()
         if not torch.is_grad_enabled():
             out = int8_matmul(x, self.weight, self.weight_scale, self.block_size, transpose=True)
             return out if self.bias is None else out + self.bias.to(out.dtype)

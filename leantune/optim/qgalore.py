@@ -66,6 +66,16 @@ class QGaLoreMixin:
             raise ValueError(f"lazy_factor={lazy_factor!r}: the interval grows by this factor, >= 1")
         if max_proj_gap is not None and max_proj_gap < 1:
             raise ValueError(f"max_proj_gap={max_proj_gap!r}: a step count >= 1, or None (no cap)")
+        groups = list(params)
+        tensors = [item[1] if isinstance(item, tuple) else item  # torch's (name, tensor) pairs, or tensors
+                   for g in groups for item in (g["params"] if isinstance(g, dict) else [g])]
+        unbound = [p for p in tensors if isinstance(p, torch.Tensor) and p.dtype == torch.int8 and
+                   not is_int8_weight(p)]
+        if unbound:
+            raise ValueError(f"{len(unbound)} int8 parameter(s) are not the weight of a leantune Int8Linear (or lost "
+                             "their binding): Q-GaLore would have no gradient for them. Make INT8 layers with "
+                             "leantune.optim.quantize_weights(model), and build the optimizer on that model.")
+        params = groups
         self.stochastic_round, self.seed = bool(stochastic_round), int(seed)
         lazy = dict(LAZY_DEFAULTS, proj_bits=proj_bits, proj_block=proj_block, lazy_threshold=lazy_threshold,
                     lazy_queue=lazy_queue, lazy_factor=lazy_factor, max_proj_gap=max_proj_gap)

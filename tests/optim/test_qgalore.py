@@ -329,3 +329,21 @@ def test_with_leantune_memory_the_gradients_are_those_without(arch, memory):
         assert other.keys() == grads[0].keys()
         for name, g in grads[0].items():
             torch.testing.assert_close(other[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_copies_keep_training_their_int8_weights():
+    """A deep copy (or an unpickled model) keeps the link from each INT8 weight to its scales, so the copy trains
+    like the original; an int8 tensor that is not an Int8Linear's weight is refused, never silently left untrained."""
+    net = _net()
+    build_optimizer(net, _cfg())
+    twin = copy.deepcopy(net)
+    assert is_int8_weight(twin[0].weight) and twin[0].weight.int8_module is twin[0]
+    opt_a, opt_b = build_optimizer(net, _cfg()), build_optimizer(twin, _cfg())
+    data = _data(3)
+    _run(net, opt_a, data)
+    _run(twin, opt_b, data)
+    for (k, a), b in zip(net.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), k
+    stray = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="not the weight of a leantune Int8Linear"):
+        QGaLoreAdamW([{"params": [stray], "rank": 2}])
