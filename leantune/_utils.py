@@ -94,3 +94,25 @@ def scale_columns(weight: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     the weight's dtype; differentiable in ``weight``. How a folded norm's γ enters an adapter's input-side factor."""
     compute = compute_dtype(weight.dtype)
     return (weight.to(compute) * gamma.to(device=weight.device, dtype=compute)).to(weight.dtype)
+
+
+_UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KIB": 2.0**10, "MIB": 2.0**20, "GIB": 2.0**30, "TIB": 2.0**40}
+
+
+def parse_bytes(text: str) -> float | None:
+    """Bytes of a size like "24GB" (1e9 units) or "512MiB" (2^20 units), case-insensitive; None if it is not one,
+    or not positive.
+
+    >>> parse_bytes("6GB"), parse_bytes("1GiB"), parse_bytes("25%")
+    (6000000000.0, 1073741824.0, None)
+    """
+    upper = text.strip().upper()
+    for unit in sorted(_UNITS, key=len, reverse=True):  # "GIB" before "B"-suffixed shorter units
+        if upper.endswith(unit):
+            try:
+                value = float(upper[: -len(unit)])
+            except ValueError:
+                return None
+            return value * _UNITS[unit] if value > 0 else None
+    return None
+

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
+from leantune._utils import parse_bytes
+
 from .live import LiveStorages, OpRecord
 from .recompute import MODES, Offloader, mlp_modules, run_layer, tag_mlp, without_cache, worth_saving
 from .state import rebind
@@ -193,17 +195,16 @@ def parse_budget(budget: Any) -> tuple[str, float]:
     if isinstance(budget, int) and budget > 1:
         return "bytes", float(budget)
     if isinstance(budget, str):
-        text = budget.strip().upper().replace("IB", "B")
-        try:
-            if text.endswith("%"):
+        text = budget.strip()
+        if text.endswith("%"):
+            try:
                 value = float(text[:-1]) / 100
-                if 0 < value <= 1:
-                    return "fraction", value
-            for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-                if text.endswith(unit) and float(text[: -len(unit)]) > 0:
-                    return "bytes", float(text[: -len(unit)]) * factor
-        except ValueError:
-            pass
+            except ValueError:
+                value = 0.0
+            if 0 < value <= 1:
+                return "fraction", value
+        elif (size := parse_bytes(text)) is not None:
+            return "bytes", size
     raise ValueError(f"MemoryConfig.budget must be a fraction in (0, 1], '25%' or bytes like '6GB', got {budget!r}")
 
 

@@ -26,6 +26,7 @@ import transformers
 from peft import get_peft_model
 from torch import nn
 
+from leantune._utils import parse_bytes
 from leantune.adapters import ADAPTERS
 from leantune.kernels.chunked_loss import cpu_floor, default_chunk
 from leantune.kernels.int8_linear import is_int8_weight
@@ -358,13 +359,9 @@ def _gpu_bytes(gpu: str | float | None) -> int | None:
         return None
     if isinstance(gpu, (int, float)):
         return int(gpu)
-    text = gpu.strip().upper().replace("IB", "B")
-    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
-        if text.endswith(unit):
-            try:
-                return int(float(text[: -len(unit)]) * factor)
-            except ValueError:
-                break
+    size = parse_bytes(gpu) if isinstance(gpu, str) else None
+    if size is not None:
+        return int(size)
     raise ValueError(f"gpu must look like '24GB' or '80GB', got {gpu!r}")
 
 

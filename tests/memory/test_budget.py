@@ -225,7 +225,7 @@ def test_parse_budget():
     assert parse_budget("25%") == ("fraction", 0.25)
     assert parse_budget(0.5) == ("fraction", 0.5)
     assert parse_budget("6GB") == ("bytes", 6e9)
-    assert parse_budget("512MiB") == ("bytes", 512e6)
+    assert parse_budget("512MiB") == ("bytes", 512 * 2.0**20)  # binary units are binary (was 512e6)
     assert parse_budget(4096) == ("bytes", 4096.0)
 
 
