@@ -28,7 +28,9 @@ from __future__ import annotations
 from typing import Any, Iterable, Sequence
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from leantune.kernels.int8_linear import DEFAULT_BLOCK, Int8Linear, is_int8_weight
 from leantune.kernels.quantize import stochastic_seed
@@ -178,9 +180,6 @@ def quantize_weights(model: nn.Module, names: Sequence[str] | None = None, block
     output head. A peft model is left as it is (Q-GaLore's INT8 weights are for full-parameter training; adapter
     factors and ``modules_to_save`` copies stay float, and are still projected with INT4 lazy projectors). Returns
     the converted module names."""
-    from peft.tuners.tuners_utils import BaseTunerLayer  # late: peft is heavy and only needed here
-    from transformers.pytorch_utils import Conv1D
-
     if hasattr(model, "peft_config") or any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         return []
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
@@ -212,8 +211,6 @@ def quantize_weights(model: nn.Module, names: Sequence[str] | None = None, block
 def dequantize_weights(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     """Replace every :class:`Int8Linear` by an ``nn.Linear`` (a ``Conv1D`` where it replaced one) holding deq(W) in
     ``dtype`` (default: its bias's dtype, else fp32), e.g. before ``save_pretrained``. Returns the module names."""
-    from transformers.pytorch_utils import Conv1D  # late: as in quantize_weights
-
     names = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, Int8Linear):
