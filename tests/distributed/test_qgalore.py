@@ -40,8 +40,10 @@ def _train(rank: int | None, layerwise: bool, offload: bool = False) -> dict:
     return {"weights": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses}
 
 
-@pytest.mark.parametrize("layerwise, offload", [(False, False), (True, False), (True, True)],
-                         ids=["step", "layerwise", "layerwise-offload"])
+@pytest.mark.parametrize("layerwise, offload", [
+    pytest.param(False, False, marks=pytest.mark.slow),  # make test-slow: ~25 s each on 2 cores
+    pytest.param(True, False, marks=pytest.mark.slow),
+    (True, True)], ids=["step", "layerwise", "layerwise-offload"])
 def test_qgalore_ranks_identical_and_follow_one_process(tmp_path, layerwise, offload):
     """… also with the optimizer state on the host between updates (offload.py)."""
     ranks = spawn(_train, tmp_path, layerwise, offload)
