@@ -230,6 +230,11 @@ def main() -> None:
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--out", default=str(RESULTS / "optim_pretrain"))
     args = ap.parse_args()
+    report: list[str] = []
+
+    def emit(text: str = "") -> None:  # printed, and written to <out>.md with the command
+        print(text)
+        report.append(text)
     if args.data == "text":
         tokens, source = text_corpus()
         floor = None
@@ -243,7 +248,7 @@ def main() -> None:
         data = batches(tokens, args.steps, args.batch, seed)
         for label in labels:
             key = f"{label}|{seed}|{args.steps}|{args.batch}|{args.lr}|{args.data}"
-            if key not in done or "svds" not in done[key]:  # runs before the SVD count was recorded: rerun
+            if key not in done:  # (runs cached before the SVD count was recorded show "—" there)
                 done[key] = run(label, RUNS[label], data, seed, args.lr)
                 cache.write_text(json.dumps(done))
     result = {label: [done[f"{label}|{s}|{args.steps}|{args.batch}|{args.lr}|{args.data}"] for s in args.seeds]
@@ -251,20 +256,20 @@ def main() -> None:
     final = {n: [statistics.fmean(r["losses"][-20:]) for r in rs] for n, rs in result.items()}
     adamw_final = statistics.fmean(final["AdamW"]) if "AdamW" in final else None
 
-    print(f"\n### Pretraining a tiny Llama (d={D}, {LAYERS} layers) on {source}: {args.steps} steps x batch "
+    emit(f"\n### Pretraining a tiny Llama (d={D}, {LAYERS} layers) on {source}: {args.steps} steps x batch "
           f"{args.batch} x {SEQ} tokens, lr {args.lr}, seeds {args.seeds}\n")
-    print("| optimizer | final loss (mean ± std, last 20 steps) | trainable params | state KiB | weights + grads + state "
+    emit("| optimizer | final loss (mean ± std, last 20 steps) | trainable params | state KiB | weights + grads + state "
           "KiB | step ms (median) | steps to AdamW's final loss | SVDs |")
-    print("|---|---|---|---|---|---|---|---:|")
+    emit("|---|---|---|---|---|---|---|---:|")
     for n, rs in result.items():
         mean, std = statistics.fmean(final[n]), statistics.stdev(final[n]) if len(final[n]) > 1 else 0.0
         reach = [steps_to(r["losses"], adamw_final) for r in rs] if adamw_final else []
         reach_s = "—" if not reach else (" / ".join("never" if x is None else str(x) for x in reach))
-        print(f"| {n} | {mean:.4f} ± {std:.4f} | {rs[0]['trainable']:,} | "
+        emit(f"| {n} | {mean:.4f} ± {std:.4f} | {rs[0]['trainable']:,} | "
               f"{statistics.fmean(r['state_bytes'] for r in rs) / 1024:.0f} | "
               f"{statistics.fmean(r['memory_bytes'] for r in rs) / 1024:.0f} | "
               f"{statistics.fmean(r['step_s'] for r in rs) * 1e3:.0f} | {reach_s} | "
-              f"{statistics.fmean(r['svds'] for r in rs):.0f} |")
+              + (f"{statistics.fmean(r['svds'] for r in rs):.0f} |" if all("svds" in r for r in rs) else "— |"))
     if "Conda" in result and "AdamW" in result:
         conda = [steps_to(r["losses"], adamw_final) for r in result["Conda"]]
         adam = [steps_to(r["losses"], adamw_final) for r in result["AdamW"]]
@@ -272,7 +277,7 @@ def main() -> None:
         verdict = (f"Conda reaches AdamW's final loss in {' / '.join(str(c) for c in conda)} steps against AdamW's "
                    f"{' / '.join(str(a) for a in adam)}: a speed-up of "
                    + (f"{statistics.fmean(pairs):.2f}x" if pairs else "— (not reached)"))
-        print(f"\n{verdict} (the paper claims 2–2.5x on LLaMA pretraining).")
+        emit(f"\n{verdict} (the paper claims 2–2.5x on LLaMA pretraining).")
     # ranking stability across seeds
     swaps = []
     for a, b in itertools.combinations(labels, 2):
@@ -281,7 +286,7 @@ def main() -> None:
             gap = abs(statistics.fmean(final[a]) - statistics.fmean(final[b]))
             within = gap <= max(statistics.stdev(final[a]), statistics.stdev(final[b]))
             swaps.append(f"{a} / {b} ({'within one std' if within else 'NOT within one std'})")
-    print("\nRanking by final loss, per seed: " + ("identical for every seed." if not swaps else
+    emit("\nRanking by final loss, per seed: " + ("identical for every seed." if not swaps else
           f"{len(swaps)} pair(s) change order between seeds: " + "; ".join(swaps)))
     fig, ax = plt.subplots(figsize=(8, 5))
     for n, rs in result.items():
@@ -299,6 +304,9 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(args.out + ".png", dpi=120)
     print(f"\nplot: {args.out}.png; runs: {cache}")
+    command = "python benchmarks/optim_pretrain.py " + " ".join(
+        f'"{a}"' if " " in a else a for a in sys.argv[1:])
+    Path(args.out + ".md").write_text(f"Command: `{command}`\n" + "\n".join(report) + "\n")
 
 
 if __name__ == "__main__":
