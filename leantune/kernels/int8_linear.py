@@ -114,7 +114,13 @@ class Int8Linear(nn.Module):
 
     ``weight`` is an int8 ``nn.Parameter`` (``requires_grad=False``: torch has no integer gradients; the float gradient
     goes to ``weight.qgrad``); ``weight_scale`` is a persistent fp32 buffer, kept fp32 by ``model.to(dtype)`` (a bf16
-    scale would move every weight of its block by up to 2⁻⁹ relative). Both are in ``state_dict``.
+    scale would move every weight of its block by up to 2⁻⁹ relative).
+
+    ``state_dict`` holds ``weight`` as deq(W) in the model's float dtype (``float_dtype``) next to ``weight_scale``:
+    a plain loader (``from_pretrained`` of the unconverted model, a serving stack) reads correct float weights, never
+    the codes as numbers; loading into an ``Int8Linear`` recovers the codes exactly, q = round(w / s) (|q| ≤ 127 needs
+    7 significant bits, every float dtype has ≥ 8), so a resumed run continues bit for bit. A float checkpoint without
+    scales is quantized on load (nearest rounding).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, block_size: int = DEFAULT_BLOCK,
@@ -122,6 +128,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.block_size = in_features, out_features, int(block_size)
         self.from_conv1d = False  # set when it replaced a transformers Conv1D (x W + b, W stored (in, out))
+        self.float_dtype = dtype or torch.float32  # the dtype state_dict writes deq(W) in
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
                                    requires_grad=False)
         blocks = out_features * math.ceil(in_features / self.block_size)
@@ -167,8 +174,30 @@ class Int8Linear(nn.Module):
         anchor = torch.empty(0, device=x.device, requires_grad=True)  # makes backward run (module docstring)
         return Int8LinearFunction.apply(x, anchor, self.weight, self.weight_scale, self.bias, self.block_size)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.dequantized(self.float_dtype)  # module docstring: never the codes
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        w, s = state_dict.get(prefix + "weight"), state_dict.get(prefix + "weight_scale")
+        if isinstance(w, torch.Tensor) and w.is_floating_point() and w.shape == self.weight.shape:
+            if isinstance(s, torch.Tensor) and s.shape == self.weight_scale.shape:  # ours: the exact codes back
+                scale = s.to(device=w.device, dtype=torch.float32)
+                per_row = scale.reshape(w.shape[0], -1).repeat_interleave(self.block_size, 1)[:, : w.shape[1]]
+                q = torch.where(per_row > 0, w.float() / per_row, 0.0).round_().clamp_(-127, 127)
+                state_dict[prefix + "weight"] = q.to(torch.int8)
+            else:  # a float checkpoint: quantized here
+                codes, scales = quantize(w, 8, self.block_size, per_row=True)
+                state_dict[prefix + "weight"], state_dict[prefix + "weight_scale"] = codes, scales
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def _apply(self, fn, recurse=True):
         scale = self._buffers.pop("weight_scale")
+        probe = fn(torch.empty(0, dtype=self.float_dtype))
+        if probe.is_floating_point():
+            self.float_dtype = probe.dtype  # model.to(bf16): what state_dict writes
         try:
             result = super()._apply(fn, recurse)
         finally:

@@ -16,7 +16,8 @@ index, its step), so DDP ranks draw the same noise without communicating and a r
 Two classes: ``QGaLoreAdamW`` (moments in fp32 for INT8 weights, in the parameter's dtype otherwise) and
 ``QGaLoreAdamW8bit`` (bitsandbytes' 8-bit blockwise moments: the paper's optimizer). ``quantize_weights(model)``
 turns the model's trainable linears into INT8 (``build_optimizer`` does it for these names; adapter factors stay
-float), ``dequantize_weights(model)`` turns them back (before ``save_pretrained`` for a serving stack).
+float), ``dequantize_weights(model)`` turns them back in memory (``save_pretrained`` already writes float weights: see
+``Int8Linear``).
 
 The INT8 weights' gradients are not ``.grad`` (torch has no float gradient for an integer tensor): the linear leaves
 ``weight.qgrad``, which this optimizer reads, averages over DDP ranks, steps on and frees. So a global

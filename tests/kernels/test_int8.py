@@ -145,17 +145,30 @@ def test_int8_linear_matches_dequantized_reference(dtype, in_features, x_grad):
 
 
 def test_int8_linear_state_dict_and_dtype_cast():
+    """state_dict holds deq(W) in the float dtype (a plain nn.Linear loads it and computes the same), plus the
+    scales, from which an Int8Linear recovers its codes exactly; a float checkpoint is quantized on load."""
     lin = nn.Linear(300, 16)
     q = Int8Linear.from_linear(lin)
     sd = q.state_dict()
-    assert sd["weight"].dtype == torch.int8 and sd["weight_scale"].dtype == torch.float32
-    assert q.weight.numel() + 4 * q.weight_scale.numel() < lin.weight.numel() * 4 / 3.8
+    assert sd["weight"].dtype == torch.float32 and sd["weight_scale"].dtype == torch.float32
+    assert torch.equal(sd["weight"], q.dequantized())
+    assert q.weight.numel() + 4 * q.weight_scale.numel() < lin.weight.numel() * 4 / 3.8  # what it holds in memory
+    plain = nn.Linear(300, 16)
+    plain.load_state_dict({k: v for k, v in sd.items() if k != "weight_scale"})
+    x = torch.randn(4, 300)
+    assert torch.equal(plain(x), torch.nn.functional.linear(x, q.dequantized(), q.bias))
     q2 = Int8Linear(300, 16)
     q2.load_state_dict(sd)
-    assert torch.equal(q2.dequantized(), q.dequantized())
+    assert torch.equal(q2.weight, q.weight) and torch.equal(q2.weight_scale, q.weight_scale)
+    q3 = Int8Linear(300, 16)
+    q3.load_state_dict(lin.state_dict())  # a float checkpoint
+    assert torch.equal(q3.weight, q.weight) and torch.equal(q3.weight_scale, q.weight_scale)
     q.to(torch.bfloat16)
     assert q.weight_scale.dtype == torch.float32 and q.bias.dtype == torch.bfloat16
-    assert q.weight.int8_module is q
+    assert q.weight.int8_module is q and q.state_dict()["weight"].dtype == torch.bfloat16
+    q4 = Int8Linear(300, 16)
+    q4.load_state_dict(q.state_dict())  # through bf16: the codes still come back exactly (7 bits needed, 8 kept)
+    assert torch.equal(q4.weight, q2.weight)
     assert torch.equal(dequantized_weight(q.weight, q.weight_scale, 256), q2.dequantized())
 
 

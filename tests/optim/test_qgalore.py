@@ -347,3 +347,31 @@ def test_copies_keep_training_their_int8_weights():
     stray = nn.Parameter(torch.zeros(8, 8, dtype=torch.int8), requires_grad=False)
     with pytest.raises(ValueError, match="not the weight of a leantune Int8Linear"):
         QGaLoreAdamW([{"params": [stray], "rank": 2}])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_saved_int8_model_loads_as_a_plain_model(dtype, tmp_path):
+    """save_pretrained of a trained INT8 model writes deq(W) under the usual keys: from_pretrained of the plain
+    architecture reads float weights and gives the INT8 model's outputs (never the codes as numbers)."""
+    import transformers as T
+
+    def llama():
+        torch.manual_seed(0)
+        return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=300,
+                                                num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                                tie_word_embeddings=False)).to(dtype)
+
+    model = llama()
+    opt = build_optimizer(model, OptimizerConfig("q_galore_adamw", rank=4, lr=1e-2))
+    ids = torch.randint(0, 64, (2, 8))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(tmp_path)
+    T.logging.set_verbosity_error()  # the scales are keys the plain model does not have: reported, ignored
+    plain = T.LlamaForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    with torch.no_grad():
+        expected, got = model(input_ids=ids).logits, plain(input_ids=ids).logits
+    assert plain.model.layers[0].mlp.up_proj.weight.abs().max() < 1  # weights, not codes up to 127
+    torch.testing.assert_close(got, expected, rtol=0, atol=0 if dtype == torch.float32 else 2e-3)
