@@ -48,7 +48,7 @@ def test_qgalore_ranks_identical_and_follow_one_process(tmp_path, layerwise, off
     """… also with the optimizer state on the host between updates (offload.py)."""
     ranks = spawn(_train, tmp_path, layerwise, offload)
     single = _train(None, layerwise, offload)
-    int8 = [k for k, v in single["weights"].items() if v.dtype == torch.int8]
+    int8 = [k[: -len("_scale")] for k in single["weights"] if k.endswith("weight_scale")]  # (state_dict: deq(W))
     assert len(int8) == 14  # 7 projections × 2 layers
     for key in single["weights"]:
         assert torch.equal(ranks[0]["weights"][key], ranks[1]["weights"][key]), key
@@ -58,7 +58,7 @@ def test_qgalore_ranks_identical_and_follow_one_process(tmp_path, layerwise, off
 
 
 def tiny_int8(key: str) -> torch.Tensor:
-    """The INT8 codes of the untrained model (nearest rounding of its initial weights)."""
+    """deq(W) of the untrained INT8 model (nearest rounding of its initial weights)."""
     from leantune.optim import quantize_weights
 
     model = tiny_llama(torch.float64)
