@@ -158,5 +158,5 @@ def test_qgalore_in_trainer_resumes_bit_exact(tmp_path, layerwise, bf16):
     final = weights(full.model)
     assert same(final, weights(resumed.model))
     start = make_trainer(tmp_path, "start", config, bf16=bf16)
-    assert not torch.equal(final["model.layers.0.mlp.up_proj.weight"],
-                           start.model.model.layers[0].mlp.up_proj.weight)  # the INT8 codes trained
+    assert not torch.equal(final["model.layers.0.mlp.up_proj.weight"],  # deq(W): the INT8 codes trained
+                           weights(start.model)["model.layers.0.mlp.up_proj.weight"])
