@@ -4,6 +4,8 @@ gradient and its optimizer state, and the low-rank projection runs on those rows
     accelerate launch --config_file recipes/accelerate/fsdp2_cpu.yaml recipes/fsdp2.py        # 2 CPU processes
     torchrun --nproc_per_node 2 recipes/fsdp2.py --optimizer fira_adamw --rank 64                # the same, torchrun
     torchrun --nproc_per_node 8 recipes/fsdp2.py --model PATH/TO/causal-lm --steps 1000          # GPUs (NCCL)
+    torchrun --nproc_per_node 2 recipes/fsdp2.py --save-every 10                                 # checkpoints
+    torchrun --nproc_per_node 4 recipes/fsdp2.py --resume runs/fsdp2/checkpoint-10               # on 4 processes
 
 What happens (``leantune.optim.sharded``): ``fully_shard`` per decoder layer, then the root; the optimizer is built
 on the sharded parameters. A right-side matrix (m ≥ n) is projected and updated on this rank's rows with no
@@ -16,6 +18,11 @@ script applies ``fully_shard`` itself: the launcher only starts the processes an
 Text: Shakespeare (see ``recipes/pretrain.py``); without ``--model`` a small Llama is built from a config. Each
 rank reads its own part of every global batch. Rank 0 prints the loss, the per-rank optimizer state and what the
 optimizer communicated, and saves the trained model (gathered) to ``OUT/model``.
+
+Checkpoints (``--save-every N``): ``torch.distributed.checkpoint`` folders ``OUT/checkpoint-STEP`` holding the model,
+the optimizer (leantune's sharded state is DTensors: each rank writes its rows) and the step. ``--resume FOLDER``
+continues from one on any number of processes (the global batch stays ``--batch``): on the same count the run
+continues bit for bit, on another to the rounding of a different reduction order.
 """
 
 from __future__ import annotations
@@ -46,9 +53,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8, help="global batch (split over the processes)")
     ap.add_argument("--block", type=int, default=128)
     ap.add_argument("--out", default="runs/fsdp2")
+    ap.add_argument("--save-every", type=int, default=0, help="write OUT/checkpoint-STEP every N steps (0: never)")
+    ap.add_argument("--resume", help="a checkpoint folder written by --save-every: continue from its step")
     args = ap.parse_args(argv)
 
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import leantune
@@ -80,9 +96,23 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--batch {args.batch} must be divisible by the {world} processes")
     per_rank = args.batch // world
     device = next(model.parameters()).device
+
+    def checkpoint(step: int) -> dict:
+        return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
+                "step": torch.tensor(step)}
+
+    first = 0
+    if args.resume:
+        if not (Path(args.resume) / ".metadata").is_file():
+            raise SystemExit(f"leantune: error: --resume {args.resume}: not a checkpoint folder (no .metadata)")
+        state = checkpoint(0)
+        dcp.load(state, checkpoint_id=args.resume)  # into this process count's shards
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        first = int(state["step"])
     losses, comm = [], []
     start = time.perf_counter()
-    for step in range(args.steps):
+    for step in range(first, args.steps):
         rows = [train[(step * args.batch + rank * per_rank + i) % len(train)] for i in range(per_rank)]
         ids = torch.tensor(rows, device=device)
         loss = model(input_ids=ids, labels=ids).loss
@@ -96,7 +126,11 @@ def main(argv: list[str] | None = None) -> dict:
         losses.append(float(mean) / world)
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:4d}  loss {losses[-1]:.4f}  optimizer comm {comm[-1] / 1024:.1f} KiB", flush=True)
+        if args.save_every and (step + 1) % args.save_every == 0:
+            dcp.save(checkpoint(step + 1), checkpoint_id=str(out / f"checkpoint-{step + 1}"))
     state = optimizer_state_bytes(optimizer) if args.optimizer != "adamw" else None
+    if not losses:
+        raise SystemExit(f"leantune: error: nothing to train: the checkpoint is at step {first} of --steps {args.steps}")
     summary = {"processes": world, "optimizer": args.optimizer, "first_loss": losses[0], "last_loss": losses[-1],
                "seconds": time.perf_counter() - start, "state_bytes_rank0": state}
     # gathered by torch: whole tensors, on rank 0's CPU only (every rank takes part in the gathering)

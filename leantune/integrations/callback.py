@@ -169,13 +169,6 @@ class LeanTuneCallback(TrainerCallback):
             raise ValueError(f"optimizer {self.optimizer.name!r} under FSDP{version}: leantune's optimizers run on "
                              "FSDP2 row shards only, and per-layer updates (layerwise=True) not at all under FSDP; use "
                              "FSDP2 with layerwise=False, or DDP for per-layer updates.")
-        if self.optimizer is not None and trainer.args.save_strategy != "no":
-            raise ValueError(f"optimizer {self.optimizer.name!r} with Trainer checkpoints under FSDP2 is not supported "
-                             "yet: leantune keeps the state of each rank's rows as plain tensors, and accelerate's "
-                             "FSDP2 checkpointing expects DTensors (it would keep rank 0's rows only). Train with "
-                             "save_strategy='no' and save the model/adapter at the end (leantune.save_adapter "
-                             "gathers it), resume own loops from per-rank optimizer.state_dict(), or use DDP, "
-                             "where checkpoints and resume are exact.")
         if version == 2:
             check_fsdp2_units(trainer.model)
 

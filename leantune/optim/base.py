@@ -39,6 +39,7 @@ from leantune.optim.sharded import (
     norm_over_rows,
     row_shard,
 )
+from leantune.optim.sharded_state import globalize
 from leantune.optim.step import ParamStep
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
@@ -222,7 +223,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
     def state_dict(self) -> dict[str, Any]:
         if self.offload is not None:
             self.offload.synchronize()  # the host copies are what is saved
-        return super().state_dict()
+        return globalize(self, super().state_dict())  # FSDP2 rows as DTensors (sharded_state.py)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -18,6 +18,7 @@ import torch
 
 from leantune._utils import LeanTuneError
 from leantune.optim.sharded import local
+from leantune.optim.sharded_state import localize
 
 
 def save_optimizer(optimizer: torch.optim.Optimizer, path: str | os.PathLike) -> Path:
@@ -54,7 +55,9 @@ class StateLoadingMixin:
         torch casts each floating-parameter's state tensors to the parameter's dtype; for a bf16 model that would
         round fp32 absmax and norms to bf16 and turn int32 DCT indices into bf16 (corrupting them above 256). The
         saved tensors themselves are put back instead (moved to the parameter's device), so resuming is exact.
+        Under FSDP2 the state may come as DTensors or whole rows (``sharded_state.py``): this rank keeps its rows.
         """
+        state_dict = localize(self, state_dict)
         saved = state_dict["state"]
         self._check_loaded_state(state_dict)  # before anything changes: a bad checkpoint leaves the optimizer as it was
         super().load_state_dict(state_dict)

@@ -13,6 +13,7 @@ bitsandbytes >= 0.49 runs these kernels on CPU as well as CUDA.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -77,8 +78,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                   shard: Any = None) -> tuple[torch.Tensor, float]:
         """Adam on R with 8-bit blockwise moments (bitsandbytes, lr 1 and no decay into a buffer: the buffer is −N);
         tensors below ``min_8bit_size`` keep fp32 moments, as bitsandbytes does."""
-        numel = R.numel() if shard is None or not state.get("proj_right") else \
-            shard.full_shape[0] * R.shape[1]  # FSDP2: decide by the whole R, the same on every rank
+        rows = shard is not None and state.get("proj_right", True)  # R holds rows of W: plain or right side
+        # FSDP2: decide by the whole R, the same on every rank and for any number of ranks
+        numel = shard.full_shape[0] * math.prod(R.shape[1:]) if rows else R.numel()
         if numel < group["min_8bit_size"]:
             return super().direction(R, state, group)
         if "state1" not in state:

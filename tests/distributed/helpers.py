@@ -13,13 +13,13 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
-def _entry(rank: int, fn: Callable, init_file: str, out: str, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, init_file: str, out: str, args: tuple, world: int = WORLD) -> None:
     from tests.machine import emulate_from_env
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     emulate_from_env()  # the thread count and SVD signs .ci/run asks for (tests/machine.py)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         result = fn(rank, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
@@ -27,11 +27,13 @@ def _entry(rank: int, fn: Callable, init_file: str, out: str, args: tuple) -> No
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, tmp_path: Path, *args: Any) -> list[Any]:
-    """Run ``fn(rank, *args)`` in 2 gloo processes; returns each rank's return value (saved with torch.save)."""
-    init_file = tmp_path / "init"
-    mp.spawn(_entry, args=(fn, str(init_file), str(tmp_path), args), nprocs=WORLD, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+def spawn(fn: Callable, tmp_path: Path, *args: Any, world: int = WORLD) -> list[Any]:
+    """Run ``fn(rank, *args)`` in ``world`` (default 2) gloo processes; returns each rank's return value (saved with
+    torch.save)."""
+    init_file = tmp_path / f"init{world}"
+    init_file.unlink(missing_ok=True)
+    mp.spawn(_entry, args=(fn, str(init_file), str(tmp_path), args, world), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
 def tiny_llama(dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:

@@ -10,7 +10,8 @@
 * bf16: from the same gradients, every tensor's update is the single-process bf16 update up to rounding (a
   projection that skips the sum over shards is 60-120% off); an adapter + memory + kernels + GaLore stack trains
   in bf16 as in one process;
-* resume from a per-rank ``state_dict`` continues bit for bit;
+* resume from ``state_dict`` (DTensor rows) and from a per-rank one of earlier versions continues bit for bit
+  (checkpoints through DCP and Trainer on other process counts: ``test_fsdp2_checkpoint.py``);
 * what cannot run row-locally is refused at construction, naming what to use instead.
 """
 
@@ -144,19 +145,23 @@ def _resume_and_refusals(rank: int) -> dict:
     for name in ("galore_adamw", "fira_adamw", "dct_adamw"):
         data = [shard(ids, rank) for ids in batches(STEPS)]
         runs = []
-        for resume in (False, True):
+        for resume in (None, "dtensors", "per-rank"):
             model = _shard_model(tiny_llama())
             opt = _build(model, name)
             for i, ids in enumerate(data):
                 if resume and i == 3:  # a fresh optimizer from this rank's checkpoint
-                    saved = copy.deepcopy(opt.state_dict())
+                    # per-rank: the layout before DTensor state (plain tensors of this rank's rows) still loads
+                    saved = copy.deepcopy(opt.state_dict() if resume == "dtensors" else
+                                          torch.optim.Optimizer.state_dict(opt))
+                    assert any(hasattr(v, "placements") for st in saved["state"].values() for v in st.values()) \
+                        == (resume == "dtensors")
                     opt = _build(model, name)
                     opt.load_state_dict(saved)
                 model(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             runs.append(gathered(model.state_dict()))
-        out[name] = all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+        out[name] = all(torch.equal(runs[0][k], run[k]) for run in runs[1:] for k in runs[0])
     errors = {}
     model = _shard_model(tiny_llama())
     for name in REFUSED:

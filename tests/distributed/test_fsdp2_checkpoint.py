@@ -1,0 +1,144 @@
+"""FSDP2 checkpoints of leantune's optimizers through ``torch.distributed.checkpoint`` (what accelerate calls).
+
+Training is saved after step 3 of 6 by 2 processes (float64, projector refreshes every 2 steps, so one falls after
+the resume point) — sharded (DCP: each rank writes its rows) and full (``full_state_dict``: rank 0 writes it whole) —
+and resumed:
+
+* by 2 processes: bit for bit the uninterrupted 2-process run;
+* by 1 and by 4 processes: the uninterrupted 1-process run to 1e-10 (2 and 4 processes equal 1 to rounding);
+* 8-bit GaLore (float32, bitsandbytes blocks): bit for bit on the same process count; on another count it follows
+  (its blocks of 256 numbers fall elsewhere, so even uninterrupted runs differ by 8-bit rounding).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.distributed.helpers import batches, gathered, spawn, tiny_llama
+
+EXACT = ["galore_adamw", "fira_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw"]
+EIGHT_BIT = "galore_adamw8bit"
+STEPS, SAVE_AT, GAP, RANK = 6, 3, 2, 4
+
+
+def _has_bnb() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _names() -> list[str]:
+    return EXACT + ([EIGHT_BIT] if _has_bnb() else [])
+
+
+def _setup(name: str, world: int | None):
+    import leantune
+    from leantune.optim import OptimizerConfig, build_optimizer
+
+    model = tiny_llama(torch.float32 if name == EIGHT_BIT else torch.float64)
+    if world is not None:
+        leantune.shard_model(model)
+    kwargs = {"min_8bit_size": 16} if name == EIGHT_BIT else {}
+    opt = build_optimizer(model, OptimizerConfig(name, lr=1e-2, rank=RANK, update_proj_gap=GAP,
+                                                 optimizer_kwargs=kwargs))
+    return model, opt
+
+
+def _steps(model, opt, rank: int | None, world: int, first: int, last: int) -> None:
+    """Steps ``first`` … ``last - 1`` on global batches of 4 (rank ``rank`` of ``world`` takes its 4/world rows)."""
+    per = 4 // world
+    for ids in batches(STEPS)[first:last]:
+        ids = ids if rank is None else ids[rank * per:(rank + 1) * per]
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _save_run(rank: int, out: str) -> dict:
+    """2 processes: train to SAVE_AT, save sharded and full checkpoints, train on (the uninterrupted run)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    finals = {}
+    for name in _names():
+        model, opt = _setup(name, 2)
+        _steps(model, opt, rank, 2, 0, SAVE_AT)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=str(Path(out) / f"dcp-{name}"))
+        full = StateDictOptions(full_state_dict=True)
+        state = {"model": get_model_state_dict(model, options=full),
+                 "optim": get_optimizer_state_dict(model, opt, options=full)}
+        if rank == 0:
+            torch.save(state, Path(out) / f"full-{name}.pt")
+        _steps(model, opt, rank, 2, SAVE_AT, STEPS)
+        finals[name] = gathered(model.state_dict())
+    return finals
+
+
+def _resume_run(rank: int, out: str, world: int, kind: str) -> dict:
+    """``world`` processes: load the step-3 checkpoint (``kind``: "dcp" or "full") and train to the end."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    finals = {}
+    for name in _names():
+        model, opt = _setup(name, world)
+        if kind == "dcp":
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=str(Path(out) / f"dcp-{name}"))
+            options = None
+        else:
+            state = torch.load(Path(out) / f"full-{name}.pt", weights_only=True)
+            options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state["model"], options=options)
+        set_optimizer_state_dict(model, opt, state["optim"], options=options)
+        _steps(model, opt, rank, world, SAVE_AT, STEPS)
+        finals[name] = gathered(model.state_dict())
+    return finals
+
+
+def _single() -> dict:
+    finals = {}
+    for name in _names():
+        model, opt = _setup(name, None)
+        _steps(model, opt, None, 1, 0, STEPS)
+        finals[name] = gathered(model.state_dict())
+    return finals
+
+
+def _compare(got: dict, want: dict, exact: bool, label: str) -> None:
+    for name in EXACT:
+        for key, value in want[name].items():
+            if exact:
+                assert torch.equal(got[name][key], value), f"{label} {name} {key}"
+            else:
+                torch.testing.assert_close(got[name][key], value, rtol=0, atol=1e-10,
+                                           msg=lambda m, k=key, n=name: f"{label} {n} {k}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["dcp", pytest.param("full", marks=pytest.mark.slow)])
+def test_fsdp2_checkpoint_resumes_on_2_1_and_4_processes(tmp_path, kind):
+    saved = spawn(_save_run, tmp_path, str(tmp_path))
+    single = _single()
+    _compare(saved[0], single, exact=False, label="uninterrupted 2 vs 1")
+    for world in (2, 1, 4):
+        resumed = spawn(_resume_run, tmp_path, str(tmp_path), world, kind, world=world)
+        for r in resumed:
+            _compare(r, saved[0] if world == 2 else single, exact=world == 2, label=f"{kind} resumed by {world}")
+            if _has_bnb():
+                for key, value in saved[0][EIGHT_BIT].items():
+                    if world == 2:
+                        assert torch.equal(r[EIGHT_BIT][key], value), f"8-bit {kind} resumed by 2: {key}"
+                    else:
+                        torch.testing.assert_close(r[EIGHT_BIT][key], value, rtol=1e-3, atol=1e-3)
