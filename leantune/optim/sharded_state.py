@@ -62,7 +62,8 @@ def _expanded_absmax(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     return per.reshape(codes.shape).clone()
 
 
-def _from_expanded(codes: torch.Tensor, expanded: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _from_expanded(codes: torch.Tensor, expanded: torch.Tensor,
+                   qmap: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The blockwise codes and absmax of this layout from codes + expanded absmax (module docstring)."""
     n = codes.numel()
     blocks = (n + BLOCK - 1) // BLOCK
