@@ -55,7 +55,12 @@ def _train(rank: int | None, dtype: torch.dtype = torch.float32, out: str | None
     import leantune
     from tests.distributed.helpers import gathered
 
-    model = get_peft_model(_model(dtype), _config(method))
+    model = get_peft_model(_model(dtype), _config(method.split("+")[0]))
+    if method.endswith("+memory"):  # leantune.memory patched before sharding (norms before 4-bit layers stay)
+        from leantune.memory import MemoryConfig
+        from leantune.memory import apply as apply_memory
+
+        assert apply_memory(model, MemoryConfig()).active
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     packed = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     if rank is not None:
@@ -82,7 +87,7 @@ def _train(rank: int | None, dtype: torch.dtype = torch.float32, out: str | None
 
 @pytest.mark.parametrize(("method", "dtype"), [("lora_xs", torch.float32), ("lora_xs", torch.bfloat16),
                                                ("allora", torch.float32), ("dylora", torch.float32),
-                                               ("nola", torch.float32)])
+                                               ("nola", torch.float32), ("lora_xs+memory", torch.float32)])
 def test_qlora_4bit_base_with_leantune_adapter_under_fsdp2_equals_one_process(tmp_path, method, dtype):
     """2 processes × batch 2 = 1 process × batch 4: float32 to 1e-5; bf16 to the bound below — each rank's bf16
     forward/backward rounds its half batch's activations differently from one process's whole batch (a mean of two
@@ -110,5 +115,5 @@ def test_qlora_4bit_base_with_leantune_adapter_under_fsdp2_equals_one_process(tm
 def _init_adapter(dtype: torch.dtype, method: str) -> dict:
     from peft import get_peft_model
 
-    model = get_peft_model(_model(dtype), _config(method))
+    model = get_peft_model(_model(dtype), _config(method.split("+")[0]))
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
