@@ -10,8 +10,9 @@ checkpointing it will train with; then
 * peak: weights + optimizer state + the larger of (saved activations + the fp32 logits and their gradient) and
   (all gradients + the optimizer step's temporaries), the two moments a step's memory is highest.
 
-With ``processes=N, fsdp=True`` weights, gradients and optimizer state are divided by N (FSDP shards them); saved
-activations are not. Validated against measurement on the CPU (``tests/plan/test_plan.py``).
+With ``processes=N, fsdp=True`` weights, gradients and optimizer state are divided by N (FSDP shards them) — but
+for bitsandbytes' absmax / row scales, which live beside the 4/8-bit codes and stay whole on every rank; saved
+activations are not divided. Validated against measurement on the CPU (``tests/plan/test_plan.py``).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
             optimizer_name, target_modules=optimizer_options.get("target_modules", "all-linear"),
             optimizer_kwargs={k: v for k, v in optimizer_options.items() if k == "int8_weights"}))
     trainable = [p for p in net.parameters() if p.requires_grad or is_int8_weight(p)]
-    weights, quantized = weight_bytes(net, quant)
+    weights, quantized, scales = weight_bytes(net, quant)
     compute = torch.empty((), dtype=DTYPES[dtype]).element_size()
     grads = sum(grad_bytes(p, compute) for p in trainable)
     layerwise = bool(optimizer_options.pop("layerwise", False))
@@ -224,7 +225,8 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     else:
         transient = 2 * batch * seq * vocab * 4  # the fp32 logits the loss upcasts, and their gradient
     shard = processes if fsdp else 1
-    weights_s, grads_s, state_s = weights // shard, grads // shard, state // shard
+    # FSDP shards the 4/8-bit codes; bitsandbytes keeps their absmax / row scales whole on every rank
+    weights_s, grads_s, state_s = (weights - scales) // shard + scales, grads // shard, state // shard
     largest = max((grad_bytes(p, compute) for p in trainable), default=0)
     step_temporaries = grads_s if optimizer_name in (None, "adamw") and device == "cuda" else largest
     requantize = max((requantize_bytes(p, compute) for p in trainable if is_int8_weight(p)), default=0)
@@ -241,7 +243,7 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
                "optimizer": optimizer, "memory": memory, "quant": quant or "none", "processes": processes,
                "fsdp": fsdp}
     setting["offload_optimizer"] = offload_optimizer
-    return Plan(str(model), setting, weights_s, quantized // shard, sum(p.numel() for p in trainable), grads_s,
+    return Plan(str(model), setting, weights_s, (quantized - scales) // shard + scales, sum(p.numel() for p in trainable), grads_s,
                 state_s, activations, transient, peak, _gpu_bytes(gpu), notes)
 
 

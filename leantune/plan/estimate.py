@@ -23,15 +23,17 @@ QUANT_BYTES = {  # bytes per weight of a quantized base linear (bnb defaults), a
 }
 
 
-def weight_bytes(model: torch.nn.Module, quant: str | None) -> tuple[int, int]:
-    """(all weight bytes, of which quantized base linears); the output head is never quantized (bnb's default)."""
+def weight_bytes(model: torch.nn.Module, quant: str | None) -> tuple[int, int, int]:
+    """(all weight bytes, of which quantized base linears, of which their absmax / row scales); the output head is
+    never quantized (bnb's default). The scales live beside the parameter (bitsandbytes' ``QuantState`` on the
+    module, ``SCB``), so FSDP shards the codes but every rank keeps all the scales."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     quantized = set()
     if quant:
         for module in model.modules():
             if isinstance(module, nn.Linear) and module is not head and not module.weight.requires_grad:
                 quantized.add(id(module.weight))
-    total = qbytes = 0
+    total = qbytes = scales_total = 0
     seen = set()
     for module in model.modules():
         for p in module.parameters(recurse=False):
@@ -42,6 +44,7 @@ def weight_bytes(model: torch.nn.Module, quant: str | None) -> tuple[int, int]:
                 per, per_row = QUANT_BYTES[quant]
                 size = int(p.numel() * per + p.shape[0] * per_row)
                 qbytes += size
+                scales_total += size - (p.numel() // 2 if quant == "4bit" else p.numel())
             else:
                 size = p.numel() * p.element_size()
             total += size
@@ -50,7 +53,7 @@ def weight_bytes(model: torch.nn.Module, quant: str | None) -> tuple[int, int]:
             scales = module.weight_scale.numel() * 4
             total += scales
             qbytes += scales + module.weight.numel()
-    return total, qbytes
+    return total, qbytes, scales_total
 
 
 def grad_bytes(p: torch.Tensor, compute: int) -> int:

@@ -18,6 +18,8 @@ from tests.distributed.helpers import shard, spawn
 
 bnb = pytest.importorskip("bitsandbytes")
 STEPS = 3
+CONFIG = dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32, tie_word_embeddings=False)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
@@ -34,15 +36,14 @@ def _model(dtype: torch.dtype = torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(**{k: v for k, v in CONFIG.items() if k != "model_type"})
     model = LlamaForCausalLM(cfg).to(dtype)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in ("q_proj", "v_proj", "down_proj"):
+            if name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=dtype,
-                                      quant_type="nf4", quant_storage=dtype)
+                                      quant_type="nf4", quant_storage=dtype,
+                                      compress_statistics=False)  # transformers' default: no double quantization
                 q.load_state_dict(child.state_dict())
                 setattr(parent, name, q.to("cpu"))  # quantizes; the module keeps the QuantState
     return model
@@ -80,14 +81,20 @@ def _train(rank: int | None, dtype: torch.dtype = torch.float32, out: str | None
         leantune.save_adapter(model, out)  # every rank: the adapter gathered, rank 0 writes it
     trained = {k: v for k, v in gathered(model.state_dict()).items() if k in names}
     q = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
-    return {"adapter": trained, "losses": losses, "packed": tuple(packed.shape),
+    quantized = 0  # this rank's bytes of the 4-bit layers: its rows of the codes + the (whole) absmax
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = module.weight
+            quantized += (w.to_local() if hasattr(w, "placements") else w).nbytes + module.quant_state.absmax.nbytes
+    return {"adapter": trained, "losses": losses, "packed": tuple(packed.shape), "quantized_bytes": quantized,
             "sharded": hasattr(q, "placements"), "local_rows": tuple(q.to_local().shape) if hasattr(q, "placements")
             else tuple(q.shape)}
 
 
 @pytest.mark.parametrize(("method", "dtype"), [("lora_xs", torch.float32), ("lora_xs", torch.bfloat16),
-                                               ("allora", torch.float32), ("dylora", torch.float32),
-                                               ("nola", torch.float32), ("lora_xs+memory", torch.float32)])
+                                               ("lora_xs+memory", torch.float32),
+                                               *[pytest.param(m, torch.float32, marks=pytest.mark.slow)
+                                                 for m in ("allora", "dylora", "nola")]])
 def test_qlora_4bit_base_with_leantune_adapter_under_fsdp2_equals_one_process(tmp_path, method, dtype):
     """2 processes × batch 2 = 1 process × batch 4: float32 to 1e-5; bf16 to the bound below — each rank's bf16
     forward/backward rounds its half batch's activations differently from one process's whole batch (a mean of two
@@ -108,6 +115,13 @@ def test_qlora_4bit_base_with_leantune_adapter_under_fsdp2_equals_one_process(tm
         for key, value in single["adapter"].items():
             torch.testing.assert_close(r["adapter"][key], value, **tol,
                                        msg=lambda m, k=key: f"{k}: {m}")
+    from leantune.plan import plan
+
+    predicted = plan(CONFIG, seq=8, batch=2, dtype="fp32" if dtype == torch.float32 else "bf16",
+                     adapter="lora_xs:r=4", quant="4bit", processes=2, fsdp=True, device="cpu")
+    for r in ranks:  # `leantune plan --quant 4bit --processes 2 --fsdp`: codes halved, absmax whole on each rank
+        assert abs(predicted.quantized_weights - r["quantized_bytes"]) <= 0.05 * r["quantized_bytes"], \
+            (predicted.quantized_weights, r["quantized_bytes"])
     init = _init_adapter(dtype, method)
     assert any(not torch.equal(ranks[0]["adapter"][k], init[k]) for k in init)  # it trained
 
