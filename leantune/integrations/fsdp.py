@@ -52,6 +52,34 @@ def check_fsdp2_units(model: nn.Module, layers: nn.ModuleList | None = None) -> 
                 "fully_shard(..., mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16)).")
 
 
+def keep_quant_states(model: nn.Module, mp_policy: Any = None) -> int:
+    """Let bitsandbytes 4-bit weights survive FSDP2 (QLoRA); returns how many were found.
+
+    FSDP2 shards a ``Params4bit`` by rows of its packed codes and, after the all-gather, hands the module a plain
+    parameter: the ``quant_state`` (absmax, code book) that lived on the ``Params4bit`` object is gone, and the
+    forward fails with "quant_state is required" — unless the module holds it too (``module.quant_state``), from
+    where bitsandbytes puts it back. ``Linear4bit`` records it there only when its ``Params4bit`` was created with the
+    module; weights loaded otherwise (e.g. prequantized checkpoints) lack it, so it is set here before sharding. The
+    state itself stays whole on every rank (``leantune plan`` counts it so). A ``mp_policy`` casting parameters to
+    another dtype than the codes' storage would cast the packed codes as numbers: refused."""
+    found = 0
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if state is None or not hasattr(weight, "quant_storage"):
+            continue
+        found += 1
+        if getattr(module, "quant_state", None) is None:
+            module.quant_state = state
+        cast = getattr(mp_policy, "param_dtype", None)
+        if cast is not None and cast != weight.dtype:
+            raise ValueError(f"{name}: its 4-bit codes are stored as {weight.dtype} and mp_policy casts parameters "
+                             f"to {cast}, which would turn the packed codes into other numbers. Quantize with "
+                             f"quant_storage={cast} (BitsAndBytesConfig(bnb_4bit_quant_storage=...)) or drop "
+                             "param_dtype from the policy.")
+    return found
+
+
 def shard_model(model: nn.Module, layers_attribute: str | None = None, **fully_shard_kwargs: Any) -> nn.Module:
     """``fully_shard`` every decoder layer, then ``model`` as the root (module docstring); returns ``model``.
 
@@ -61,10 +89,11 @@ def shard_model(model: nn.Module, layers_attribute: str | None = None, **fully_s
 
     layers = find_layer_stack(model, layers_attribute)
     check_fsdp2_units(model, layers)  # FSDP2 compares the parameters' own dtypes, whatever mp_policy says
+    keep_quant_states(model, fully_shard_kwargs.get("mp_policy"))
     for layer in layers:
         fully_shard(layer, **fully_shard_kwargs)
     fully_shard(model, **fully_shard_kwargs)
     return model
 
 
-__all__ = ["check_fsdp2_units", "shard_model"]
+__all__ = ["check_fsdp2_units", "keep_quant_states", "shard_model"]

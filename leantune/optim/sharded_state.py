@@ -137,7 +137,7 @@ def localize(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
         for (codes_key, absmax_key), qmap in zip(EIGHT_BIT, qmaps):
             codes, absmax = state.get(codes_key), state.get(absmax_key)
             if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor) and qmap is not None and \
-                    absmax.shape == codes.shape and codes.ndim >= 1 and codes.numel() > 1:
+                    absmax.shape == codes.shape and codes.ndim >= 1 and codes.numel() != 1:
                 state[codes_key], state[absmax_key] = _from_expanded(codes, absmax, qmap)
         states[key] = state
     return {**state_dict, "state": states}

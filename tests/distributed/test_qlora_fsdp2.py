@@ -32,7 +32,9 @@ def _config(method: str):
             "nola": lambda: leantune.NolaConfig(r=4, num_basis_A=16, num_basis_B=16, target_modules=TARGETS)}[method]()
 
 
-def _model(dtype: torch.dtype = torch.float32):
+def _model(dtype: torch.dtype = torch.float32, storage: torch.dtype | None = None, detached: bool = False):
+    """A tiny Llama whose linears (not the head) are NF4 with codes stored as ``storage`` (default: ``dtype``).
+    ``detached``: the modules do not hold the QuantState (as for weights loaded without their module)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -42,10 +44,12 @@ def _model(dtype: torch.dtype = torch.float32):
         for name, child in list(parent.named_children()):
             if name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False, compute_dtype=dtype,
-                                      quant_type="nf4", quant_storage=dtype,
+                                      quant_type="nf4", quant_storage=storage or dtype,
                                       compress_statistics=False)  # transformers' default: no double quantization
                 q.load_state_dict(child.state_dict())
                 setattr(parent, name, q.to("cpu"))  # quantizes; the module keeps the QuantState
+                if detached:
+                    q.quant_state, q.weight.module = None, None
     return model
 
 
@@ -56,7 +60,8 @@ def _train(rank: int | None, dtype: torch.dtype = torch.float32, out: str | None
     import leantune
     from tests.distributed.helpers import gathered
 
-    model = get_peft_model(_model(dtype), _config(method.split("+")[0]))
+    model = get_peft_model(_model(dtype, torch.uint8 if method.endswith("+uint8") else None,
+                                  method.endswith("+detached")), _config(method.split("+")[0]))
     if method.endswith("+memory"):  # leantune.memory patched before sharding (norms before 4-bit layers stay)
         from leantune.memory import MemoryConfig
         from leantune.memory import apply as apply_memory
@@ -85,14 +90,16 @@ def _train(rank: int | None, dtype: torch.dtype = torch.float32, out: str | None
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             w = module.weight
-            quantized += (w.to_local() if hasattr(w, "placements") else w).nbytes + module.quant_state.absmax.nbytes
+            state = getattr(w, "quant_state", None) or module.quant_state
+            quantized += (w.to_local() if hasattr(w, "placements") else w).nbytes + state.absmax.nbytes
     return {"adapter": trained, "losses": losses, "packed": tuple(packed.shape), "quantized_bytes": quantized,
             "sharded": hasattr(q, "placements"), "local_rows": tuple(q.to_local().shape) if hasattr(q, "placements")
             else tuple(q.shape)}
 
 
 @pytest.mark.parametrize(("method", "dtype"), [("lora_xs", torch.float32), ("lora_xs", torch.bfloat16),
-                                               ("lora_xs+memory", torch.float32),
+                                               ("lora_xs+memory", torch.float32), ("lora_xs+detached", torch.float32),
+                                               ("lora_xs+uint8", torch.float32),
                                                *[pytest.param(m, torch.float32, marks=pytest.mark.slow)
                                                  for m in ("allora", "dylora", "nola")]])
 def test_qlora_4bit_base_with_leantune_adapter_under_fsdp2_equals_one_process(tmp_path, method, dtype):
@@ -131,3 +138,14 @@ def _init_adapter(dtype: torch.dtype, method: str) -> dict:
 
     model = get_peft_model(_model(dtype), _config(method.split("+")[0]))
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_policy_that_casts_the_packed_codes_is_refused_before_sharding():
+    """``mp_policy(param_dtype=bf16)`` over codes stored as float32 would cast the packed bytes as numbers (the
+    forward then fails on their shape, or computes with other codes): refused at ``shard_model``, naming the fix."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    import leantune
+
+    with pytest.raises(ValueError, match="quant_storage=torch.bfloat16"):
+        leantune.shard_model(_model(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
