@@ -139,6 +139,12 @@ class LeanTuneCallback(TrainerCallback):
             raise RuntimeError("This LeanTuneCallback is already set up with another Trainer; create one per trainer.")
         if getattr(trainer, "optimizer", None) is not None and self.optimizer is not None:
             raise RuntimeError("setup(trainer) must run before the trainer creates its optimizer (before train()).")
+        if getattr(trainer, "is_deepspeed_enabled", False) and self.optimizer is not None:
+            raise ValueError(f"optimizer {self.optimizer.name!r} under DeepSpeed ZeRO: DeepSpeed gives the client "
+                             "optimizer one flat 1-D slice per parameter group, so a low-rank optimizer would find no "
+                             "matrix to project and silently train as full-rank AdamW. Use leantune's optimizers "
+                             "under FSDP2 (accelerate's FSDP2 plugin, or leantune.shard_model) or DDP; under DeepSpeed "
+                             "leave optimizer= out and let DeepSpeed build its own.")
         if self.adapter is not None:
             self._inject_adapter(trainer)
         if self.memory is not None:

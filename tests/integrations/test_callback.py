@@ -176,6 +176,23 @@ def test_memory_and_kernel_options_patch_the_trained_model(tmp_path):
     assert trainer.state.global_step == 2
 
 
+def test_callback_refuses_a_low_rank_optimizer_under_deepspeed_before_touching_the_model(tmp_path):
+    """Under DeepSpeed ZeRO the client optimizer sees flat 1-D slices: GaLore would silently run as full-rank AdamW
+    (spec: measured). Refused at setup (the flag set as accelerate sets it), before the adapter is injected."""
+    from leantune.optim import OptimizerConfig
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+                             save_strategy="no")
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=toy_dataset())
+    trainer.is_deepspeed_enabled = True
+    callback = leantune.LeanTuneCallback(adapter=leantune.LoraXSConfig(r=4, target_modules=["query", "value"],
+                                                                       task_type="SEQ_CLS"),
+                                         optimizer=OptimizerConfig("galore_adamw", rank=4), verbose=False)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO.*full-rank AdamW"):
+        callback.setup(trainer)
+    assert not any("loraxs" in n for n, _ in trainer.model.named_parameters())  # nothing half set up
+
+
 @pytest.mark.parametrize("case", ["lisa", "layerwise", "mixed dtypes"])
 def test_callback_refuses_at_setup_what_fsdp_cannot_run(tmp_path, case):
     """Under accelerate's FSDP (simulated: accelerate turns FSDP on only for accelerator devices, so this sets the
