@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from leantune._utils import is_sharded, local
+from leantune.optim.sharded import row_shard
 
 #: state entries that hold rows of a projected parameter, by side (see the module docstring)
 RIGHT_ROW_KEYS = ("exp_avg", "exp_avg_sq", "state1", "state2")
@@ -123,8 +124,6 @@ def localize(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
             continue
         state = {k: local(v) if is_sharded(v) else v for k, v in states[key].items()}
         if is_sharded(p):
-            from leantune.optim.sharded import row_shard
-
             shard = row_shard(p)
             full = {k: v for k, v in state.items() if isinstance(v, torch.Tensor) and v.ndim >= 1 and
                     v.shape[0] == shard.full_shape[0] != shard.rows}
