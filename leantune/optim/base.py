@@ -76,6 +76,8 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
     supports_fp16: bool = False
     #: whether the update rule runs on FSDP2 row shards (``sharded.py``): row-local but for counted reductions
     row_shardable: bool = False
+    #: whether ``shard_replicated=True`` may divide the state that is whole on every rank (``sharded.py``)
+    replicated_shardable: bool = False
     #: per-parameter state keys this optimizer writes (a checkpoint with others is from another optimizer)
     state_keys: tuple[str, ...] = ("step", "exp_avg", "exp_avg_sq") + PROJECTOR_STATE_KEYS
 
@@ -123,6 +125,10 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
                              "projects on the smaller side ('std')")
         param_group.pop("proj_type", None)
         super().add_param_group(param_group)
+        if hasattr(self, "_param_seed"):  # a group added after construction: validated and seeded as the others
+            self._validate_group(index, self.param_groups[-1])
+            for p in self.param_groups[-1]["params"]:
+                self._param_seed.setdefault(p, len(self._param_seed))
 
     def _validate_group(self, index: int, group: dict[str, Any]) -> None:
         if group["lr"] < 0:
@@ -188,6 +194,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_groups()
         if self.layerwise:  # updates already happened inside backward; only flush partial windows
             self._flush_layerwise()
         else:
@@ -238,6 +245,21 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         for group in self.param_groups:
             group.setdefault("cycle_step", 0)
 
+    def _check_groups(self) -> None:
+        """Refuse projected groups whose tensors were swapped for 1-D ones after construction: DeepSpeed ZeRO
+        replaces each group's parameters by one flat slice (and steps the groups one at a time), on which the
+        projection would silently become plain Adam. (FSDP2 and accelerate swap in sharded tensors of the same
+        shape: those are fine.)"""
+        for group in self.param_groups:
+            params = group["params"]
+            if group.get("rank") is not None and params and \
+                    all(p.ndim != 2 and p not in self._param_seed for p in params):
+                raise ValueError(
+                    f"{type(self).__name__}: a projected parameter group now holds 1-D tensors it was not built with "
+                    f"(shapes {[tuple(p.shape) for p in params][:3]}) — DeepSpeed ZeRO replaces the groups' "
+                    "parameters by flat slices, on which a low-rank optimizer would run as plain Adam. Use leantune's "
+                    "optimizers under FSDP2 (leantune.shard_model) or DDP; under DeepSpeed use torch's AdamW.")
+
     def _step_param(self, p: torch.Tensor, group: dict[str, Any], finite: bool | None = None) -> None:
         """What comes before every update rule: the non-finite guard, per-parameter clipping, the state, the
         projector (refreshed every T steps); then :meth:`update`. ``finite``: already checked by :meth:`step`.
@@ -275,7 +297,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         if projected:
             projector = self.projector_for(state, group, key)
             if shard is not None:
-                projector = ShardedProjector(projector, shard)
+                projector = ShardedProjector(projector, shard, divide=bool(group.get("shard_replicated")))
             if projector.needs_refresh(state.get("step", 0)):
                 source = self.projection_source(p, grad, state, group)
                 if shard is not None:  # the whole matrix, every T steps (every rank computes the same P from it)
@@ -311,7 +333,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         # sum itself) is confirmed element-wise
         total = R.sum(dtype=torch.float64 if R.dtype == torch.float64 else torch.float32)
         finite = bool(torch.isfinite(total)) or bool(torch.isfinite(R).all())
-        if shard is not None and projector.state.get("proj_right", False):  # R's rows are spread over ranks
+        if shard is not None and projector.spread:  # R's rows (or divided columns) are spread over ranks
             finite = self._all_ranks(torch.tensor(finite), shard)  # all skip or none
         if not finite:
             raise _NonFiniteProjection

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from leantune._utils import LeanTuneError
-from leantune.optim.sharded import local
+from leantune.optim.sharded import local, row_shard
 from leantune.optim.sharded_state import localize
 
 
@@ -60,7 +60,12 @@ class StateLoadingMixin:
         state_dict = localize(self, state_dict)
         saved = state_dict["state"]
         self._check_loaded_state(state_dict)  # before anything changes: a bad checkpoint leaves the optimizer as it was
+        # how the state is laid out over the ranks is this optimizer's choice, not a hyper-parameter to restore
+        layout = [g.get("shard_replicated") for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, divided in zip(self.param_groups, layout):
+            if divided is not None:
+                group["shard_replicated"] = divided
         for group in self.param_groups:  # an option added after the checkpoint was written takes today's value
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -91,7 +96,8 @@ class StateLoadingMixin:
                     if isinstance(value, torch.Tensor) and value.is_floating_point() and key != "step" and \
                             not bool(torch.isfinite(value).all()):
                         raise ValueError(f"{name}.load_state_dict: {key} of parameter {pid} holds NaN/inf")
-                expected = self._moment_shape(p, saved_group, state)
+                expected = self._moment_shape(p, {**saved_group, "shard_replicated": group.get("shard_replicated")},
+                                              state)
                 for key in ("exp_avg", "exp_avg_sq", "state1", "state2"):
                     value = state.get(key)
                     if isinstance(value, torch.Tensor) and expected is not None and tuple(value.shape) != expected:
@@ -115,4 +121,7 @@ class StateLoadingMixin:
         rank = min(int(group["rank"]), m, n)
         if group.get("projector") == "svd2":
             return (rank, rank)
-        return (rows[0], rank) if state["proj_right"] else (rank, n)
+        if state["proj_right"]:
+            return (rows[0], rank)
+        shard = row_shard(p) if group.get("shard_replicated") else None  # divided columns (sharded.py)
+        return (rank, shard.chunk(n)[1]) if shard is not None else (rank, n)

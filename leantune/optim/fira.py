@@ -49,6 +49,8 @@ class FiraAdamW(GaLoreAdamW):
                          **kwargs)
 
     group_aliases = {"alpha": "scale"}  # the fira package's name for the GaLore scale
+    replicated_shardable = False
+    replicated_refusal = "Fira's residual S = G − back(R) and its scaling need the whole projected gradient R"
 
     #: twins of the readable rule (``readable`` forms S as the formula says); ``path`` picks one (GaLoreAdamW.path)
     paths = ("readable", "gemm", "merged", "fused")

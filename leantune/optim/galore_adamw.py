@@ -113,6 +113,8 @@ class GaLoreAdamW(LowRankOptimizer):
         update_proj_gap, scale, projector, moment_policy, max_grad_norm_per_param: defaults for low-rank groups.
         layerwise: update each parameter inside backward and free its gradient (see ``layerwise.py``).
         accumulation_steps: micro-batches per optimizer step (layerwise only).
+        shard_replicated: under FSDP2, also divide what is otherwise whole on every rank (a right-side P, a left
+            side's r × n moments) for one all-gather of P per right-side matrix per step (``sharded.py``).
     """
 
     def __init__(
@@ -131,6 +133,7 @@ class GaLoreAdamW(LowRankOptimizer):
         max_grad_norm_per_param: float | None = None,
         layerwise: bool = False,
         accumulation_steps: int = 1,
+        shard_replicated: bool = False,
         _extra_defaults: dict[str, Any] | None = None,
     ) -> None:
         check_betas(betas)
@@ -146,11 +149,14 @@ class GaLoreAdamW(LowRankOptimizer):
             "projector": projector,
             "moment_policy": moment_policy,
             "max_grad_norm_per_param": max_grad_norm_per_param,
+            "shard_replicated": bool(shard_replicated),
             **(_extra_defaults or {}),  # subclasses' own hyper-parameters (Fira's gamma, ...), merged along the MRO
         }
         super().__init__(params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps)
 
     row_shardable = True  # FSDP2: projection, moments and update are row-local (sharded.py)
+    #: FSDP2 ``shard_replicated``: Adam is element-wise on R, so R's columns can be divided (sharded.py)
+    replicated_shardable = True
 
     #: whether the fused Triton kernel may implement "moments + direction + back-projection + update" for this class
     fusable = True
@@ -166,6 +172,8 @@ class GaLoreAdamW(LowRankOptimizer):
             init_moments(s.R, s.state)
             return self.fused(s)
         s.N, s.step_size = self.direction(s.R, s.state, s.group, s.shard)  # m, v ← Adam of R; N = m̂ / (√v̂ + ε)
+        if s.P is not None:
+            s.N = s.P.complete(s.N)  # FSDP2 with shard_replicated: the columns the other ranks computed
         getattr(self, path)(s)
 
     def readable(self, s: ParamStep) -> None:
@@ -211,7 +219,7 @@ class GaLoreAdamW(LowRankOptimizer):
             return forced
         if s.P is None:
             return "readable"
-        if self.fusable and s.P.one_sided and s.W.is_contiguous() and \
+        if self.fusable and s.P.one_sided and s.W.is_contiguous() and getattr(s.P, "columns", None) is None and \
                 kernel_for("galore_adam_step", s.W, s.G) is not None:
             return "fused"
         return "readable" if s.group["reference_adam"] else "gemm"

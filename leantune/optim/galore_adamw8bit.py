@@ -43,6 +43,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     supports_rotate = False
     fusable = False  # the fused kernel keeps fp32 moments
 
+    replicated_shardable = False
+    replicated_refusal = "8-bit blocks over divided columns of R are not implemented"
+
     def __init__(self, params: Iterable[Any], *args: Any, min_8bit_size: int = 4096, **kwargs: Any) -> None:
         if kwargs.get("reference_adam"):
             raise ValueError("GaLoreAdamW8bit uses bitsandbytes' torch-style Adam; reference_adam=True is not supported.")

@@ -101,6 +101,11 @@ class Projector:
             return R.mul_(rows[:, None]) if R.dtype == rows.dtype else (R.float() * rows[:, None]).to(R.dtype)
         return torch.matmul(_row_scaled(P, rows).t(), grad)
 
+    def complete(self, low_rank: torch.Tensor) -> torch.Tensor:
+        """The whole low-rank direction the back-projection needs from what this process computed (itself; FSDP2's
+        divided columns are gathered by ``sharded.ShardedProjector``)."""
+        return low_rank
+
     def project_back(self, low_rank: torch.Tensor) -> torch.Tensor:
         """α · back(low_rank): α (P R) or α (R P), in the references' rounding (the product, then × α)."""
         P = self.matrix()

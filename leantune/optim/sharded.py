@@ -11,6 +11,21 @@ and scale α (``projectors.py``), everything but the left projection stays on th
 * a projector refresh (every T steps) needs the singular vectors (or DCT scores) of the whole G: G is all-gathered
   then (m×n numbers once per T steps) and every rank computes the same P from the same numbers.
 
+With ``shard_replicated=True`` (GaLore AdamW and DCT-AdamW) what is whole on every rank above is divided too, so the
+per-rank state is (one process's state)/N, for communication that is counted the same way:
+
+* left side, ZeRO-1 style: rank k owns the columns C_k of the r×n moments. R is **reduce-scattered** by columns,
+  R[:, C_k] = Σ_j P_jᵀ G_j[:, C_k]; Adam is element-wise, so the moments and N[:, C_k] come out exactly as before;
+  the r×n direction N is **all-gathered**, because back(N)_k = α P_k N needs every column. A reduce-scatter and an
+  all-gather move what one all-reduce moves (ring volumes below): no extra traffic;
+* right side, stored bases (SVD, rSVD): rank k keeps its chunk of the r rows of P (r×n) and the step **all-gathers**
+  P once, just in time (R_k = G_k Pᵀ contracts over all n). A DCT basis is computed from r stored indices: nothing
+  to divide. A refresh gathers the previous P once more (the sign orientation compares old and new bases).
+
+Chunks follow DTensor's ``Shard`` layout (``torch.chunk``: ⌈d/N⌉ per rank, the last ones shorter or empty), so a
+checkpoint saves them as DTensors of the whole (r, n) (``sharded_state.py``). The log counts ring volumes, the bytes
+each rank sends: an all-reduce of S bytes sends 2(N−1)/N·S, an all-gather or a reduce-scatter (N−1)/N·S.
+
 Norms an update rule takes over a whole matrix (Fira's growth limiter and channel norms, per-parameter clipping)
 become local sums of squares plus one all-reduce, and the non-finite guard's decision is all-reduced, so that every
 rank skips a parameter together or not at all. Everything communicated is counted (:func:`communication_log`).
@@ -23,6 +38,7 @@ are refused at construction, as are per-layer updates and ``moment_policy="rotat
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from leantune._utils import channel_norms, is_sharded, local
-from leantune.optim.projectors import Projector, compact_like
+from leantune.optim.projectors import Projector, StoredBasisProjector, compact_like
 from leantune.optim.svd import dots
 
 ROW_SHARDABLE_PROJECTORS = ("svd", "rsvd", "dct")
@@ -52,6 +68,27 @@ class RowShard:
     rows: int
     start: int
     full_shape: tuple[int, ...]
+    mesh: Any = None
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def chunk(self, d: int) -> tuple[int, int]:
+        """``(start, size)`` of this rank's chunk of d (DTensor's ``Shard`` layout: ⌈d/N⌉ each, the last ones
+        shorter or empty)."""
+        return chunk_of(d, self.world, self.rank)
+
+
+def chunk_of(d: int, world: int, rank: int) -> tuple[int, int]:
+    """``(start, size)`` of chunk ``rank`` of d split as ``torch.chunk`` (and DTensor's ``Shard``) split it."""
+    c = -(-d // world)
+    start = min(rank * c, d)
+    return start, max(0, min(c, d - start))
 
 
 def row_shard(p: torch.Tensor) -> RowShard | None:
@@ -68,7 +105,7 @@ def row_shard(p: torch.Tensor) -> RowShard | None:
                          "(fully_shard: Shard(0) on a 1-D mesh). For HSDP / tensor parallelism use DDP or plain AdamW.")
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return RowShard(p.device_mesh.get_group(), int(shape[0]) if shape else 0, int(offset[0]) if offset else 0,
-                    tuple(p.shape))
+                    tuple(p.shape), p.device_mesh)
 
 
 class CommunicationLog:
@@ -95,10 +132,45 @@ def communication_log() -> CommunicationLog:
     return _LOG
 
 
+def _ring(nbytes: int, shard: RowShard, all_reduce: bool = False) -> int:
+    """Bytes one rank sends for a collective over S = ``nbytes`` under ring algorithms (module docstring)."""
+    world = shard.world
+    return (2 if all_reduce else 1) * (world - 1) * int(nbytes) // world
+
+
 def all_reduce_sum(t: torch.Tensor, shard: RowShard, phase: str = "step") -> torch.Tensor:
-    _LOG.add(phase, t.numel() * t.element_size())
+    _LOG.add(phase, _ring(t.numel() * t.element_size(), shard, all_reduce=True))
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=shard.group)
     return t
+
+
+def reduce_scatter_columns(R: torch.Tensor, shard: RowShard) -> torch.Tensor:
+    """Σ over ranks of the partial sums R (r × n), this rank's chunk of columns only (r × n_k)."""
+    r, n = R.shape
+    c = -(-n // shard.world)
+    start, size = shard.chunk(n)
+    rows = torch.zeros(c * shard.world, r, dtype=R.dtype, device=R.device)  # columns as rows: chunks contiguous
+    rows[:n] = R.t()
+    out = torch.empty(c, r, dtype=R.dtype, device=R.device)
+    _LOG.add("step", _ring(R.numel() * R.element_size(), shard))
+    dist.reduce_scatter_single(out, rows, op=dist.ReduceOp.SUM, group=shard.group)
+    return out[:size].t().contiguous()
+
+
+def _all_gather_rows(part: torch.Tensor, total: int, shard: RowShard, phase: str) -> torch.Tensor:
+    """The ``total`` rows whose chunks (:meth:`RowShard.chunk`) the ranks hold, from this rank's ``part``."""
+    c = -(-total // shard.world)
+    padded = torch.zeros(c, *part.shape[1:], dtype=part.dtype, device=part.device)
+    padded[:part.shape[0]] = part
+    out = torch.empty(c * shard.world, *part.shape[1:], dtype=part.dtype, device=part.device)
+    _LOG.add(phase, _ring(total * math.prod(part.shape[1:]) * part.element_size(), shard))
+    dist.all_gather_single(out, padded, group=shard.group)
+    return out[:total]
+
+
+def all_gather_columns(part: torch.Tensor, n: int, shard: RowShard) -> torch.Tensor:
+    """The r × n matrix whose column chunks the ranks hold, from this rank's r × n_k ``part``."""
+    return _all_gather_rows(part.t(), n, shard, "step").t()
 
 
 def all_ranks_true(flag: torch.Tensor, shard: RowShard) -> torch.Tensor:
@@ -112,7 +184,8 @@ def all_ranks_true(flag: torch.Tensor, shard: RowShard) -> torch.Tensor:
 def full_gradient(grad: torch.Tensor) -> torch.Tensor:
     """The whole gradient of a row-sharded parameter (an all-gather: projector refreshes only)."""
     full = grad.full_tensor()
-    _LOG.add("refresh", full.numel() * full.element_size())
+    world = grad.device_mesh.size()
+    _LOG.add("refresh", (world - 1) * full.numel() * full.element_size() // world)
     return full
 
 
@@ -128,15 +201,28 @@ def norm_over_rows(x: torch.Tensor, shard: RowShard | None, dim: int | None = No
 
 
 class ShardedProjector(Projector):
-    """A projector of the whole m×n matrix, applied to this rank's rows (module docstring)."""
+    """A projector of the whole m×n matrix, applied to this rank's rows (module docstring). ``divide``: also divide
+    what is otherwise whole on every rank (``shard_replicated``): the left side's R by columns, a right-side stored P
+    by rows."""
 
-    def __init__(self, inner: Projector, shard: RowShard) -> None:  # noqa: D107 - no re-validation of inner's args
+    def __init__(self, inner: Projector, shard: RowShard, divide: bool = False) -> None:  # noqa: D107
         self.inner, self.shard = inner, shard
         self.state, self.rank, self.update_proj_gap, self.scale = inner.state, inner.rank, inner.update_proj_gap, \
             inner.scale
         self.kind, self.one_sided = inner.kind, inner.one_sided
+        right = Projector.is_right(shard.full_shape)
+        #: (start, size, n): this rank's columns of the left side's r × n R, its moments and N (None: whole)
+        self.columns = (*shard.chunk(shard.full_shape[1]), shard.full_shape[1]) if divide and not right else None
+        #: whether this rank stores only its chunk of the rows of a right-side P (r × n)
+        self.rows_of_p = divide and right and isinstance(inner, StoredBasisProjector)
+        self._full: torch.Tensor | None = None  # P gathered once per step (a projector lives for one step)
         if hasattr(inner, "overlap"):  # a stored basis oriented against the previous one, whose rows are spread
             inner.overlap = self._overlap
+
+    @property
+    def spread(self) -> bool:
+        """Whether R is spread over the ranks (rows on the right side, columns when divided on the left)."""
+        return bool(self.state["proj_right"]) or self.columns is not None
 
     def _overlap(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         """⟨p_i^old, p_i^new⟩ per basis vector when the state holds this rank's rows of a left-side P (m × r): the
@@ -153,15 +239,31 @@ class ShardedProjector(Projector):
     def needs_refresh(self, step: int) -> bool:
         return self.inner.needs_refresh(step)
 
+    def _gathered_p(self, phase: str) -> torch.Tensor:
+        """The whole right-side P (r × n) from the ranks' chunks of its rows."""
+        rows = min(self.rank, *self.shard.full_shape)
+        return compact_like(_all_gather_rows(self.state["proj_ortho"].contiguous(), rows, self.shard, phase))
+
     def refresh(self, grad: torch.Tensor, step: int) -> bool:
-        """Refresh from the whole gradient ``grad`` (every rank the same); the left side keeps only its rows of P."""
+        """Refresh from the whole gradient ``grad`` (every rank the same); the left side keeps only its rows of P,
+        a divided right side only its chunk of P's rows (the previous P is gathered for the orientation)."""
+        if self.rows_of_p and "proj_ortho" in self.state:
+            self.state["proj_ortho"] = self._gathered_p("refresh")
         ok = self.inner.refresh(grad, step)
         stored = self.state.get("proj_ortho")
-        if ok and stored is not None and not self.state["proj_right"] and stored.shape[0] == self.shard.full_shape[0]:
+        if stored is not None and not self.state["proj_right"] and stored.shape[0] == self.shard.full_shape[0]:
             self.state["proj_ortho"] = compact_like(stored[self.shard.start:self.shard.start + self.shard.rows])
+        if stored is not None and self.rows_of_p:
+            self._full = stored
+            start, size = self.shard.chunk(stored.shape[0])
+            self.state["proj_ortho"] = compact_like(stored[start:start + size])
         return ok
 
     def matrix(self) -> torch.Tensor:
+        if self.rows_of_p:
+            if self._full is None:
+                self._full = self._gathered_p("step")
+            return self._full
         P = self.inner.matrix()
         if not self.state["proj_right"] and P.shape[0] == self.shard.full_shape[0] != self.shard.rows:
             P = P[self.shard.start:self.shard.start + self.shard.rows]  # computed kinds (DCT): this rank's rows
@@ -171,7 +273,13 @@ class ShardedProjector(Projector):
         if rows is not None and not self.state["proj_right"]:  # P's rows would need this rank's slice of ``rows``
             raise NotImplementedError("a row scale on a left-side projection of FSDP2-sharded rows")
         R = super().project(grad, rows)  # right: G_k Pᵀ (this rank's rows of R); left: P_kᵀ G_k (a partial sum)
-        return R if self.state["proj_right"] else all_reduce_sum(R, self.shard)
+        if self.state["proj_right"]:
+            return R
+        return all_reduce_sum(R, self.shard) if self.columns is None else reduce_scatter_columns(R, self.shard)
+
+    def complete(self, N: torch.Tensor) -> torch.Tensor:
+        """The whole direction the back-projection needs: N itself, or (divided left side) all of its columns."""
+        return N if self.columns is None else all_gather_columns(N, self.columns[2], self.shard)
 
     def transition(self, old_matrix: torch.Tensor) -> torch.Tensor:  # pragma: no cover - refused at construction
         raise NotImplementedError("moment_policy='rotate' is not supported on FSDP2-sharded parameters")
@@ -184,6 +292,15 @@ def check_sharded_optimizer(optimizer: Any) -> None:
     params = [(n, p) for g in optimizer.param_groups
               for n, p in zip(g.get("param_names") or [f"a parameter of shape {tuple(p.shape)}" for p in g["params"]],
                               g["params"])]
+    divided = [g for g in optimizer.param_groups if g.get("shard_replicated")]
+    if divided and not getattr(optimizer, "replicated_shardable", False):
+        raise ValueError(f"{name}(shard_replicated=True) is not supported: "
+                         f"{getattr(optimizer, 'replicated_refusal', 'its update needs the whole projected gradient')}."
+                         " Use galore_adamw or dct_adamw with shard_replicated=True, or this optimizer without it.")
+    if divided and not any(is_sharded(p) for g in divided for p in g["params"]):
+        raise ValueError(f"{name}(shard_replicated=True) divides FSDP2-sharded parameters' state over the ranks, but "
+                         "none of its parameters is sharded: call fully_shard (leantune.shard_model) on the model "
+                         "before building the optimizer, or leave shard_replicated off.")
     if any(is_sharded(p) for _, p in params):
         plain = [n for n, p in params if not is_sharded(p)]
         if plain:

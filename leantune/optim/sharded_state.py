@@ -14,6 +14,10 @@ with the global shape (m, …): ``get_optimizer_state_dict`` then saves them who
 them once). ``load_state_dict`` takes DTensors (its own rows), plain tensors of this rank's rows (per-rank state dicts
 written before this module), or plain tensors with all m rows (a full state dict loaded directly: it keeps its rows).
 
+With ``shard_replicated=True`` (``sharded.py``) the replicated r × n entries are divided too: a left side's moments by
+columns (``Shard(1)`` of (r, n)), a right side's stored P by rows (``Shard(0)`` of (r, n)); loading a whole one into a
+divided optimizer keeps this rank's chunk, and DCP reshards either way.
+
 8-bit moments (bitsandbytes: uint8 codes c, one absmax a_b per block b of 256 consecutive numbers of the flattened
 local tensor) depend on where the blocks fall, which depends on the process count. They are saved as the codes (rows)
 and an **expanded absmax** â_i = a_{block(i)} per number (rows, float32), which does not. Loading rebuilds the blocks
@@ -29,7 +33,7 @@ from typing import Any
 import torch
 
 from leantune._utils import is_sharded, local
-from leantune.optim.sharded import row_shard
+from leantune.optim.sharded import chunk_of, row_shard
 
 #: state entries that hold rows of a projected parameter, by side (see the module docstring)
 RIGHT_ROW_KEYS = ("exp_avg", "exp_avg_sq", "state1", "state2")
@@ -55,6 +59,27 @@ def row_keys(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> l
     rows = local(p).shape[0]
     return [k for k in keys if isinstance(state.get(k), torch.Tensor) and state[k].ndim >= 1
             and state[k].shape[0] == rows]
+
+
+def divided_keys(p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> dict[str, tuple[int, int, int]]:
+    """``{key: (dim, r, n)}``: the r × n entries ``shard_replicated`` divides along ``dim`` (module docstring)."""
+    if not group.get("shard_replicated") or group.get("rank") is None or p.ndim != 2 or "proj_right" not in state:
+        return {}
+    m, n = p.shape
+    r = min(int(group["rank"]), m, n)
+    if state["proj_right"]:
+        stored = group.get("projector") in ("svd", "rsvd") and isinstance(state.get("proj_ortho"), torch.Tensor)
+        return {"proj_ortho": (0, r, n)} if stored else {}
+    return {k: (1, r, n) for k in ("exp_avg", "exp_avg_sq") if isinstance(state.get(k), torch.Tensor)}
+
+
+def _chunk(t: torch.Tensor, dim: int, whole: int, p: torch.Tensor) -> torch.Tensor:
+    """This rank's chunk along ``dim`` of a tensor ``whole`` long there (itself when it is already one)."""
+    if t.shape[dim] != whole:
+        return t
+    mesh = p.device_mesh
+    start, size = chunk_of(whole, mesh.size(), mesh.get_local_rank())
+    return t.narrow(dim, start, size).contiguous()
 
 
 def _expanded_absmax(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -104,11 +129,12 @@ def globalize(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
             if codes_key in rows and absmax_key in state:
                 state[absmax_key] = _expanded_absmax(state[codes_key], state[absmax_key])
                 rows.append(absmax_key)
-        for k in rows:
-            t = state[k].contiguous()
-            shape = (p.shape[0], *t.shape[1:])
+        placed = {k: (0, (p.shape[0], *state[k].shape[1:])) for k in rows}
+        placed.update({k: (dim, (r, n)) for k, (dim, r, n) in divided_keys(p, group, state).items()})
+        for k, (dim, shape) in placed.items():
             stride = torch.empty(shape, device="meta").stride()
-            state[k] = DTensor.from_local(t, p.device_mesh, [Shard(0)], run_check=False, shape=shape, stride=stride)
+            state[k] = DTensor.from_local(state[k].contiguous(), p.device_mesh, [Shard(dim)], run_check=False,
+                                          shape=shape, stride=stride)
         states[key] = state
     return {**state_dict, "state": states}
 
@@ -133,6 +159,8 @@ def localize(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
             for codes_key, absmax_key in EIGHT_BIT:
                 if absmax_key in full and codes_key in full:
                     state[absmax_key] = local_state[absmax_key]
+            for k, (dim, r, n) in divided_keys(p, group, state).items():  # whole r × n: this rank's chunk
+                state[k] = _chunk(state[k], dim, r if dim == 0 else n, p)
         for (codes_key, absmax_key), qmap in zip(EIGHT_BIT, qmaps):
             codes, absmax = state.get(codes_key), state.get(absmax_key)
             if isinstance(codes, torch.Tensor) and isinstance(absmax, torch.Tensor) and qmap is not None and \
@@ -142,4 +170,4 @@ def localize(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     return {**state_dict, "state": states}
 
 
-__all__ = ["globalize", "localize", "row_keys"]
+__all__ = ["divided_keys", "globalize", "localize", "row_keys"]

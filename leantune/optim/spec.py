@@ -155,6 +155,34 @@ class OptimizerSpec:
                 {"svd": r * k * b, "rsvd": r * k * b, "dct": 4 * r, "random": 0}[kind]
         return moments + projection + self.own_state(m, n, r, b, kind, options)
 
+    def replicated_bytes(self, shape: tuple[int, ...], rank: int | None, dtype: torch.dtype,
+                         projector: str | None = None, options: dict[str, Any] | None = None) -> int:
+        """Of :meth:`state_bytes` for a projected matrix, what stays whole on every rank under FSDP2 (``sharded.py``):
+        a right side's P (r × n) and a left side's r × n moments; with ``shard_replicated`` only a DCT projector's r
+        indices. The rest follows W's rows (1/N of it per rank).
+
+        >>> import torch
+        >>> spec = OPTIMIZERS["galore_adamw"]
+        >>> spec.replicated_bytes((11008, 4096), 1024, torch.bfloat16)  # right side: P, r·n·b
+        8388608
+        >>> spec.replicated_bytes((4096, 11008), 1024, torch.bfloat16)  # left side: moments, 2·r·n·b
+        45088768
+        >>> spec.replicated_bytes((4096, 11008), 1024, torch.bfloat16, options={"shard_replicated": True})
+        0
+        """
+        if len(shape) != 2 or self.moments != "adam":
+            return 0
+        m, n = shape
+        r = min(self.rank if self.fixed_rank else (rank or self.rank or 1), m, n)
+        kind = projector or self.projector
+        indices = 4 * r if kind == "dct" else 0
+        if (options or {}).get("shard_replicated"):
+            return indices
+        b = 4 if dtype == torch.int8 else torch.empty((), dtype=dtype).element_size()
+        if m >= n:  # right: P (r × n) or the DCT indices; the m × r moments are rows
+            return {"svd": r * n * b, "rsvd": r * n * b}.get(kind, indices)
+        return moment_bytes(r * n, b, self.eight_bit) + indices  # left: the r × n moments; P (m × r) is rows
+
     def shared_bytes(self, shapes: Iterable[tuple[int, ...]], dtype: torch.dtype, projector: str | None = None) -> int:
         """Tensors kept once per optimizer: 8-bit quantization maps, one DCT basis per projected size."""
         b = torch.empty((), dtype=dtype).element_size()

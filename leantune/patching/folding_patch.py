@@ -221,8 +221,9 @@ def patch_norm_folded(state, applied, site) -> bool:
             raise RuntimeError(
                 f"leantune.memory: {getattr(module, '_leantune_name', type(module).__name__)} holds the folded affine "
                 f"of {name} but received a tensor that did not come from that norm (reentrant gradient checkpointing "
-                "detaches layer inputs). Use model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                "{'use_reentrant': False}) or MemoryConfig(ms_norms=False).")
+                "detaches layer inputs; DeepSpeed ZeRO-3's module hooks pass other tensors on). Use "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}), or "
+                "MemoryConfig(ms_norms=False) (under ZeRO-3).")
         y = x._leantune_normalized if post_norm else x
         for adapter, lora_a in getattr(module, "lora_A", {}).items():
             if lora_a.weight.dtype != y.dtype and torch.is_grad_enabled():

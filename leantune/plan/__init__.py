@@ -35,9 +35,16 @@ from leantune.memory import MemoryConfig, apply, enable_checkpointing
 from leantune.optim import OPTIMIZERS, OptimizerConfig
 from leantune.optim.config import optimizer_options, quantize_model_weights
 from leantune.optim.param_groups import find_target_weights
+from leantune.optim.sharded import ROW_SHARDABLE_PROJECTORS
 from leantune.patching.budget import parse_budget
 from leantune.patching.state import state_of
-from leantune.plan.estimate import grad_bytes, optimizer_state_bytes, requantize_bytes, weight_bytes
+from leantune.plan.estimate import (
+    grad_bytes,
+    optimizer_state_bytes,
+    replicated_state_bytes,
+    requantize_bytes,
+    weight_bytes,
+)
 from leantune.plan.presets import PRESETS, config_from
 from leantune.plan.trace import live_bytes, saved_bytes
 
@@ -197,6 +204,9 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     if layerwise:
         grads = max((grad_bytes(p, compute) for p in trainable), default=0)
     state = _optimizer_state(net, optimizer_name or "adamw", optimizer_options, trainable)
+    replicated = _optimizer_state(net, optimizer_name or "adamw", optimizer_options, trainable, replicated_state_bytes)
+    if fsdp and processes > 1:
+        _check_fsdp(optimizer_name, optimizer_options, layerwise)
     if offload_optimizer:
         if optimizer_name in (None, "adamw", "adamw8bit"):
             raise ValueError("--offload-optimizer keeps a leantune optimizer's state on the host; give one with "
@@ -226,7 +236,10 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
         transient = 2 * batch * seq * vocab * 4  # the fp32 logits the loss upcasts, and their gradient
     shard = processes if fsdp else 1
     # FSDP shards the 4/8-bit codes; bitsandbytes keeps their absmax / row scales whole on every rank
-    weights_s, grads_s, state_s = (weights - scales) // shard + scales, grads // shard, state // shard
+    # FSDP shards W's rows and what follows them; a low-rank optimizer keeps r × n tensors whole on every rank
+    # (optim/sharded.py) unless shard_replicated divides them
+    weights_s, grads_s = (weights - scales) // shard + scales, grads // shard
+    state_s = (state - replicated) // shard + replicated if shard > 1 else state
     largest = max((grad_bytes(p, compute) for p in trainable), default=0)
     step_temporaries = grads_s if optimizer_name in (None, "adamw") and device == "cuda" else largest
     requantize = max((requantize_bytes(p, compute) for p in trainable if is_int8_weight(p)), default=0)
@@ -346,14 +359,32 @@ def _check_optimizer_options(name: str, options: dict[str, Any]) -> None:
         raise ValueError(f"optimizer {name!r}: {err}") from None
 
 
-def _optimizer_state(net, name: str, options: dict[str, Any], trainable: list[torch.Tensor]) -> int:
+def _optimizer_state(net, name: str, options: dict[str, Any], trainable: list[torch.Tensor],
+                     formula=optimizer_state_bytes) -> int:
     if name in ("adamw", "adamw8bit"):
-        return optimizer_state_bytes(name, trainable, set())
+        return formula(name, trainable, set())
     spec = OPTIMIZERS[name]
     rank = options.get("rank", spec.rank)
     targets = find_target_weights(net, options.get("target_modules", "all-linear"))
-    return optimizer_state_bytes(name, trainable, {id(p) for p in targets.values()}, rank=rank,
-                                 projector=options.get("projector"), options=options)
+    return formula(name, trainable, {id(p) for p in targets.values()}, rank=rank, projector=options.get("projector"),
+                   options=options)
+
+
+def _check_fsdp(name: str | None, options: dict[str, Any], layerwise: bool) -> None:
+    """What ``sharded.check_sharded_optimizer`` refuses at construction, refused here too (no plan for it)."""
+    if name not in OPTIMIZERS:
+        return
+    spec = OPTIMIZERS[name]
+    projector = options.get("projector", spec.projector)
+    if not spec.cls.row_shardable or projector not in ROW_SHARDABLE_PROJECTORS:
+        raise ValueError(f"{name} (projector {projector}) does not run under FSDP2: its update needs statistics across "
+                         "all rows of the projected gradient; use one of " +
+                         ", ".join(n for n, s in OPTIMIZERS.items() if s.row_shardable) + " with --fsdp")
+    if layerwise:
+        raise ValueError("layerwise=true does not run under FSDP2 (per-layer updates run before FSDP2's "
+                         "reduce-scatter); drop it with --fsdp, or plan DDP (no --fsdp)")
+    if options.get("shard_replicated") and not spec.cls.replicated_shardable:
+        raise ValueError(f"{name} does not support shard_replicated=true; use galore_adamw or dct_adamw with it")
 
 
 def _gpu_bytes(gpu: str | float | None) -> int | None:

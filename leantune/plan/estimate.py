@@ -89,3 +89,17 @@ def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor], targets: se
     projected = [p for p in params if id(p) in targets and p.ndim == 2]
     dtype = projected[0].dtype if projected else torch.float32
     return total + spec.shared_bytes([tuple(p.shape) for p in projected], dtype, projector)
+
+
+def replicated_state_bytes(name: str, params: Iterable[torch.Tensor], targets: set[int], rank: int | None = None,
+                           projector: str | None = None, options: dict[str, Any] | None = None) -> int:
+    """Of :func:`optimizer_state_bytes`, what FSDP2 leaves whole on every rank: each projected matrix's
+    :meth:`~leantune.optim.spec.OptimizerSpec.replicated_bytes` and the optimizer's shared tensors (quantization
+    maps, DCT bases). torch's and bitsandbytes' AdamW keep nothing whole."""
+    if name in ("adamw", "torch_adamw", "adamw8bit", "bnb_adamw8bit"):
+        return 0
+    spec = OPTIMIZERS[name]
+    projected = [p for p in params if id(p) in targets and p.ndim == 2]
+    dtype = projected[0].dtype if projected else torch.float32
+    return sum(spec.replicated_bytes(tuple(p.shape), rank, p.dtype, projector, options) for p in projected) + \
+        spec.shared_bytes([tuple(p.shape) for p in projected], dtype, projector)

@@ -355,3 +355,15 @@ def test_gradnorm_lorp_bf16_step_is_the_fp32_step_rounded(projector):
         assert not torch.equal(a, w), name
         scale = w.float().abs() + (b - w.float()).abs()
         assert bool(((a.float() - b).abs() <= 2 * torch.finfo(torch.bfloat16).eps * scale + 1e-30).all()), name
+
+
+@pytest.mark.parametrize(("cls", "why"), [(GaLoreAdamW, "none of its parameters is sharded"),
+                                          (FiraAdamW, "Fira's residual"),
+                                          (GaLoreAdamW8bit, "8-bit blocks over divided columns")])
+def test_shard_replicated_refused_where_it_cannot_divide(cls, why):
+    """``shard_replicated=True`` divides FSDP2 state (tests/distributed/test_fsdp2_divided.py); without FSDP2, or for
+    a rule that needs the whole projected gradient, it is refused at construction, naming what to use."""
+    model = make_net()
+    groups = make_param_groups(model, target_modules=TARGETS, rank=4)
+    with pytest.raises(ValueError, match=why):
+        cls(groups, shard_replicated=True)

@@ -117,6 +117,27 @@ def test_fsdp_shards_and_json(capsys):
     assert {"weights", "gradients", "optimizer_state", "activations", "peak", "fits"} <= set(data)
 
 
+def test_fsdp_plan_keeps_a_low_rank_optimizers_r_by_n_state_whole_unless_divided(capsys):
+    """GaLore under FSDP2 keeps a right side's P and a left side's moments (r × n) whole on every rank
+    (optim/sharded.py); ``shard_replicated=true`` divides them. Llama-2-7B, r = 1024, fp32: what stays whole is
+    3.22 GB of right-side P plus 2.89 GB of left-side moments (their sum, 6.11 GB, is the gap between N = 1
+    and N = 2 times 2), so at N = 2 a rank holds (1-process state)/2 + 3.05 GB, divided exactly half."""
+    from leantune.cli import main as cli
+
+    spec = "galore_adamw:rank=1024"
+    one = plan("llama-2-7b", seq=512, dtype="fp32", optimizer=spec)
+    two = plan("llama-2-7b", seq=512, dtype="fp32", optimizer=spec, processes=2, fsdp=True)
+    divided = plan("llama-2-7b", seq=512, dtype="fp32", optimizer=spec + ",shard_replicated=true", processes=2,
+                   fsdp=True)
+    assert two.optimizer_state - one.optimizer_state / 2 == pytest.approx((3.22e9 + 2.89e9) / 2, rel=0.01)
+    assert divided.optimizer_state == pytest.approx(one.optimizer_state / 2, rel=1e-6)
+    for argv in (["--optimizer", "apollo_adamw:rank=256"], ["--optimizer", "galore_adamw:layerwise=true"],
+                 ["--optimizer", "fira_adamw:shard_replicated=true"]):
+        assert cli(["plan", "llama-2-7b", *argv, "--processes", "2", "--fsdp"]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("leantune: error:"), err
+
+
 def test_memory_all_compares_every_option(capsys):
     from leantune.cli import main as cli
     from leantune.plan import MEMORY_OPTIONS

@@ -1,0 +1,131 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes (gloo: DeepSpeed picks its CPU accelerator without a GPU).
+
+* leantune adapters + leantune.memory (+ leantune.kernels) train under ``deepspeed.initialize`` with torch's AdamW
+  as client optimizer and equal one process on the whole batch (float32: ZeRO keeps fp32 master slices and
+  averages the gradients, so to float32 rounding);
+* leantune's low-rank optimizers refuse to step on what ZeRO hands them (one flat 1-D slice per group instead of
+  the matrices they were built with), naming FSDP2 / DDP — they would otherwise run as plain Adam.
+
+``deepspeed.initialize`` is called directly: through ``Trainer`` on CPU both ranks report ``world_size=1`` (accelerate
+does not see a DeepSpeed launch without an accelerator), so the ranks would train the same batches. DeepSpeed is
+installed by ``make test`` without its compiled ops (``DS_BUILD_OPS=0``); the tests skip where it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.distributed.helpers import batches, gathered, spawn, tiny_llama
+
+STEPS = 3
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _initialize(rank: int, model, opt, config: dict):
+    """``deepspeed.initialize`` on the gloo group the test helper started (DeepSpeed reads the launcher's rank
+    variables, which ``mp.spawn`` does not set)."""
+    import deepspeed
+
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    return engine
+
+
+def _config(stage: int) -> dict:
+    return {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+            "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+
+
+def _model(method: str, stage: int):
+    from peft import get_peft_model
+
+    import leantune
+    from leantune.kernels import apply as apply_kernels
+    from leantune.memory import MemoryConfig
+    from leantune.memory import apply as apply_memory
+
+    model = tiny_llama(torch.float32)
+    for name, p in model.named_parameters():  # norm affines away from 1, so folding them is not a no-op
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5)
+    adapter = {"lora_xs": leantune.LoraXSConfig(r=4, target_modules=TARGETS, task_type="CAUSAL_LM"),
+               "allora": leantune.ALLoRAConfig(r=4, target_modules=TARGETS, task_type="CAUSAL_LM")}[method]
+    model = get_peft_model(model, adapter)
+    # ZeRO-3's module hooks hand the next layer other tensors than the norm returned, so a folded norm affine
+    # (ms_norms) cannot find its input: refused at the first forward, naming MemoryConfig(ms_norms=False)
+    apply_memory(model, MemoryConfig(ms_norms=stage != 3))
+    apply_kernels(model, enable=True)
+    return model
+
+
+def _trainable(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _train(rank: int | None, stage: int, method: str) -> dict:
+    torch.manual_seed(0)
+    model = _model(method, stage)
+    start = _trainable(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    if rank is None:
+        for ids in batches(STEPS):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return {"trained": _trainable(model), "start": start}
+    import deepspeed
+
+    engine = _initialize(rank, model, opt, _config(stage))
+    for ids in batches(STEPS):
+        ids = ids[rank * 2:(rank + 1) * 2]
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    if stage == 3:  # partitioned: gather the trained tensors whole
+        params = [p for p in model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params):
+            return {"trained": _trainable(model)}
+    return {"trained": gathered(_trainable(model))}
+
+
+@pytest.mark.parametrize(("stage", "method"), [(2, "lora_xs"), (3, "lora_xs"),
+                                               pytest.param(2, "allora", marks=pytest.mark.slow),
+                                               pytest.param(3, "allora", marks=pytest.mark.slow)])
+def test_adapter_and_memory_under_zero_equal_one_process(tmp_path, stage, method):
+    pytest.importorskip("deepspeed")
+    ranks = spawn(_train, tmp_path, stage, method)
+    single = _train(None, stage, method)
+    moved = 0
+    for key, ref in single["trained"].items():
+        for r in ranks:
+            # float32: ZeRO sums the two halves' gradients in another order; Adam's m/√v carries that rounding
+            # into each step, most where v is small: within 1e-3 of one step (lr 1e-2), measured ≤ 1.7e-6
+            torch.testing.assert_close(r["trained"][key], ref, rtol=1e-4, atol=1e-5,
+                                       msg=lambda m, k=key: f"ZeRO-{stage} {k}: {m}")
+        moved += not torch.equal(ref, single["start"][key])
+    assert moved == len(single["trained"]) > 0  # every trainable tensor trained
+
+
+def _low_rank(rank: int, stage: int) -> str:
+    from leantune.optim import OptimizerConfig, build_optimizer
+
+    torch.manual_seed(0)
+    model = tiny_llama(torch.float32)
+    opt = build_optimizer(model, OptimizerConfig("galore_adamw", lr=1e-2, rank=4))
+    engine = _initialize(rank, model, opt, {**_config(stage), "zero_allow_untested_optimizer": True})
+    ids = batches(1)[0][rank * 2:(rank + 1) * 2]
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    try:
+        engine.step()
+    except ValueError as err:
+        return str(err)
+    return "stepped"
+
+
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_low_rank_optimizer_refuses_zero_flat_slices(tmp_path, stage):
+    pytest.importorskip("deepspeed")
+    for message in spawn(_low_rank, tmp_path, stage):
+        assert "DeepSpeed" in message and "FSDP2" in message, message
