@@ -14,9 +14,10 @@ processes). Every decoder linear is projected at rank 128 (T = 200, so the timed
   all-reduce of S bytes: 2(N−1)/N·S; an all-gather or reduce-scatter: (N−1)/N·S; leantune's count,
   ``leantune.optim.sharded.communication_log``); "divided": ``shard_replicated=True`` (the r × n state divided
   over the ranks too); refresh: what a projector refresh gathers (every T steps);
-* DDP / FSDP2 comm: the same ring volumes of what DDP (gradient all-reduce) or FSDP2 (parameter all-gathers in
-  forward and backward, gradient reduce-scatter) sends during forward and backward, counted at
-  ``dist.all_gather_single`` / ``reduce_scatter_single`` / ``all_reduce``.
+* DDP / FSDP2 comm: the same ring volumes of what FSDP2 (parameter all-gathers in forward and backward, gradient
+  reduce-scatter) sends during forward and backward, counted at ``dist.all_gather_single`` /
+  ``reduce_scatter_single``; for DDP (whose reducer all-reduces in C++) the all-reduce of all gradients,
+  2(N−1)/N·S.
 
     python benchmarks/distributed.py [--processes 1 2 4] [--steps 6]
 """
@@ -69,21 +70,22 @@ def _optimizer(model, name: str):
 
 class _Collectives:
     """Ring volumes (bytes one rank sends) of the all-gathers and reduce-scatters FSDP2 issues while active
-    (``dist.all_gather_single`` / ``dist.reduce_scatter_single``, which FSDP2 calls), and of DDP's all-reduces."""
+    (``dist.all_gather_single`` / ``dist.reduce_scatter_single``, which FSDP2 calls) and of Python all-reduces."""
 
     def __init__(self) -> None:
         self.bytes, self.active, self._saved = 0, False, {}
 
     def __enter__(self) -> "_Collectives":
         world = dist.get_world_size()
-        for fname, size_of, factor in (("all_gather_single", lambda a: a[0], 1), ("reduce_scatter_single",
-                                       lambda a: a[1], 1), ("all_reduce", lambda a: a[0], 2)):
+        # (function, the tensor whose size S counts: position and keyword, ring factor)
+        for fname, index, key, factor in (("all_gather_single", 0, "output_tensor", 1),
+                                          ("reduce_scatter_single", 1, "input", 1), ("all_reduce", 0, "tensor", 2)):
             original = getattr(dist, fname)
             self._saved[fname] = original
 
-            def counted(*args, _original=original, _size=size_of, _factor=factor, **kwargs):
+            def counted(*args, _original=original, _index=index, _key=key, _factor=factor, **kwargs):
                 if self.active:
-                    t = _size(args)
+                    t = args[_index] if len(args) > _index else kwargs[_key]
                     self.bytes += _factor * (world - 1) * t.numel() * t.element_size() // world
                 return _original(*args, **kwargs)
 
@@ -153,6 +155,9 @@ def _worker(rank: int, world: int, port: int, mode: str, name: str, steps: int, 
                 comm.append(sum(v for k, v in communication_log().bytes.items() if k != "refresh"))
                 own.append(collectives.bytes)
         collectives.__exit__()
+        if mode == "ddp":  # DDP's reducer all-reduces its buckets in C++, out of the counter's sight: its formula
+            grads = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+            own = [2 * (world - 1) * grads // world]
         result = {"state": storage_bytes(_state_tensors(opt)), "peak": peak, "step_s": times, "comm": comm,
                   "refresh": refresh, "own": own}
         torch.save(result, Path(out) / f"rank{rank}.pt")
