@@ -15,6 +15,7 @@ installed by ``make test`` without its compiled ops (``DS_BUILD_OPS=0``); the te
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import pytest
@@ -32,6 +33,10 @@ def _initialize(rank: int, model, opt, config: dict):
     import deepspeed
 
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE="2")
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce for inference (a compiler, /dev/shm segments
+    # and, its comments say, AVX2/AVX-512 or a hang): machine-dependent and unused by training, so not built here
+    # (``deepspeed.comm.torch`` as an attribute is the torch package deepspeed.comm imports: take the module itself)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     return engine
 

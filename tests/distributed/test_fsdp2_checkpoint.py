@@ -167,3 +167,54 @@ def test_fsdp2_checkpoint_resumes_on_2_1_and_4_processes(tmp_path, kind, group):
                         assert torch.equal(r[EIGHT_BIT][key], value), f"8-bit {kind} resumed by 2: {key}"
                     else:
                         torch.testing.assert_close(r[EIGHT_BIT][key], value, rtol=1e-3, atol=1e-3)
+
+
+def _stack(rank: int, out: str, phase: str) -> dict:
+    """bf16 LoRA-XS + leantune.memory + leantune.kernels + GaLore over the adapter's factors, FSDP2 on 2 ranks:
+    ``phase`` "save": train to SAVE_AT, save (DCP), train on; "resume": load and train the same steps."""
+    import torch.distributed.checkpoint as dcp
+    from peft import get_peft_model, get_peft_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    import leantune
+    from leantune.kernels import apply as apply_kernels
+    from leantune.memory import MemoryConfig
+    from leantune.memory import apply as apply_memory
+    from leantune.optim import OptimizerConfig, build_optimizer
+
+    model = tiny_llama(torch.bfloat16)
+    model = get_peft_model(model, leantune.LoraXSConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                        task_type="CAUSAL_LM"), autocast_adapter_dtype=False)
+    apply_memory(model, MemoryConfig())
+    apply_kernels(model, enable=True)
+    leantune.shard_model(model)
+    opt = build_optimizer(model, OptimizerConfig("galore_adamw", lr=1e-2, rank=2, update_proj_gap=GAP))
+    path = str(Path(out) / "dcp-stack")
+    if phase == "save":
+        _steps(model, opt, rank, 2, 0, SAVE_AT)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=path)
+    else:
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+    _steps(model, opt, rank, 2, SAVE_AT, STEPS)
+    return gathered(get_peft_model_state_dict(model))
+
+
+@pytest.mark.slow  # two spawns of the whole stack in bf16: about 30 s
+def test_bf16_adapter_memory_kernels_galore_stack_resumes_bit_for_bit_under_fsdp2(tmp_path):
+    """The combination users run, in bf16: a DCP checkpoint of the adapter + memory + kernels + GaLore stack under
+    FSDP2 continues bit for bit on the same process count (bf16 states included: nothing is rounded on the way)."""
+    saved = spawn(_stack, tmp_path, str(tmp_path), "save")
+    resumed = spawn(_stack, tmp_path, str(tmp_path), "resume")
+    for key, value in saved[0].items():
+        assert value.dtype == torch.bfloat16, key
+        for r in resumed:
+            assert torch.equal(r[key], value), key

@@ -5,11 +5,11 @@
 * per-rank state within 10% of (1-process state)/N (undivided it is not: the test shows both), and
   ``leantune plan --processes N --fsdp`` predicts both layouts within 5%;
 * communication of a step without refresh, exactly (besides one byte per matrix for the all-ranks finiteness
-  decision): per left matrix a reduce-scatter and an all-gather of its r×n
-  numbers, per right matrix with a stored basis an all-gather of P (r×n), ring volumes (sharded.py) — and nothing
-  else (torch's CommDebugMode sees no more collectives than leantune logged);
-* checkpoints (DCP) saved divided by 2 processes resume bit for bit on 2, and to 1e-10 of one process on 1
-  (undivided) and 4 (divided); an undivided checkpoint loads into a divided optimizer.
+  decision): per left matrix a reduce-scatter and an all-gather of its r×n numbers, per right matrix with a stored
+  basis an all-gather of P (r×n), ring volumes (sharded.py) — and nothing else (torch's CommDebugMode sees no more
+  collectives than leantune logged);
+* checkpoints (DCP, ``make test-slow``) saved divided by 2 processes resume bit for bit on 2, and to 1e-10 of one
+  process on 1 (undivided) and 4 (divided); an undivided checkpoint loads into a divided optimizer.
 """
 
 from __future__ import annotations
@@ -176,12 +176,11 @@ def _resume(rank: int, out: str, world: int, saved_divided: bool, divided: bool,
     return finals
 
 
-@pytest.mark.parametrize("names", [["galore_adamw"], pytest.param(["dct_adamw", "rsvd_galore_adamw"],
-                                                                    marks=pytest.mark.slow)])
+@pytest.mark.slow  # 11 spawns of 1-4 processes: about 25 s for GaLore, a minute for the other two
+@pytest.mark.parametrize("names", [["galore_adamw"], ["dct_adamw", "rsvd_galore_adamw"]])
 def test_divided_state_checkpoint_resumes_on_2_1_and_4_processes(tmp_path, names):
     """Saved after step 4 of 8 (a refresh at step 6 follows): the right-side P chunks and left-side moment columns
-    are DTensors of the whole (r, n), so DCP reshards them. (DCT-AdamW and rSVD GaLore: ``make test-slow``, about a
-    minute.)"""
+    are DTensors of the whole (r, n), so DCP reshards them (``make test-slow``)."""
     saved = spawn(_save, tmp_path, str(tmp_path), True, names)
     spawn(_save, tmp_path, str(tmp_path), False, names)
     single = _train(None, 1, False)
