@@ -95,6 +95,11 @@ def run_plan(args: argparse.Namespace) -> int:
             if args.gpu is None:
                 raise ValueError("--search needs --gpu (the memory per GPU to fit in)")
             base = _options(args)
+            # every stack holds at least the 4-bit weights: if they alone do not fit, nothing does (one plan, not all)
+            floor = plan(args.model, **base, adapter="lora:r=16", optimizer="adamw", memory="none", quant="4bit")
+            if floor.gpu_bytes is not None and floor.weights > floor.gpu_bytes:
+                raise ValueError(f"no stack fits in {args.gpu}: the 4-bit weights alone take {floor.weights / 1e9:.2f} "
+                                 "GB; add GPUs (--processes N --fsdp)")
             rows = []
             for stack in candidates(None):
                 try:

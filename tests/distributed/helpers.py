@@ -71,3 +71,29 @@ def train_steps(runner: torch.nn.Module, optimizer: torch.optim.Optimizer, rank:
 def gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copies of a state dict's tensors, FSDP2 shards gathered whole."""
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in state.items()}
+
+
+def dcp_save(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Model and optimizer through ``torch.distributed.checkpoint`` (what accelerate's FSDP2 checkpointing calls):
+    each rank writes its shards."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=path)
+
+
+def dcp_load(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """The inverse of :func:`dcp_save`, on any process count (DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optim"])

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.helpers import batches, gathered, spawn, tiny_llama
+from tests.distributed.helpers import batches, dcp_load, dcp_save, gathered, spawn, tiny_llama
 
 EXACT = ["galore_adamw", "fira_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw"]
 EIGHT_BIT = "galore_adamw8bit"
@@ -62,7 +62,6 @@ def _steps(model, opt, rank: int | None, world: int, first: int, last: int) -> N
 
 def _save_run(rank: int, out: str, names: list[str]) -> dict:
     """2 processes: train to SAVE_AT, save sharded and full checkpoints, train on (the uninterrupted run)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     finals, replicated = {}, {}
@@ -70,8 +69,7 @@ def _save_run(rank: int, out: str, names: list[str]) -> dict:
         model, opt = _setup(name, 2)
         _steps(model, opt, rank, 2, 0, SAVE_AT)
         replicated[name] = _digests(opt.state_dict())
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=str(Path(out) / f"dcp-{name}"))
+        dcp_save(model, opt, str(Path(out) / f"dcp-{name}"))
         full = StateDictOptions(full_state_dict=True)
         state = {"model": get_model_state_dict(model, options=full),
                  "optim": get_optimizer_state_dict(model, opt, options=full)}
@@ -89,18 +87,17 @@ def _digests(state_dict: dict) -> dict:
 
     from leantune._utils import is_sharded
 
-    return {f"{pid}/{key}": hashlib.sha256(value.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
-            for pid, state in state_dict["state"].items() for key, value in state.items()
+    def digest(t: torch.Tensor) -> str:
+        return hashlib.sha256(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy()).hexdigest()
+
+    return {f"{pid}/{key}": digest(value) for pid, state in state_dict["state"].items() for key, value in state.items()
             if isinstance(value, torch.Tensor) and not is_sharded(value) and value.numel()}
 
 
 def _resume_run(rank: int, out: str, world: int, kind: str, names: list[str]) -> dict:
     """``world`` processes: load the step-3 checkpoint (``kind``: "dcp" or "full") and train to the end."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
@@ -109,14 +106,12 @@ def _resume_run(rank: int, out: str, world: int, kind: str, names: list[str]) ->
     for name in names:
         model, opt = _setup(name, world)
         if kind == "dcp":
-            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-            dcp.load(state, checkpoint_id=str(Path(out) / f"dcp-{name}"))
-            options = None
+            dcp_load(model, opt, str(Path(out) / f"dcp-{name}"))
         else:
             state = torch.load(Path(out) / f"full-{name}.pt", weights_only=True)
             options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, state["model"], options=options)
-        set_optimizer_state_dict(model, opt, state["optim"], options=options)
+            set_model_state_dict(model, state["model"], options=options)
+            set_optimizer_state_dict(model, opt, state["optim"], options=options)
         _steps(model, opt, rank, world, SAVE_AT, STEPS)
         finals[name] = gathered(model.state_dict())
     return finals
@@ -172,14 +167,7 @@ def test_fsdp2_checkpoint_resumes_on_2_1_and_4_processes(tmp_path, kind, group):
 def _stack(rank: int, out: str, phase: str) -> dict:
     """bf16 LoRA-XS + leantune.memory + leantune.kernels + GaLore over the adapter's factors, FSDP2 on 2 ranks:
     ``phase`` "save": train to SAVE_AT, save (DCP), train on; "resume": load and train the same steps."""
-    import torch.distributed.checkpoint as dcp
     from peft import get_peft_model, get_peft_model_state_dict
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
 
     import leantune
     from leantune.kernels import apply as apply_kernels
@@ -197,13 +185,9 @@ def _stack(rank: int, out: str, phase: str) -> dict:
     path = str(Path(out) / "dcp-stack")
     if phase == "save":
         _steps(model, opt, rank, 2, 0, SAVE_AT)
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=path)
+        dcp_save(model, opt, path)
     else:
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
+        dcp_load(model, opt, path)
     _steps(model, opt, rank, 2, SAVE_AT, STEPS)
     return gathered(get_peft_model_state_dict(model))
 

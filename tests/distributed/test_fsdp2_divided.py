@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.distributed.helpers import batches, gathered, spawn, tiny_llama
+from tests.distributed.helpers import batches, dcp_load, dcp_save, gathered, spawn, tiny_llama
 
 DIVIDED = ["galore_adamw", "dct_adamw", "rsvd_galore_adamw"]
 STEPS, GAP, RANK = 8, 3, 4
@@ -141,36 +141,21 @@ def test_divided_state_under_fsdp2_equals_one_process_4_ranks(tmp_path):
 
 
 def _save(rank: int, out: str, divided: bool, names: list[str]) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     finals = {}
     for name in names:
         model, opt = _setup(name, 2, divided)
         _steps(model, opt, rank, 2, 0, 4)
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=str(Path(out) / f"dcp-{name}-{divided}"))
+        dcp_save(model, opt, str(Path(out) / f"dcp-{name}-{divided}"))
         _steps(model, opt, rank, 2, 4, STEPS)
         finals[name] = gathered(model.state_dict())
     return finals
 
 
 def _resume(rank: int, out: str, world: int, saved_divided: bool, divided: bool, names: list[str]) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     finals = {}
     for name in names:
         model, opt = _setup(name, world, divided)
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(state, checkpoint_id=str(Path(out) / f"dcp-{name}-{saved_divided}"))
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
+        dcp_load(model, opt, str(Path(out) / f"dcp-{name}-{saved_divided}"))
         _steps(model, opt, rank, world, 4, STEPS)
         finals[name] = gathered(model.state_dict())
     return finals
