@@ -68,7 +68,6 @@ class RowShard:
     rows: int
     start: int
     full_shape: tuple[int, ...]
-    mesh: Any = None
 
     @property
     def world(self) -> int:
@@ -105,7 +104,7 @@ def row_shard(p: torch.Tensor) -> RowShard | None:
                          "(fully_shard: Shard(0) on a 1-D mesh). For HSDP / tensor parallelism use DDP or plain AdamW.")
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return RowShard(p.device_mesh.get_group(), int(shape[0]) if shape else 0, int(offset[0]) if offset else 0,
-                    tuple(p.shape), p.device_mesh)
+                    tuple(p.shape))
 
 
 class CommunicationLog:
@@ -251,7 +250,7 @@ class ShardedProjector(Projector):
             self.state["proj_ortho"] = self._gathered_p("refresh")
         ok = self.inner.refresh(grad, step)
         stored = self.state.get("proj_ortho")
-        if stored is not None and not self.state["proj_right"] and stored.shape[0] == self.shard.full_shape[0]:
+        if ok and stored is not None and not self.state["proj_right"] and stored.shape[0] == self.shard.full_shape[0]:
             self.state["proj_ortho"] = compact_like(stored[self.shard.start:self.shard.start + self.shard.rows])
         if stored is not None and self.rows_of_p:
             self._full = stored

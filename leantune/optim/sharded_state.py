@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from leantune._utils import is_sharded, local
-from leantune.optim.sharded import chunk_of, row_shard
+from leantune.optim.sharded import row_shard
 
 #: state entries that hold rows of a projected parameter, by side (see the module docstring)
 RIGHT_ROW_KEYS = ("exp_avg", "exp_avg_sq", "state1", "state2")
@@ -77,8 +77,7 @@ def _chunk(t: torch.Tensor, dim: int, whole: int, p: torch.Tensor) -> torch.Tens
     """This rank's chunk along ``dim`` of a tensor ``whole`` long there (itself when it is already one)."""
     if t.shape[dim] != whole:
         return t
-    mesh = p.device_mesh
-    start, size = chunk_of(whole, mesh.size(), mesh.get_local_rank())
+    start, size = row_shard(p).chunk(whole)
     return t.narrow(dim, start, size).contiguous()
 
 
