@@ -23,6 +23,7 @@ from .adapters import (  # noqa: E402
     CompacterConfig,
     CompacterPlusPlusConfig,
     DyLoRAConfig,
+    L4QConfig,
     LoraSBConfig,
     LoraXSConfig,
     LostConfig,
@@ -37,6 +38,7 @@ from .integrations.callback import LeanTuneCallback  # noqa: E402
 from .integrations.checkpoints import load_adapter, save_adapter  # noqa: E402
 from .integrations.fsdp import shard_model  # noqa: E402
 from .integrations.interop import export_to_lora, inspect_adapter, merge_to_directory  # noqa: E402
+from .integrations.quantized_export import export_quantized  # noqa: E402
 from .patching import kernels_view as _kernels_view  # noqa: E402
 
 # ``leantune.kernels.apply / restore / patched_modules`` and the kernel names are the kernels view of the one patcher.
@@ -58,6 +60,7 @@ __all__ = [
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "DyLoRAConfig",
+    "L4QConfig",
     "NolaConfig",
     "count_trainable",
     "LeanTuneCallback",
@@ -67,6 +70,7 @@ __all__ = [
     "LostConfig",
     "SLTrainConfig",
     "estimate_first_step",
+    "export_quantized",
     "export_to_lora",
     "get_lora_sb_model",
     "inspect_adapter",

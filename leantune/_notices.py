@@ -4,30 +4,38 @@
 with AVX512-BF16, tries at import to fetch an optional hub kernel for its CPU 4-bit GEMM through the ``kernels``
 package. Offline, or from an untrusted publisher, that fails — bitsandbytes then uses its built-in kernel — and logs
 "Failed to load CPU gemm_4bit_forward from kernels-community …" (with ``kernels``' "Skipping publisher trust check …"
-before it). Every ``leantune`` command printed both as its first lines; they look like errors and are not. Only these
-two messages, for that one kernel, are dropped; everything else those loggers say still shows.
+before it). Every ``leantune`` command printed both as its first lines; they look like errors and are not.
+
+torchao (installed for ``leantune export --to quantized``) is imported by ``import peft`` too, through transformers'
+torchao quantizer; its CPU wheel ships CUDA extension libraries and logs "Failed to load …/torchao/_C….so" for each,
+and torch logs that torchao registers two Enum classes the deprecated way. Neither concerns the CPU dequantize path
+leantune uses. Only these messages are dropped; everything else those loggers say still shows.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
-#: logger name → the start of the one message dropped from it
+#: logger name → a regular expression matching the start of the one message dropped from it
 NOTICES = {
-    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
-    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'",
+    "bitsandbytes.backends.cpu.ops": re.escape("Failed to load CPU gemm_4bit_forward from kernels-community"),
+    "kernels._internals.hf_hub": re.escape(
+        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"),
+    "torchao": r"Failed to load \S*torchao/_C\w*\.\S*so: ",
+    "torch.utils._pytree": r"<enum '(KernelPreference|ScaleCalculationMode)'> is an Enum subclass and is now natively",
 }
 
 
 class _Drop(logging.Filter):
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, pattern: str) -> None:
         super().__init__()
-        self.prefix = prefix
+        self.pattern = re.compile(pattern)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
+        return not self.pattern.match(record.getMessage())
 
 
 def drop_optional_kernel_notices() -> None:

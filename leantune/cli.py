@@ -3,6 +3,7 @@ notebook user would call.
 
     leantune merge   --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR   -> leantune.merge_to_directory
     leantune export  ADAPTER_DIR --to lora OUT_DIR [--base MODEL_DIR]     -> leantune.export_to_lora
+    leantune export  ADAPTER_DIR --to quantized OUT_DIR [--base MODEL_DIR] -> leantune.export_quantized (L4Q)
     leantune inspect ADAPTER_DIR [--json]                                  -> leantune.inspect_adapter
     leantune compress ADAPTER_DIR OUT_DIR --density 0.1 [--scale auto]     -> leantune.compress_adapter
     leantune compress --full BASE_DIR TUNED_DIR OUT_DIR --density 0.1      -> leantune.compress.compress_full
@@ -22,10 +23,12 @@ from typing import Optional, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # leantune never downloads; paths are local folders (before the hub loads)
 
+from leantune._io import verify_adapter_files  # noqa: E402
 from leantune._notices import quiet_command_line  # noqa: E402
 from leantune._utils import LeanTuneError  # noqa: E402
 from leantune.compress import compress_adapter, compress_full  # noqa: E402
 from leantune.integrations.interop import export_to_lora, inspect_adapter, merge_to_directory  # noqa: E402
+from leantune.integrations.quantized_export import export_quantized  # noqa: E402
 from leantune.memory.cli import add_profile_subcommand  # noqa: E402
 from leantune.plan.cli import add_plan_subcommand  # noqa: E402
 
@@ -73,9 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="output folder (created; must be empty)")
     merge.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
-    export = sub.add_parser("export", help="convert a low-rank leantune adapter into a plain peft LoRA adapter")
+    export = sub.add_parser("export", help="convert a low-rank leantune adapter into a plain peft LoRA adapter (--to "
+                            "lora), or an L4Q adapter into its served integer model (--to quantized)")
     export.add_argument("adapter", help="adapter folder")
-    export.add_argument("--to", required=True, choices=["lora"], help="target format")
+    export.add_argument("--to", required=True, choices=["lora", "quantized"],
+                        help="lora: a plain peft LoRA adapter; quantized: a transformers folder with torchao int weights")
     export.add_argument("out", help="output folder")
     export.add_argument("--base", default=None, help="base model folder (default: the one recorded in the adapter)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
@@ -107,6 +112,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "merge":
             out = merge_to_directory(args.base, args.adapter, args.out, overwrite=args.overwrite)
             print(f"merged model written to {out}")
+        elif args.command == "export" and args.to == "quantized":
+            base = args.base or verify_adapter_files(args.adapter).base_model_name_or_path
+            if not base:
+                raise LeanTuneError("the adapter does not record its base model; pass --base MODEL_DIR")
+            out = export_quantized(base, args.adapter, args.out, overwrite=args.overwrite)
+            print(f"quantized model (torchao int weights, loads with from_pretrained) written to {out}")
         elif args.command == "export":
             out = export_to_lora(args.adapter, args.out, base_dir=args.base, overwrite=args.overwrite)
             print(f"plain peft LoRA adapter written to {out}")

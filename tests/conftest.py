@@ -1,5 +1,6 @@
 """Project-wide test setup: offline Hugging Face, small thread count, deterministic seeds."""
 
+import gc
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,3 +21,18 @@ emulate_from_env()
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def pytest_collection_finish(session) -> None:
+    """Move everything imported and collected so far (torch, transformers, peft, ~2,500 test items) out of the garbage
+    collector's view. accelerate calls ``gc.collect()`` at the end of every ``Trainer.train()``; over that heap one
+    collection took ~0.3 s, i.e. ~0.7 s of each support-matrix cell. Objects created later are collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_unconfigure(config) -> None:
+    """Hand the frozen objects back before exit: nanobind (Triton's bindings) reports every binding still alive at
+    interpreter shutdown as a leak."""
+    gc.unfreeze()
+    gc.collect()

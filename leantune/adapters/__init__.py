@@ -10,6 +10,7 @@ DyLoRA                  :class:`DyLoRAConfig`                      r·(in + out)
 NOLA                    :class:`NolaConfig`                        k + l coefficients
 Houlsby / Pfeiffer      :class:`BottleneckConfig`                  bottleneck MLP after sublayers
 Compacter / Compacter++ :class:`CompacterConfig` / ``…PlusPlus…``  shared PHM rule + rank-1 factors
+L4Q                     :class:`L4QConfig`                         r·(in + out) + 2·out·in/g (steps)
 ======================  =========================================  =================================
 """
 
@@ -17,6 +18,7 @@ from . import bottleneck
 from .allora import ALLoRAConfig, ALLoRAModel
 from .bottleneck import BottleneckConfig, CompacterConfig, CompacterPlusPlusConfig, count_trainable
 from .dylora import DyLoRAConfig, DyLoRAModel
+from .l4q import L4QConfig, L4QModel
 from .lora_sb import LoraSBConfig, LoraSBModel, estimate_first_step, get_lora_sb_model
 from .lora_xs import LoraXSConfig, LoraXSModel
 from .low_rank import LowRankConfig, LowRankLayer, LowRankModel
@@ -37,6 +39,8 @@ __all__ = [
     "count_trainable",
     "DyLoRAConfig",
     "DyLoRAModel",
+    "L4QConfig",
+    "L4QModel",
     "LeanTuneType",
     "LoraSBConfig",
     "LoraSBModel",

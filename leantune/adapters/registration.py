@@ -45,6 +45,7 @@ class LeanTuneType(str, enum.Enum):
     COMPACTER = "COMPACTER"
     SLTRAIN = "SLTRAIN"
     LOST = "LOST"
+    L4Q = "L4Q"
 
 
 #: THE registry of adapter names (``leantune plan --adapter NAME``, the support matrix): peft's own LoRA and every

@@ -6,7 +6,8 @@ it — ``LeanTuneCallback(...).setup(Trainer(...))`` — and checked:
 3. ``resume_from_checkpoint`` from the middle continues bit-exactly to the same trainable weights;
 4. the forward of the patched model equals the same model with every leantune patch undone (memory options and
    kernels change what is saved and how it is computed, never the forward);
-5. merge (``leantune merge``) and export to plain LoRA give the trained model's outputs, for adapters that merge.
+5. merge (``leantune merge``) and export to plain LoRA give the trained model's outputs, for adapters that merge;
+   for L4Q, merge and the quantized export (``leantune export --to quantized``, torchao int weights) do.
 
 Used by ``tests/integrations/test_support_matrix.py`` (a pairwise covering array) and
 ``benchmarks/support_matrix.py`` (writes the support-matrix page).
@@ -31,13 +32,14 @@ from peft import PeftModel
 
 import leantune
 from leantune.integrations.interop import export_to_lora, merge_to_directory
+from leantune.integrations.quantized_export import export_quantized, torchao_version
 from leantune.memory import MemoryConfig
 from leantune.optim import OPTIMIZERS, OptimizerConfig
 from leantune.patching import restore_all
 
 FACTORS: dict[str, list[str]] = {
     "adapter": ["peft LoRA", "LoRA-XS", "LoRA-SB", "ALLoRA", "DyLoRA", "NOLA", "Bottleneck", "Compacter",
-                "Compacter++", "SLTrain", "LOST"],
+                "Compacter++", "SLTrain", "LOST", "L4Q"],
     "memory": ["off", "ms_norms", "approx_activations", "fused_gated_mlp", "velora", "chunked_loss", "all",
                "budget"],
     "kernels": ["off", "on"],
@@ -159,6 +161,8 @@ def adapter_config(name: str, arch: str):
         return leantune.SLTrainConfig(sparsity=0.1, lora_alpha=8, **low)
     if name == "LOST":
         return leantune.LostConfig(channel_ratio=0.25, **low)
+    if name == "L4Q":  # groups of 16 divide every input size of the tiny models (32, 64, 128)
+        return leantune.L4QConfig(group_size=16, **{**low, "r": 4})
     bottleneck = dict(reduction_factor=8, task_type=task)
     if name == "Bottleneck":
         return leantune.BottleneckConfig(placement="houlsby", **bottleneck)
@@ -298,9 +302,27 @@ def run_cell(cell: Cell, tmp: Path) -> dict[str, Any]:
             exported = PeftModel.from_pretrained(type(merged_model).from_pretrained(base_dir), tmp / "lora")
             assert _close(_logits(exported, batch), plain, cell.dtype), "exported LoRA differs"
             checks["merge"] = True
-        for folder in ("full", "base", "adapter", "merged", "lora"):
+        if cell.adapter == "L4Q":
+            checks["merge"] = _check_l4q_outputs(cell, full.model, batch, plain, tmp)
+        for folder in ("full", "base", "adapter", "merged", "lora", "quantized"):
             shutil.rmtree(tmp / folder, ignore_errors=True)
     return checks
+
+
+def _check_l4q_outputs(cell: Cell, model, batch, plain: torch.Tensor, tmp: Path) -> bool:
+    """L4Q merges (the base weight becomes the served Ŵ) and, for nn.Linear models with torchao installed, exports
+    its integer model; both give the trained model's outputs."""
+    dtype = torch.bfloat16 if cell.dtype == "bf16" else torch.float32
+    base_dir, adapter_dir = tmp / "base", tmp / "adapter"
+    tiny_model(cell.arch, cell.dtype).save_pretrained(base_dir)
+    model.save_pretrained(adapter_dir)
+    model_cls = getattr(T, type(model.get_base_model()).__name__)
+    merged = model_cls.from_pretrained(merge_to_directory(base_dir, adapter_dir, tmp / "merged"), dtype=dtype)
+    assert _close(_logits(merged, batch), plain, cell.dtype), "merged model differs"
+    if cell.arch != "gpt2" and torchao_version() is not None:  # GPT-2's Conv1D is refused by the export (tested)
+        served = model_cls.from_pretrained(export_quantized(base_dir, adapter_dir, tmp / "quantized"), dtype=dtype)
+        assert _close(_logits(served, batch), plain, cell.dtype), "quantized export differs"
+    return True
 
 
 def check(cell: Cell, tmp: Path) -> tuple[str, str]:

@@ -84,6 +84,7 @@ CASES = [  # (test name, model id, config class, config kwargs) as peft's TEST_C
      {**TARGET, "reduction_factor": 5, "init_weights": "zeros_up", "phm_init_range": 0.1}),
     ("MLP Compacter++", "MLP", leantune.CompacterPlusPlusConfig,
      {**TARGET, "reduction_factor": 5, "init_weights": "zeros_up", "phm_init_range": 0.1}),
+    ("MLP L4Q", "MLP", leantune.L4QConfig, {**TARGET, "r": 2, "group_size": 5, "bits": 8}),
 ]
 NONLINEAR = (leantune.BottleneckConfig,)  # Compacter(++) included: y + U f(D y) has no weight form, merge raises
 PARAMS = "test_name, model_id, config_cls, config_kwargs"
@@ -109,6 +110,11 @@ def not_applicable(test: str, config_cls) -> str | None:
         return "about LoRA's bias= option, which leantune tuners do not have (bias='none' only)"
     if config_cls is leantune.LoraSBConfig and test in ("test_disable_adapters", "test_disable_adapters_with_merging"):
         return "needs an identity adapter at init; LoRA-SB's starts at the first step's update (needs data)"
+    if config_cls is leantune.L4QConfig and test in ("test_disable_adapters", "test_disable_adapters_with_merging"):
+        return "needs an identity adapter at init; L4Q's starts as the quantized base Q(W0) ≠ W0 (by design)"
+    if config_cls is leantune.L4QConfig and test == "test_merge_layers_multi":
+        return ("merges two adapters into one weight; two L4Q adapters are two quantizations of W0 (refused with a "
+                "ValueError; merging one is tested by test_merge_layers*)")
     return None
 
 

@@ -41,6 +41,9 @@ CASES = {  # name: (model, dtype, adapter, optimizer, memory, seq, batch)
     "llama-galore8bit-layerwise": (LLAMA, "fp32", None, "galore_adamw8bit:rank=64,layerwise=true", "none", 128, 2),
     "llama-qgalore-bf16": (LLAMA, "bf16", None, "q_galore_adamw8bit:rank=64", "leantune", 128, 2),
     "llama-qgalore-layerwise": (LLAMA, "fp32", None, "q_galore_adamw:rank=64,layerwise=true", "none", 128, 2),
+    # L4Q: the quantizer's backward recomputes Ŵ from what LoRA saves (x, W0 by reference, A, B, s, z)
+    "llama-l4q-bf16": (LLAMA, "bf16", "l4q:group_size=32", "adamw", "none", 128, 2),
+    "llama-l4q-leantune": (LLAMA, "fp32", "l4q:group_size=32", "adamw", "leantune", 128, 2),
     "gpt2-fp32": (GPT2, "fp32", None, "adamw", "none", 128, 2),
     "gpt2-lora-bf16": (GPT2, "bf16", "lora:r=8", "adamw", "none", 128, 2),
     "minilm-fp32": ("minilm", "fp32", None, "adamw", "none", 64, 8),
