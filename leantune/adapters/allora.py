@@ -137,6 +137,11 @@ class ALLoRALayer(LowRankLayer):
         return self.allora_B[adapter], self.allora_A[adapter]
 
     @torch.no_grad()
+    def absorb_lowrank(self, adapter: str, left: torch.Tensor, right: torch.Tensor) -> None:
+        self.allora_B[adapter].copy_(left)  # ΔW = B A, no scale
+        self.allora_A[adapter].copy_(right)
+
+    @torch.no_grad()
     def coefficients(self, adapter: str) -> tuple[Optional[torch.Tensor], ...]:
         """``(c_out, c_a, c_b)`` for the configured rule (see :class:`_ALLoRAFunction`)."""
         dtype = torch.promote_types(self.allora_A[adapter].dtype, torch.float32)  # norms in fp32 or better

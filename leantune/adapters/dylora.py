@@ -115,6 +115,16 @@ class DyLoRALayer(LowRankLayer):
     def lowrank_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.truncated_factors(adapter, self.eval_rank[adapter], frozen=False)
 
+    @torch.no_grad()
+    def absorb_lowrank(self, adapter: str, left: torch.Tensor, right: torch.Tensor) -> None:
+        """ΔW = (α/b) B[:, :b] A[:b] at the evaluation rank b = r; SVD factors come largest first, so every
+        truncation b' < r keeps the best rank-b' part of ``left @ right``."""
+        rank = self.eval_rank[adapter]
+        if rank != self.r[adapter]:
+            raise ValueError(f"DyLoRA: set_eval_rank({self.r[adapter]}) before a LoftQ initialisation (it is {rank})")
+        self.dylora_B[adapter].copy_(left * (rank / self.lora_alpha[adapter]))
+        self.dylora_A[adapter].copy_(right)
+
     def forward_factors(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
         frozen = self.training and self.frozen[adapter] and self.sampled_rank[adapter] is not None
         return self.truncated_factors(adapter, self.current_rank(adapter), frozen)

@@ -107,6 +107,15 @@ class SandwichLayer(LowRankLayer):
         b_dict, r_dict, a_dict = self.factor_dicts()
         return self.scaling[adapter] * (b_dict[adapter] @ r_dict[adapter]), a_dict[adapter]
 
+    @torch.no_grad()
+    def absorb_lowrank(self, adapter: str, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Frozen ``B = left``, ``A = right`` and ``R = I / s``: ``ΔW = s·B R A = left @ right``; R then trains in
+        the residual's own basis (LoRA-XS's SVD of W0 becomes the SVD of the quantization residual)."""
+        b_dict, r_dict, a_dict = self.factor_dicts()
+        b_dict[adapter].copy_(left)
+        a_dict[adapter].copy_(right)
+        r_dict[adapter].copy_(torch.eye(left.shape[1], dtype=r_dict[adapter].dtype) / self.scaling[adapter])
+
     def adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
         b_dict, r_dict, a_dict = self.factor_dicts()
         h = nn.functional.linear(self.input_linear(x, a_dict[adapter]), r_dict[adapter])

@@ -247,6 +247,13 @@ class LowRankLayer(nn.Module, BaseTunerLayer):
                 result = result + self.adapter_output(shift.to(dtype)[None], adapter).to(result.dtype)
         return result
 
+    def absorb_lowrank(self, adapter: str, left: torch.Tensor, right: torch.Tensor) -> None:
+        """Set the adapter so that ``ΔW = left @ right`` (out×k, k×in; LoftQ's initialisation,
+        :mod:`leantune.adapters.loftq`); a method whose update cannot hold a given rank-k matrix raises."""
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot start from a given low-rank update (LoftQ initialisation): its ΔW is not a "
+            "free product of two factors. Use peft LoRA, ALLoRA, DyLoRA, LoRA-XS or LoRA-SB.")
+
     def factor_pairs(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         """``(adapter, B, A)`` of trainable factors with ΔW ∝ B A that may be refactorized (restarts); most methods
         have fixed or structured factors and return none."""

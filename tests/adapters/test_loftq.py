@@ -1,0 +1,128 @@
+"""LoftQ-style initialisation (``leantune.adapters.loftq``): the alternation against hand-written quantizers, the
+error it leaves, and every adapter's forward after it equal to ``Q_T + L R`` (α/r honoured), also on a real
+bitsandbytes NF4 base."""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import leantune
+from leantune._utils import LeanTuneError
+from leantune.adapters.loftq import int4_roundtrip, loftq, loftq_init, nf4_roundtrip, quantize_base_4bit, quantizer
+
+NF4_CODES = bnbf.get_4bit_type("nf4", device="cpu").tolist()  # bitsandbytes' 16 NF4 values
+
+
+def _nf4_by_hand(w: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """NF4 absmax quantization written out: each number → the nearest NF4 code of w / absmax(block), × absmax."""
+    flat = w.double().reshape(-1, block)
+    absmax = flat.abs().amax(-1, keepdim=True)
+    codes = torch.tensor(NF4_CODES, dtype=torch.float64)
+    nearest = codes[(flat / absmax)[..., None].sub(codes).abs().argmin(-1)]
+    return (nearest * absmax).reshape(w.shape)
+
+
+def test_nf4_roundtrip_is_bitsandbytes_nf4():
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(0))
+    ours = nf4_roundtrip(w).double()
+    by_hand = _nf4_by_hand(w)
+    # ties between two codes may go either way; everything else is the nearest code
+    assert (ours - by_hand).abs().max() < 1e-6 or ((ours - by_hand).abs() > 1e-6).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("weights", ["gaussian", "student-t3"])
+@pytest.mark.parametrize("quant", ["nf4", "int4"])
+def test_error_never_grows_and_beats_plain_quantization(weights, quant):
+    """Spec §3 / §7.8: ‖W − Q_t − L_t R_t‖ is non-increasing over t on these fixtures and T = 1 already beats
+    ‖W − Q(W)‖ (the residual's top-r part is removed)."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(256, 256, generator=gen)
+    if weights == "student-t3":
+        w = torch.distributions.StudentT(3.0).sample((256, 256))
+    result = loftq(w, rank=16, quantize=quantizer(quant), iters=5)
+    errors = result.errors
+    assert errors[1] < errors[0]
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(errors[1:], errors[2:])), errors
+    reconstruction = result.base + result.left @ result.right
+    assert float(torch.linalg.matrix_norm(w - reconstruction) / torch.linalg.matrix_norm(w)) == pytest.approx(
+        errors[-1], rel=1e-5)
+    # the base is on the quantizer's grid: quantizing it again changes nothing
+    torch.testing.assert_close(quantizer(quant)(result.base), result.base, rtol=0, atol=1e-6)
+
+
+def test_int4_roundtrip_is_the_min_max_grid():
+    w = torch.tensor([[-1.0, -0.2, 0.1, 0.5]])
+    s = 1.5 / 15
+    z = -8 + 1.0 / s
+    want = (torch.clamp(torch.round(w / s + z), -8, 7) - z) * s
+    torch.testing.assert_close(int4_roundtrip(w, group=4), want)
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2)
+    return LlamaForCausalLM(cfg)
+
+
+CONFIGS = {
+    "peft LoRA": lambda: LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "down_proj"], lora_dropout=0.0),
+    "ALLoRA": lambda: leantune.ALLoRAConfig(r=4, target_modules=["q_proj", "down_proj"]),
+    "DyLoRA": lambda: leantune.DyLoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
+    "LoRA-XS": lambda: leantune.LoraXSConfig(r=4, lora_alpha=2, target_modules=["q_proj", "down_proj"]),
+}
+
+
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_every_adapter_starts_at_q_plus_lr(method):
+    """After loftq_init each adapted linear computes x (Q_T + L R)ᵀ with L R from the alternation run on the
+    original weight (the scale α/r of each method divided out), and the model is closer to the original than the
+    plain quantized model is."""
+    original = _tiny()
+    model = get_peft_model(_tiny(), CONFIGS[method]())
+    report = loftq_init(model, quant_type="nf4", iters=3, progress=False)
+    assert len(report) == 4
+    x = torch.randn(3, 128)
+    for name, errors in report.items():
+        layer = model.get_submodule(name)
+        w = original.get_submodule(name.removeprefix("base_model.model.")).weight.detach()
+        ref = loftq(w, 4, quantizer("nf4"), iters=3)
+        xi = x[:, : w.shape[1]]
+        with torch.no_grad():
+            torch.testing.assert_close(layer(xi), xi @ (ref.base + ref.left @ ref.right).T, rtol=1e-4, atol=1e-5)
+        assert errors[-1] < errors[0]
+
+
+def test_loftq_then_a_real_4bit_base():
+    """quantize_base_4bit puts the LoftQ base into bitsandbytes NF4 layers without changing it (re-quantizing an
+    NF4 grid is exact), so the 4-bit model computes Q_T + L R and trains."""
+    model = get_peft_model(_tiny(), CONFIGS["ALLoRA"]())
+    loftq_init(model, iters=2, progress=False)
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert quantize_base_4bit(model) == 4
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer.get_base_layer()).__name__ == "Linear4bit"
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert layer.allora_A["default"].grad is not None
+
+
+def test_refusals():
+    nola = get_peft_model(_tiny(), leantune.NolaConfig(r=4, num_basis_A=8, num_basis_B=8, target_modules=["q_proj"]))
+    with pytest.raises(NotImplementedError, match="not a free product"):
+        loftq_init(nola, progress=False)
+    with pytest.raises(LeanTuneError, match="no peft LoRA"):
+        loftq_init(_tiny(), progress=False)
+    allora = get_peft_model(_tiny(), CONFIGS["ALLoRA"]())
+    quantize_base_4bit(allora)
+    with pytest.raises(LeanTuneError, match="full-precision nn.Linear"):
+        loftq_init(allora, progress=False)
+    with pytest.raises(ValueError, match="quant_type"):
+        quantizer("fp8")
