@@ -30,7 +30,8 @@ from transformers import Trainer, TrainerCallback
 
 from leantune._utils import NonFiniteGradientWarning
 from leantune.integrations.fsdp import check_fsdp2_units
-from leantune.optim import LISACallback, OptimizerConfig, install_in_trainer
+from leantune.optim import LISACallback, OptimizerConfig, QuZOConfig, install_in_trainer
+from leantune.optim.quzo import install_in_trainer as install_zeroth_order
 from leantune.patching.kernels_view import apply as apply_kernels
 from leantune.patching.memory_view import apply as apply_memory
 from leantune.patching.options import ALL_KERNELS, MemoryConfig
@@ -54,7 +55,8 @@ class LeanTuneCallback(TrainerCallback):
         adapter: a peft config (``LoraConfig`` …) or a leantune one (``LoraXSConfig``, ``LoraSBConfig`` …).
             ``None`` leaves the model as it is (e.g. full fine-tuning with a GaLore optimizer).
         optimizer: a ``leantune.optim.OptimizerConfig``, a dict of its fields, or an optimizer name such as
-            ``"galore_adamw"``.
+            ``"galore_adamw"``; or ``leantune.optim.QuZOConfig(...)`` / ``"quzo"`` for zeroth-order training (two
+            forward passes per step, no backward: ``leantune.optim.quzo``).
         memory: a ``leantune.memory.MemoryConfig`` (or ``True`` for its defaults).
         kernels: ``True``/``False`` to force fused kernels on/off, a list of kernel names; ``None`` = on for CUDA
             models only.
@@ -91,7 +93,9 @@ class LeanTuneCallback(TrainerCallback):
                 raise ValueError(f"kernels must be True/False/None or a list of kernel names from {list(ALL_KERNELS)}, "
                                  f"got {kernels!r}.")
             kernels = list(kernels)
-        if optimizer is not None:
+        if optimizer == "quzo":
+            optimizer = QuZOConfig()
+        if optimizer is not None and not isinstance(optimizer, QuZOConfig):
             optimizer = OptimizerConfig.from_any(optimizer)  # raises on unknown names and fields
         if isinstance(lisa, dict):
             lisa = LISACallback(**lisa)
@@ -152,9 +156,12 @@ class LeanTuneCallback(TrainerCallback):
         if self.kernels or (self.kernels is None and _on_cuda(trainer)):
             enable = True if self.kernels in (None, True) else self.kernels
             self._say(f"fused kernels on: {apply_kernels(trainer.model, enable=enable)}")
-        if getattr(trainer, "is_fsdp_enabled", False):  # before the optimizer: nothing half set up on refusal
+        if isinstance(self.optimizer, QuZOConfig):  # zeroth order: refuses sharded setups itself
+            install_zeroth_order(trainer, self.optimizer)
+            self._say(f"optimizer: QuZO (zeroth order, {self.optimizer.bits}-bit perturbations)")
+        elif getattr(trainer, "is_fsdp_enabled", False):  # before the optimizer: nothing half set up on refusal
             self._check_fsdp(trainer)
-        if self.optimizer is not None:
+        if self.optimizer is not None and not isinstance(self.optimizer, QuZOConfig):
             install_in_trainer(trainer, self.optimizer)
             self._say(f"optimizer: {self.optimizer.name}")
         if self.lisa is not None:

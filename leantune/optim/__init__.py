@@ -36,11 +36,14 @@ from leantune.optim.projectors import (
     subspace_distance,
 )
 from leantune.optim.qgalore import QGaLoreAdamW, QGaLoreAdamW8bit, dequantize_weights, quantize_weights
+from leantune.optim.quzo import QuZO, QuZOConfig
 from leantune.optim.spec import OPTIMIZERS, OptimizerSpec
 from leantune.optim.state_bytes import optimizer_state_bytes, storage_bytes
 from leantune.optim.trainer import LowRankOptimizerFactory, install_in_trainer, optimizer_cls_and_kwargs
 
 __all__ = [
+    "QuZO",
+    "QuZOConfig",
     "APOLLOAdamW",
     "APOLLOMini",
     "OPTIMIZERS",
