@@ -74,9 +74,12 @@ class StateOffload:
         return self._stream
 
     def _to_host(self, t: torch.Tensor, into: torch.Tensor | None) -> torch.Tensor:
-        """``t`` copied into the host buffer ``into`` when it fits, else into a new (pinned on CUDA) one."""
-        if into is None or into.shape != t.shape or into.dtype != t.dtype or into.device != self.host:
-            into = torch.empty(t.shape, dtype=t.dtype, device=self.host, pin_memory=t.is_cuda)
+        """``t`` copied into the host buffer ``into`` when it fits, else into a new (pinned on CUDA) one — with
+        ``t``'s strides: a moment stored transposed must come back transposed, or the next step's GEMM reads it in
+        the other layout, which on some CPUs (AMD EPYC with MKL) rounds differently from the run without offload."""
+        if into is None or into.shape != t.shape or into.stride() != t.stride() or into.dtype != t.dtype or \
+                into.device != self.host:
+            into = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=self.host, pin_memory=t.is_cuda)
         into.copy_(t, non_blocking=t.is_cuda)
         return into
 

@@ -117,7 +117,9 @@ def _assert_same(single: dict, ranks: list[dict], atol: float | None = None, rto
         torch.testing.assert_close(ranks[0][key], ref, rtol=0, atol=bound, msg=lambda m, key=key: f"{label} {key}: {m}")
 
 
-@pytest.mark.parametrize("policy", ["keep", "reset", "rotate"])
+# make test time: "keep" in make test, the two restart policies (same machinery, ~27 s each) in make test-slow
+@pytest.mark.parametrize("policy", ["keep", pytest.param("reset", marks=pytest.mark.slow),
+                                    pytest.param("rotate", marks=pytest.mark.slow)])
 def test_low_rank_optimizers_under_ddp_equal_one_process(tmp_path, policy):
     """2 processes = 1 process to 1e-9 (relative, float64) after 8 steps and two refreshes, for every low-rank
     optimizer and moment policy. The two sum the gradient in other orders (last-bit differences), and LAPACK may
@@ -132,6 +134,7 @@ def test_low_rank_optimizers_under_ddp_equal_one_process(tmp_path, policy):
                      label=name)
 
 
+@pytest.mark.slow  # make test time (~22 s); Conda's DDP path is its full-basis variant of the row-local step
 def test_conda_under_ddp_keeps_ranks_identical_and_follows_one_process(tmp_path):
     ranks = spawn(_train_optimizers, tmp_path, ["conda_adamw"], torch.float64, "keep", OPT_STEPS, OPT_GAP)
     single = _train_optimizers(None, ["conda_adamw"], torch.float64, "keep", OPT_STEPS, OPT_GAP)

@@ -203,6 +203,7 @@ def _run_fsdp2_trainer(rank: int, port: int, out: str, mode: str) -> None:
                Path(out) / f"{mode}{rank}.pt")
 
 
+@pytest.mark.slow  # make test time (~39 s); Trainer under FSDP2 stays in make test through the resume tests
 def test_trainer_fsdp2_equals_ddp(tmp_path):
     """The same Trainer job under FSDP2 and under DDP (float64): the same adapter on every rank, to rounding, and
     the folder Trainer saves under FSDP2 holds the whole adapter."""

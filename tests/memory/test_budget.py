@@ -65,7 +65,10 @@ def test_every_mode_gives_the_gradients_of_keep_bitwise(family, dtype, technique
 
 
 def test_dropout_is_replayed_exactly():
-    """Recomputation restores the RNG state: GPT-2 with dropout 0.1 everywhere gives the same gradients."""
+    """Recomputation restores the RNG state: GPT-2 with dropout 0.1 everywhere gives the same loss bit for bit and the
+    same gradients to fp32 rounding. (Not bitwise: on an AMD EPYC CPU the LoRA-B weight gradients of the recomputed
+    layers came out 1 ulp apart — the backward's GEMMs read the recomputed activations in another layout there, and
+    GEMM rounding depends on the layout. A dropout mask that was not replayed changes gradients by O(1).)"""
     torch.manual_seed(0)
     cfg = T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, bos_token_id=0, eos_token_id=0,
                        attn_pdrop=0.1, resid_pdrop=0.1, embd_pdrop=0.1)
@@ -79,7 +82,8 @@ def test_dropout_is_replayed_exactly():
         torch.manual_seed(5)
         loss, grads = _grads(patched, batch)
         assert torch.equal(loss, loss0)
-        assert all(torch.equal(grads[n], grads0[n]) for n in grads0), mode
+        for name in grads0:
+            torch.testing.assert_close(grads[name], grads0[name], rtol=1e-5, atol=1e-7, msg=f"{mode}: {name}")
 
 
 def test_the_kv_cache_is_dropped_in_recomputed_layers():
