@@ -36,7 +36,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from leantune._validation import check_choice, check_int, check_number
-from leantune.kernels.l4q import fake_quantized_weight, l4q_linear, lsq_gradient_scale, qrange
+from leantune.kernels.l4q import l4q_linear, lsq_gradient_scale, qrange, served_weight
 
 from .low_rank import LowRankConfig
 from .registration import LeanTuneType, register_tuner
@@ -166,8 +166,8 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         w0 = self.base_weight() if self._unmerged_weight is None else self._unmerged_weight
         scale, zero = self.l4q_scale[adapter].detach(), self.l4q_zero[adapter].detach()
         # q from the parameters as they are (as the forward rounds), the dequantization in W0's dtype
-        w_hat, q = fake_quantized_weight(w0, self.l4q_A[adapter].detach(), self.l4q_B[adapter].detach(), scale,
-                                         zero, self.scaling[adapter], self.bits[adapter])
+        w_hat, q = served_weight(w0, self.l4q_A[adapter].detach(), self.l4q_B[adapter].detach(), scale, zero,
+                                 self.scaling[adapter], self.bits[adapter], codes=True)
         return w_hat, q, scale.to(w0.dtype), zero.to(w0.dtype)
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:

@@ -35,7 +35,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leantune._utils import LeanTuneError
+from leantune.kernels.l4q import dequantize_groups, quantize_groups
 
+from .l4q import initial_step
 from .lora_xs import truncated_svd
 from .low_rank import LowRankLayer
 
@@ -49,12 +51,12 @@ def nf4_roundtrip(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
 
 
 def int4_roundtrip(weight: torch.Tensor, group: int = 64) -> torch.Tensor:
-    """``deq(q(W))`` with round-to-nearest int4 on a min/max grid per group of ``group`` inputs of a row."""
-    w = weight.double().reshape(weight.shape[0], -1, group)
-    low, high = w.amin(-1, keepdim=True).clamp(max=0), w.amax(-1, keepdim=True).clamp(min=0)
-    scale = ((high - low) / 15).clamp(min=torch.finfo(torch.float32).tiny)
-    zero = -8 - low / scale
-    return ((torch.clamp(torch.round(w / scale + zero), -8, 7) - zero) * scale).reshape(weight.shape).to(weight.dtype)
+    """``deq(q(W))`` with round-to-nearest int4 on a min/max grid per group of ``group`` inputs of a row (L4Q's
+    ``"minmax"`` grid and quantizer, in float64)."""
+    w = weight.double()
+    scale, zero = initial_step(w, w.shape[1] // group, 4, "minmax")
+    _, q = quantize_groups(w, scale, zero, 4)
+    return dequantize_groups(q, scale, zero, torch.float64).to(weight.dtype)
 
 
 def quantizer(name: str, block: int = 64) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -70,14 +70,6 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     return w_hat.reshape(q.shape[0], -1)
 
 
-def fake_quantized_weight(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
-                          zero: torch.Tensor, alpha: float, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Ŵ, q)``: the served weight in W0's dtype and its integer codes ``(o, i)`` (int8), without autograd."""
-    with torch.no_grad():
-        _, q = quantize_groups(merged_weight(w0, a, b, alpha), scale, zero, bits)
-        return dequantize_groups(q, scale, zero, w0.dtype), q.reshape(w0.shape).to(torch.int8)
-
-
 #: the quantizer runs this many weight entries at a time (whole output rows: a group never spans two rows, so chunks
 #: of rows are exact), so its float32 temporaries stay ~1 MB each instead of several weight-sized tensors per layer
 CHUNK_NUMEL = 1 << 18
@@ -89,14 +81,18 @@ def _row_chunks(rows: int, cols: int):
 
 
 def served_weight(w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                  alpha: float, bits: int) -> torch.Tensor:
-    """``Ŵ`` (o, i) in W0's dtype, quantized a chunk of rows at a time (no autograd)."""
+                  alpha: float, bits: int, codes: bool = False):
+    """``Ŵ`` (o, i) in W0's dtype, quantized a chunk of rows at a time (no autograd); ``codes=True``: ``(Ŵ, q)`` with
+    the integer codes ``q`` (o, i) as int8 as well (what an export stores)."""
     w_hat = torch.empty_like(w0, memory_format=torch.contiguous_format)
+    q_all = torch.empty(w0.shape, dtype=torch.int8, device=w0.device) if codes else None
     with torch.no_grad():
         for rows in _row_chunks(*w0.shape):
             _, q = quantize_groups(merged_weight(w0[rows], a, b[rows], alpha), scale[rows], zero[rows], bits)
             w_hat[rows] = dequantize_groups(q, scale[rows], zero[rows], w0.dtype)
-    return w_hat
+            if codes:
+                q_all[rows] = q.reshape(q.shape[0], -1).to(torch.int8)
+    return (w_hat, q_all) if codes else w_hat
 
 
 class L4QLinearFunction(torch.autograd.Function):
