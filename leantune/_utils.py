@@ -116,3 +116,20 @@ def parse_bytes(text: str) -> float | None:
             return value * _UNITS[unit] if value > 0 else None
     return None
 
+
+
+def one_bnb_cpu_path(model: torch.nn.Module) -> int:
+    """Keep bitsandbytes 4-bit layers on their one CPU numeric path, in training and in evaluation; return how many.
+
+    bitsandbytes (0.50) ``Linear4bit.forward`` repacks the weight at the first CPU forward in eval mode without
+    grad, *only on CPUs with AVX512-BF16*, and rounds each block's absmax to bf16 on the way (saving a checkpoint
+    unpacks it again). So the same model computed another function in evaluation than in training, another on an
+    AVX512-BF16 CPU than elsewhere, and a resumed run another than the uninterrupted one (it depends on when the
+    first eval forward and the checkpoints fall). Switching the repack off costs CPU inference speed only.
+    """
+    count = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            count += 1
+    return count

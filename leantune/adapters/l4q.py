@@ -159,6 +159,18 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
+    @torch.no_grad()
+    def absorb_lowrank(self, adapter: str, left: torch.Tensor, right: torch.Tensor,
+                       grid: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
+        """Set ``α B A = left @ right`` (B = left/α, A = right) and, if given, the grid ``(s, z)`` (LoftQ's hand-off,
+        :mod:`leantune.adapters.loftq`)."""
+        alpha = self.scaling[adapter]
+        self.l4q_B[adapter].copy_(left / alpha)
+        self.l4q_A[adapter].copy_(right)
+        if grid is not None:
+            self.l4q_scale[adapter].copy_(grid[0])
+            self.l4q_zero[adapter].copy_(grid[1])
+
     # --- the served weight ------------------------------------------------------------------------------
     def quantized(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(Ŵ, q, s, z)`` of ``adapter``: the served weight (o, in) in the base dtype, its int8 codes, and the step

@@ -19,6 +19,12 @@ combination of fixed random bases and cannot hold a given rank-r matrix, so it i
 The base weight becomes ``Q_T`` (dequantized, in the base dtype), which
 :func:`quantize_base_4bit` then turns into bitsandbytes ``Linear4bit`` layers: NF4 re-quantization of an NF4 grid is
 exact (every block's absmax is one of its own values), so the 4-bit model computes exactly ``Q_T + L R``.
+
+L4Q (:mod:`leantune.adapters.l4q`) quantizes ``W0 + α B A`` itself, so its LoftQ start is a hand-off: the
+alternation runs with L4Q's own quantizer (its bits and groups, the min/max grid), the base becomes ``Q_T``, the
+adapter ``α B A = L_T R_T`` and the step and zero point the grid of the last quantization. The first L4Q forward
+then quantizes LoftQ's reconstruction ``Q_T + L_T R_T`` (≈ W) on the grid ``Q_T`` lies on (with the adapter off
+it computes ``Q_T`` exactly); the base is still held in full precision (L4Q refuses a 4-bit base).
 """
 
 from __future__ import annotations
@@ -34,10 +40,10 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from tqdm.auto import tqdm
 
-from leantune._utils import LeanTuneError
+from leantune._utils import LeanTuneError, one_bnb_cpu_path
 from leantune.kernels.l4q import dequantize_groups, quantize_groups
 
-from .l4q import initial_step
+from .l4q import L4QLayer, initial_step
 from .lora_xs import truncated_svd
 from .low_rank import LowRankLayer
 
@@ -50,12 +56,12 @@ def nf4_roundtrip(weight: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     return bnbf.dequantize_4bit(packed, state).to(weight.dtype)
 
 
-def int4_roundtrip(weight: torch.Tensor, group: int = 64) -> torch.Tensor:
-    """``deq(q(W))`` with round-to-nearest int4 on a min/max grid per group of ``group`` inputs of a row (L4Q's
-    ``"minmax"`` grid and quantizer, in float64)."""
+def int4_roundtrip(weight: torch.Tensor, group: int = 64, bits: int = 4) -> torch.Tensor:
+    """``deq(q(W))`` with round-to-nearest int4 (``bits``) on a min/max grid per group of ``group`` inputs of a row
+    (L4Q's ``"minmax"`` grid and quantizer, in float64)."""
     w = weight.double()
-    scale, zero = initial_step(w, w.shape[1] // group, 4, "minmax")
-    _, q = quantize_groups(w, scale, zero, 4)
+    scale, zero = initial_step(w, w.shape[1] // group, bits, "minmax")
+    _, q = quantize_groups(w, scale, zero, bits)
     return dequantize_groups(q, scale, zero, torch.float64).to(weight.dtype)
 
 
@@ -75,6 +81,8 @@ class LoftQResult:
     left: torch.Tensor
     right: torch.Tensor
     errors: list[float] = field(default_factory=list)
+    #: what the last quantization rounded, ``W − L_{T−1} R_{T−1}`` (``base = q(quantized_from)``)
+    quantized_from: torch.Tensor | None = None
 
 
 def loftq(weight: torch.Tensor, rank: int, quantize: Callable[[torch.Tensor], torch.Tensor],
@@ -84,18 +92,19 @@ def loftq(weight: torch.Tensor, rank: int, quantize: Callable[[torch.Tensor], to
         raise ValueError(f"iters must be ≥ 1, got {iters}")
     w = weight.to(torch.promote_types(weight.dtype, torch.float32))
     norm = float(torch.linalg.matrix_norm(w)) or 1.0
-    q = quantize(w)
+    q, rounded = quantize(w), w
     errors = [float(torch.linalg.matrix_norm(w - q)) / norm]
     left = torch.zeros(w.shape[0], rank, dtype=w.dtype)
     right = torch.zeros(rank, w.shape[1], dtype=w.dtype)
     for step in range(iters):
         if step:
-            q = quantize(w - left @ right)
+            rounded = w - left @ right
+            q = quantize(rounded)
         u, s, vh = truncated_svd(w - q, rank)
         root = s.to(w.dtype).sqrt()
         left, right = u.to(w.dtype) * root, root[:, None] * vh.to(w.dtype)
         errors.append(float(torch.linalg.matrix_norm(w - q - left @ right)) / norm)
-    return LoftQResult(q, left, right, errors)
+    return LoftQResult(q, left, right, errors, rounded)
 
 
 def _absorb_peft_lora(layer: LoraLinear, adapter: str, left: torch.Tensor, right: torch.Tensor) -> None:
@@ -109,9 +118,10 @@ def loftq_init(model: nn.Module, adapter: str = "default", quant_type: str = "nf
                iters: int = 5, progress: bool = True) -> dict[str, list[float]]:
     """Initialise every adapted linear of ``model`` (a PeftModel on a full-precision base) by LoftQ: its base weight
     becomes ``Q_T`` and its adapter holds ``L_T R_T`` (module docstring). Returns ``{module: errors}`` (relative
-    Frobenius errors, ``[0]`` is plain quantization's). Follow with :func:`quantize_base_4bit` for a 4-bit base."""
+    Frobenius errors, ``[0]`` is plain quantization's). Follow with :func:`quantize_base_4bit` for a 4-bit base.
+    L4Q layers always alternate with their own quantizer (``quant_type`` and ``block`` do not apply to them)."""
     quantize = quantizer(quant_type, block)
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLinear, LowRankLayer))]
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, (LoraLinear, LowRankLayer, L4QLayer))]
     if not targets:
         raise LeanTuneError("loftq_init found no peft LoRA or leantune low-rank layer in the model")
     report = {}
@@ -123,10 +133,17 @@ def loftq_init(model: nn.Module, adapter: str = "default", quant_type: str = "nf
                                 "quantize_base_4bit")
         if adapter not in layer.r:
             continue
-        result = loftq(base.weight, layer.r[adapter], quantize, iters)
-        if isinstance(layer, LoraLinear):
+        if isinstance(layer, L4QLayer):  # its own quantizer (bits, groups) and its grid: module docstring
+            groups, bits = layer.l4q_scale[adapter].shape[1], layer.bits[adapter]
+            quantize_l4q = lambda w: int4_roundtrip(w, w.shape[1] // groups, bits)  # noqa: E731
+            result = loftq(base.weight, layer.r[adapter], quantize_l4q, iters)
+            layer.absorb_lowrank(adapter, result.left, result.right,
+                                 grid=initial_step(result.quantized_from.double(), groups, bits, "minmax"))
+        elif isinstance(layer, LoraLinear):
+            result = loftq(base.weight, layer.r[adapter], quantize, iters)
             _absorb_peft_lora(layer, adapter, result.left, result.right)
         else:
+            result = loftq(base.weight, layer.r[adapter], quantize, iters)
             layer.absorb_lowrank(adapter, result.left, result.right)
         base.weight.copy_(result.base.to(base.weight.dtype))
         report[name] = result.errors
@@ -146,6 +163,7 @@ def quantize_base_4bit(model: nn.Module, compute_dtype: torch.dtype = torch.floa
         four.weight = bnb.nn.Params4bit(base.weight.data.float().contiguous(), requires_grad=False,
                                         quant_type="nf4", blocksize=block,
                                         compress_statistics=False)._quantize("cpu")  # fp32 absmax: exact
+        one_bnb_cpu_path(four)  # else an eval forward on an AVX512-BF16 CPU rounds that absmax to bf16
         if base.bias is not None:
             four.bias = nn.Parameter(base.bias.data.clone(), requires_grad=False)
         layer.base_layer = four

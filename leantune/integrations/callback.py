@@ -28,7 +28,7 @@ import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainerCallback
 
-from leantune._utils import NonFiniteGradientWarning
+from leantune._utils import NonFiniteGradientWarning, one_bnb_cpu_path
 from leantune.integrations.fsdp import check_fsdp2_units
 from leantune.optim import LISACallback, OptimizerConfig, QuZOConfig, install_in_trainer
 from leantune.optim.quzo import install_in_trainer as install_zeroth_order
@@ -149,6 +149,8 @@ class LeanTuneCallback(TrainerCallback):
                              "matrix to project and silently train as full-rank AdamW. Use leantune's optimizers "
                              "under FSDP2 (accelerate's FSDP2 plugin, or leantune.shard_model) or DDP; under DeepSpeed "
                              "leave optimizer= out and let DeepSpeed build its own.")
+        if one_bnb_cpu_path(trainer.model):
+            self._say("bitsandbytes 4-bit layers: one CPU numeric path for training and evaluation")
         if self.adapter is not None:
             self._inject_adapter(trainer)
         if self.memory is not None:

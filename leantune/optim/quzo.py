@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from leantune._utils import one_bnb_cpu_path
 from leantune._validation import check_int, check_number
 
 
@@ -193,6 +194,7 @@ def install_in_trainer(trainer: Any, config: QuZOConfig) -> QuZOConfig:
     kwargs = dict(lr=trainer.args.learning_rate, eps=config.eps, bits=config.bits, queries=config.queries,
                   seed=config.seed)  # weight decay: Trainer's param groups carry args.weight_decay
     trainer.optimizer_cls_and_kwargs = (QuZO, kwargs)
+    one_bnb_cpu_path(trainer.model)  # the eval-mode forwards must compute what training computes, on every CPU
     trainer.args.max_grad_norm = 0.0  # there are no gradients to clip
     trainer.training_step = types.MethodType(_zeroth_order_training_step, trainer)
     return config

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import leantune
 from leantune._utils import LeanTuneError
 from leantune.adapters.loftq import int4_roundtrip, loftq, loftq_init, nf4_roundtrip, quantize_base_4bit, quantizer
+from leantune.kernels.l4q import served_weight
 
 NF4_CODES = bnbf.get_4bit_type("nf4", device="cpu").tolist()  # bitsandbytes' 16 NF4 values
 
@@ -97,20 +98,31 @@ def test_every_adapter_starts_at_q_plus_lr(method):
         assert errors[-1] < errors[0]
 
 
-def test_loftq_then_a_real_4bit_base():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loftq_then_a_real_4bit_base(dtype):
     """quantize_base_4bit puts the LoftQ base into bitsandbytes NF4 layers without changing it (re-quantizing an
-    NF4 grid is exact), so the 4-bit model computes Q_T + L R and trains."""
-    model = get_peft_model(_tiny(), CONFIGS["ALLoRA"]())
+    NF4 grid is exact in fp32; in bf16 the grid values were rounded to bf16 first, so to bf16 rounding), so the
+    4-bit model computes Q_T + L R and trains; evaluation computes what training computes, on every CPU
+    (bitsandbytes' AVX512-BF16-only eval repack is off: ``one_bnb_cpu_path``)."""
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM._from_config(_tiny().config, dtype=dtype), CONFIGS["ALLoRA"]())
     loftq_init(model, iters=2, progress=False)
     ids = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    assert quantize_base_4bit(model) == 4
+    assert quantize_base_4bit(model, compute_dtype=dtype) == 4
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer.get_base_layer()).__name__ == "Linear4bit"
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+    model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
-    model(input_ids=ids, labels=ids).loss.backward()
+        served = model(input_ids=ids).logits
+    torch.testing.assert_close(served, before, **tolerance)
+    assert layer.get_base_layer().weight.quant_state.absmax.dtype == torch.float32  # never rounded to bf16
+    model.train()
+    loss = model(input_ids=ids, labels=ids)
+    assert torch.equal(loss.logits.detach(), served)
+    loss.loss.backward()
     assert layer.allora_A["default"].grad is not None
 
 
@@ -126,3 +138,38 @@ def test_refusals():
         loftq_init(allora, progress=False)
     with pytest.raises(ValueError, match="quant_type"):
         quantizer("fp8")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loftq_hands_off_to_l4q(dtype):
+    """Spec §7.9: after loftq_init an L4Q layer's base is Q_T, α·B·A is L_T R_T (so the weight its quantizer sees is
+    LoftQ's reconstruction Q_T + L_T R_T), its grid is the one Q_T was rounded on (with the adapter off the forward
+    is Q_T exactly), and the first forward is the L4Q op on those values. The alternation is run here again, by
+    hand, with L4Q's own 3-bit per-group quantizer."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, dtype=dtype)
+    torch.manual_seed(0)
+    original = LlamaForCausalLM._from_config(cfg, dtype=dtype)
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM._from_config(cfg, dtype=dtype), leantune.L4QConfig(
+        r=4, lora_alpha=8, bits=3, group_size=32, target_modules=["q_proj", "down_proj"]))
+    report = loftq_init(model, iters=3, progress=False)
+    assert len(report) == 2 and all(errors[-1] < errors[0] for errors in report.values())
+    for name in report:
+        layer = model.get_submodule(name)
+        w = original.get_submodule(name.removeprefix("base_model.model.")).weight.detach().float()
+        ref = loftq(w, 4, lambda m: int4_roundtrip(m, 32, bits=3), iters=3)
+        w0 = layer.base_weight().detach().float()
+        torch.testing.assert_close(w0, ref.base.to(dtype).float(), rtol=0, atol=0)
+        b, a = layer.l4q_B["default"].detach(), layer.l4q_A["default"].detach()
+        reconstruction = (ref.base + ref.left @ ref.right).to(dtype).float()
+        torch.testing.assert_close(w0 + layer.scaling["default"] * b.float() @ a.float(), reconstruction,
+                                   rtol=0, atol=2e-2 if dtype == torch.bfloat16 else 1e-6)
+        scale, zero = layer.l4q_scale["default"].detach(), layer.l4q_zero["default"].detach()
+        base_alone = served_weight(w0.double(), a.double(), torch.zeros_like(b).double(), scale.double(),
+                                   zero.double(), 1.0, 3)
+        torch.testing.assert_close(base_alone, ref.base.double(), rtol=0, atol=1e-6)  # Q_T is on the grid
+        x = torch.randn(5, layer.in_features, dtype=dtype)
+        with torch.no_grad():  # the L4Q op on the handed-off values: x Ŵᵀ with Ŵ = FQ(Q_T + L_T R_T) in W0's dtype
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.quantized("default")[0]),
+                                       rtol=0, atol=0)

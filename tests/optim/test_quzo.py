@@ -121,9 +121,8 @@ CASES = {"4bit-base+ALLoRA": (True, True), "fp32-base+ALLoRA": (False, True), "f
 @pytest.mark.parametrize("case", list(CASES))
 def test_trainer_without_backward_resumes(case, tmp_path):
     """Forward passes only (no saved activation, no gradient), the weights move, and resume_from_checkpoint continues
-    bit for bit. On a bitsandbytes 4-bit base the resumed run's forward differs slightly (bitsandbytes 0.50 on the
-    CPU rewrites each 4-bit weight's absmax, to bf16, during training, and the resumed process ends with other values
-    than the uninterrupted one; the adapter weights load exactly), so there the resumed weights agree to 1e-4."""
+    bit for bit, on a bitsandbytes 4-bit base too (its AVX512-BF16-only eval repack, which rounded absmax to bf16 at
+    a time that differed between the two runs, is switched off: ``leantune._utils.one_bnb_cpu_path``)."""
     quantized, adapter = CASES[case]
     saved = []
     trainer = _trainer(tmp_path / "run", quantized, adapter=adapter)
@@ -138,8 +137,5 @@ def test_trainer_without_backward_resumes(case, tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     for name, p in resumed.model.named_parameters():
         if p.requires_grad:
-            if quantized:
-                torch.testing.assert_close(p.detach(), final[name], rtol=0, atol=1e-4)
-            else:
-                assert torch.equal(p.detach(), final[name]), name
+            assert torch.equal(p.detach(), final[name]), name
     assert resumed.optimizer.optimizer.step_count == 6
