@@ -13,6 +13,12 @@ fraction (so the perturbations are b-bit numbers). Independence of the two round
 unbiased: E[(u₁ᵀ∇L) u₂] = E[u uᵀ]∇L = ∇L, whereas reusing one rounding (the authors' code re-seeds it) gives
 (I + E[diag Var(Q(u)|u)])∇L, ~1.4× too large at 2 bits (``independent=False`` reproduces it, for the tests).
 
+With ``weight_bits`` the weights themselves live on a b-bit grid, as QuZO's low-precision model (arXiv 2502.12346,
+the update θ̄ ← θ̄ − Σ_i Q(η μ_i u_{i,2} / n)): each tensor gets a symmetric per-tensor step δ = max|θ|/(2^(b−1) − 1)
+at the first step (θ is rounded to nearest onto it, the RTN-quantized model), and every update is stochastically
+rounded onto multiples of δ (unbiased: E[θ_{t+1}] = θ_t − η(…), the exact update, unless clipped at ±(2^(b−1)−1)δ).
+The values are held in the parameter's dtype (the grid, not the storage: memory is that of the dtype).
+
 Nothing of size θ is stored: u and both roundings are regenerated from ``(seed, step, query, parameter index)`` in
 each phase (+ε, −2ε, +ε restores θ to float rounding, then the update), one parameter at a time. Every rank derives
 the same seeds, so under DDP only the scalars μ_i are averaged (one all-reduce of n numbers per step).
@@ -35,7 +41,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from leantune._utils import one_bnb_cpu_path
+from leantune._utils import one_bnb_cpu_path, upcast
 from leantune._validation import check_int, check_number
 
 
@@ -63,13 +69,16 @@ class QuZO(torch.optim.Optimizer):
     full-precision Gaussian), ``queries`` n, ``weight_decay`` λ (decoupled, as MeZO), ``seed``."""
 
     def __init__(self, params: Iterable, lr: float = 1e-5, eps: float = 1e-3, bits: Optional[int] = 4,
-                 queries: int = 1, weight_decay: float = 0.0, seed: int = 0, independent: bool = True) -> None:
-        config = QuZOConfig(eps=eps, bits=bits, queries=queries, seed=seed)  # checks each value, naming it
+                 queries: int = 1, weight_decay: float = 0.0, seed: int = 0, independent: bool = True,
+                 weight_bits: Optional[int] = None) -> None:
+        config = QuZOConfig(eps=eps, bits=bits, queries=queries, seed=seed,
+                            weight_bits=weight_bits)  # checks each value, naming it
         if not (lr >= 0 and weight_decay >= 0):
             raise ValueError(f"QuZO: lr and weight_decay must be ≥ 0, got {lr} and {weight_decay}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.bits, self.queries, self.seed = config.eps, config.bits, config.queries, config.seed
-        self.independent = independent
+        self.independent, self.weight_bits = independent, config.weight_bits
+        self.last_mu: Optional[torch.Tensor] = None  # the μ_i of the last update, after the mean over ranks
         for group in self.param_groups:
             group.setdefault("step", 0)
         self._pending: Optional[torch.Tensor] = None  # Σ over micro-batches of μ_i, one entry per query
@@ -97,10 +106,33 @@ class QuZO(torch.optim.Optimizer):
         for index, p in enumerate(self._params()):
             p.add_(self._direction(p, index, query, 1).to(p.dtype), alpha=scale)
 
+    def _levels(self) -> int:
+        return (1 << (self.weight_bits - 1)) - 1
+
+    @torch.no_grad()
+    def _onto_grid(self) -> None:
+        """First step with ``weight_bits``: each tensor's step δ (kept in the state, so checkpoints carry it) and θ
+        rounded to nearest onto its multiples."""
+        for index, p in enumerate(self._params()):
+            state = self.state[p]
+            if "grid_step" in state:
+                continue
+            peak = float(p.detach().abs().max())
+            if not peak > 0 or peak == float("inf"):
+                raise ValueError(f"QuZO(weight_bits={self.weight_bits}): trained tensor {index} {tuple(p.shape)} is "
+                                 f"{'all zero' if peak == 0 else 'not finite'}, so it has no grid (δ = max|θ| / "
+                                 f"{self._levels()}); leave weight_bits=None for adapters that start at zero "
+                                 "(LoRA's B), or train only tensors that already hold values.")
+            # a Python float: load_state_dict would cast a tensor to the parameter's dtype (bf16) on resume
+            step = state["grid_step"] = peak / self._levels()
+            p.copy_((torch.round(p.float() / step) * step).to(p.dtype))
+
     @torch.no_grad()
     def estimate(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
         """Two forward passes per query along ±ε u₁; adds μ to this step's estimate (call once per micro-batch);
         returns the loss at θ + ε u₁ of the first query (detached, for logging)."""
+        if self.weight_bits is not None:
+            self._onto_grid()
         mus, first = [], None
         for query in range(self.queries):
             self._perturb(query, self.eps)
@@ -108,7 +140,7 @@ class QuZO(torch.optim.Optimizer):
             self._perturb(query, -2 * self.eps)
             minus = closure().detach()
             self._perturb(query, self.eps)
-            mus.append((plus.float() - minus.float()) / (2 * self.eps))
+            mus.append((upcast(plus) - upcast(minus)) / (2 * self.eps))  # float64 losses stay float64
             first = plus if first is None else first
         mu = torch.stack(mus).double().cpu()
         self._pending = mu if self._pending is None else self._pending + mu
@@ -127,10 +159,15 @@ class QuZO(torch.optim.Optimizer):
             mu = mu.to(device)
             dist.all_reduce(mu, op=dist.ReduceOp.SUM)
             mu = (mu / dist.get_world_size()).cpu()
+        self.last_mu = mu.clone()
         index = 0
         for group in self.param_groups:
             lr, decay = group["lr"], group["weight_decay"]
             for p in group["params"]:
+                if self.weight_bits is not None:
+                    self._grid_update(p, index, mu, lr, decay)
+                    index += 1
+                    continue
                 if decay:
                     p.mul_(1 - lr * decay)
                 for query in range(self.queries):
@@ -143,20 +180,41 @@ class QuZO(torch.optim.Optimizer):
         return loss
 
 
+    @torch.no_grad()
+    def _grid_update(self, p: torch.Tensor, index: int, mu: torch.Tensor, lr: float, decay: float) -> None:
+        """θ ← δ·clamp(SR(θ/δ + Δ/δ)) with Δ = −η(Σ_i μ_i u_{i,2}/n + λθ): the update stochastically rounded onto the
+        grid (module docstring); θ/δ is rounded first, which removes the float drift the ±ε probes leave."""
+        step = float(self.state[p]["grid_step"])
+        work = torch.promote_types(p.dtype, torch.float32)
+        levels = torch.round(p.to(work) / step)
+        delta = -lr * decay * levels * step
+        for query in range(self.queries):
+            delta = delta - (lr * float(mu[query]) / self.queries) * self._direction(p, index, query, 2).to(work)
+        target = levels + delta / step
+        gen = torch.Generator(device=p.device).manual_seed(_seed(self.seed, self.step_count, 0, index, 3))
+        floor = torch.floor(target)
+        up = torch.rand(p.shape, generator=gen, device=p.device, dtype=work) < (target - floor)
+        new = (floor + up.to(work)).clamp(-self._levels(), self._levels())
+        p.copy_((new * step).to(p.dtype))
+
+
 @dataclass
 class QuZOConfig:
     """Options of :class:`QuZO` for ``LeanTuneCallback(optimizer=QuZOConfig(...))`` (the learning rate, schedule and
     weight decay come from ``TrainingArguments``). Defaults: the QuZO LLaMA-2 LoRA recipe's ε = 2e-3 is close to
-    MeZO's 1e-3; 4-bit perturbations; one query."""
+    MeZO's 1e-3; 4-bit perturbations; one query; ``weight_bits=None`` (weights in their dtype; 8 holds the trained
+    tensors on QuZO's INT8 grid, module docstring)."""
 
     eps: float = 1e-3
     bits: Optional[int] = 4
     queries: int = 1
     seed: int = 0
+    weight_bits: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_number(self, "eps", minimum=0, strict=True)
         check_int(self, "bits", minimum=1, maximum=16, optional=True)
+        check_int(self, "weight_bits", minimum=2, maximum=16, optional=True)
         check_int(self, "queries", minimum=1)
         check_int(self, "seed", minimum=0)
 
@@ -191,8 +249,9 @@ def install_in_trainer(trainer: Any, config: QuZOConfig) -> QuZOConfig:
         raise ValueError("QuZO perturbs every trained parameter in place from a seed; sharded parameters (FSDP2, "
                          "DeepSpeed ZeRO) are not supported: use DDP or one process (QuZO needs only inference "
                          "memory, so a model that runs inference on one GPU trains).")
+    # weight decay: Trainer's param groups carry args.weight_decay
     kwargs = dict(lr=trainer.args.learning_rate, eps=config.eps, bits=config.bits, queries=config.queries,
-                  seed=config.seed)  # weight decay: Trainer's param groups carry args.weight_decay
+                  seed=config.seed, weight_bits=config.weight_bits)
     trainer.optimizer_cls_and_kwargs = (QuZO, kwargs)
     one_bnb_cpu_path(trainer.model)  # the eval-mode forwards must compute what training computes, on every CPU
     trainer.args.max_grad_norm = 0.0  # there are no gradients to clip

@@ -214,3 +214,36 @@ def test_layerwise_under_ddp_equals_plain_ddp(tmp_path, accumulate):
             assert torch.equal(ranks[0][name][True][key], plain), (name, key)
             assert torch.equal(ranks[1][name][True][key], plain), (name, key)
     assert "attach_ddp" in ranks[0]["errors"][0] and "no_sync" in ranks[0]["errors"][1]
+
+
+def _quzo_run(rank, steps: int = 3):
+    """QuZO on full parameters, float64: each rank probes its half of every global batch; returns the μ of each
+    update (after the mean over ranks) and the final weights. ``rank=None``: one process on the whole batches."""
+    from leantune.optim import QuZO
+
+    model = tiny_llama()
+    torch.manual_seed(100 + (rank or 0))  # the global RNG out of step across ranks: QuZO must not use it
+    opt = QuZO(model.parameters(), lr=1e-3, eps=1e-3, bits=4, seed=5, weight_bits=None)
+    mus = []
+    for ids in batches(steps):
+        mine = ids if rank is None else shard(ids, rank)
+        # the loss in float64 (transformers' causal-LM loss casts the logits to float32)
+        opt.step(lambda: torch.nn.functional.cross_entropy(model(input_ids=mine).logits[:, :-1].flatten(0, 1),
+                                                            mine[:, 1:].flatten()))
+        mus.append(opt.last_mu)
+    return mus, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_quzo_under_ddp_shares_mu_and_equals_one_process(tmp_path):
+    """Spec §7.11: every rank regenerates the same perturbation from the seed, only the scalars μ are averaged (one
+    all-reduce per step), so μ and the weights are identical on both ranks bit for bit, and equal one process on
+    the whole batch (whose loss is the mean of the two halves' losses) to float64 rounding."""
+    (mu0, w0), (mu1, w1) = spawn(_quzo_run, tmp_path)
+    alone_mu, alone_w = _quzo_run(None)
+    assert all(torch.equal(a, b) for a, b in zip(mu0, mu1))
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    for a, b in zip(mu0, alone_mu):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    for name in w0:
+        torch.testing.assert_close(w0[name], alone_w[name], rtol=1e-10, atol=1e-12)
+    assert any(not torch.equal(w0[n], tiny_llama().state_dict()[n]) for n in w0)
