@@ -51,17 +51,21 @@ def _seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def stochastic_round(u: torch.Tensor, bits: Optional[int], generator: torch.Generator) -> torch.Tensor:
+def stochastic_round(u: torch.Tensor, bits: Optional[int], generator: torch.Generator,
+                     inplace: bool = False) -> torch.Tensor:
     """QuZO's Q_b: ``lo + s·(⌊x⌋ + Bernoulli(x − ⌊x⌋))`` with ``x = (u − lo)/s``, ``s = (max − min)/(2^b − 1)``;
-    unbiased (E = u). ``bits=None`` returns u (MeZO)."""
+    unbiased (E = u). ``bits=None`` returns u (MeZO). ``inplace``: u is overwritten, so at most three tensors of
+    u's size (and one of bools) live at once — the planner counts them (``leantune plan --optimizer quzo``)."""
     if bits is None:
         return u
     lo, hi = u.min(), u.max()
     step = ((hi - lo) / ((1 << bits) - 1)).clamp(min=torch.finfo(u.dtype).tiny)
-    x = (u - lo) / step
+    x = (u.sub_(lo) if inplace else u - lo).div_(step)
     floor = torch.floor(x)
-    up = torch.rand(u.shape, generator=generator, device=u.device, dtype=u.dtype) < (x - floor)
-    return lo + step * (floor + up.to(u.dtype))
+    fraction = x.sub_(floor)
+    up = torch.rand(u.shape, generator=generator, device=u.device, dtype=u.dtype) < fraction
+    del x, fraction
+    return floor.add_(up).mul_(step).add_(lo)
 
 
 class QuZO(torch.optim.Optimizer):
@@ -99,7 +103,7 @@ class QuZO(torch.optim.Optimizer):
             return u
         rounding = which if self.independent else 1
         gen.manual_seed(_seed(self.seed, step, query, index, rounding))
-        return stochastic_round(u, self.bits, gen)
+        return stochastic_round(u, self.bits, gen, inplace=True)
 
     @torch.no_grad()
     def _perturb(self, query: int, scale: float) -> None:
@@ -186,16 +190,19 @@ class QuZO(torch.optim.Optimizer):
         grid (module docstring); θ/δ is rounded first, which removes the float drift the ±ε probes leave."""
         step = float(self.state[p]["grid_step"])
         work = torch.promote_types(p.dtype, torch.float32)
-        levels = torch.round(p.to(work) / step)
-        delta = -lr * decay * levels * step
+        # in grid units, in place (one tensor of θ's size besides a direction's): θ/δ + Δ/δ = (θ/δ)(1 − ηλ) − Σ …
+        target = p.to(work, copy=True).div_(step).round_()
+        if decay:
+            target.mul_(1 - lr * decay)
         for query in range(self.queries):
-            delta = delta - (lr * float(mu[query]) / self.queries) * self._direction(p, index, query, 2).to(work)
-        target = levels + delta / step
+            coefficient = -lr * float(mu[query]) / self.queries / step
+            target.add_(self._direction(p, index, query, 2).to(work), alpha=coefficient)
         gen = torch.Generator(device=p.device).manual_seed(_seed(self.seed, self.step_count, 0, index, 3))
         floor = torch.floor(target)
-        up = torch.rand(p.shape, generator=gen, device=p.device, dtype=work) < (target - floor)
-        new = (floor + up.to(work)).clamp(-self._levels(), self._levels())
-        p.copy_((new * step).to(p.dtype))
+        fraction = target.sub_(floor)
+        up = torch.rand(p.shape, generator=gen, device=p.device, dtype=work) < fraction
+        del target, fraction
+        p.copy_(floor.add_(up).clamp_(-self._levels(), self._levels()).mul_(step))
 
 
 @dataclass

@@ -32,11 +32,9 @@ from leantune.adapters import ADAPTERS
 from leantune.kernels.chunked_loss import cpu_floor, default_chunk
 from leantune.kernels.int8_linear import is_int8_weight
 from leantune.memory import MemoryConfig, apply, enable_checkpointing
-from leantune.optim import OPTIMIZERS, OptimizerConfig
-from leantune.optim.config import optimizer_options, quantize_model_weights
+from leantune.optim import OPTIMIZERS, OptimizerConfig, QuZOConfig
+from leantune.optim.config import quantize_model_weights
 from leantune.optim.param_groups import find_target_weights
-from leantune.optim.sharded import ROW_SHARDABLE_PROJECTORS
-from leantune.patching.budget import parse_budget
 from leantune.patching.state import state_of
 from leantune.plan.estimate import (
     grad_bytes,
@@ -44,14 +42,19 @@ from leantune.plan.estimate import (
     replicated_state_bytes,
     requantize_bytes,
     weight_bytes,
+    zeroth_order_step_bytes,
+)
+from leantune.plan.options import (
+    MEMORY_OPTIONS,
+    _budget_value,
+    _check_fsdp,
+    _check_optimizer_options,
+    parse_memory,
+    parse_spec,
 )
 from leantune.plan.presets import PRESETS, config_from
 from leantune.plan.trace import live_bytes, saved_bytes
 
-MEMORY_OPTIONS = ("none", "checkpointing", "leantune", "leantune+checkpointing", "leantune+chunked_loss",
-                  "leantune+checkpointing+chunked_loss")
-#: ``+budget:X`` may end any option without checkpointing (``budget:25%`` alone = leantune's techniques + the budget)
-BUDGET_EXAMPLES = ("budget:25%", "leantune+chunked_loss+budget:0.5", "none+budget:6GB")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 __all__ = ["MEMORY_OPTIONS", "PRESETS", "Plan", "plan", "parse_spec"]
 
@@ -94,41 +97,6 @@ class Plan:
             out.append(f"\n{verdict} in {self.gpu_bytes / 1e9:.0f} GB per GPU (peak {self.peak / 1e9:.1f} GB)")
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
-
-
-def parse_spec(spec: str | None) -> tuple[str | None, dict[str, Any]]:
-    """``"name:key=value,key=value"`` → ``(name, {key: value})`` with ints, floats, bools and lists (a|b) parsed.
-
-    >>> parse_spec("galore_adamw8bit:rank=1024,layerwise=true")
-    ('galore_adamw8bit', {'rank': 1024, 'layerwise': True})
-    >>> parse_spec("lora:r=16,target_modules=q_proj|v_proj,lora_alpha=32.0")
-    ('lora', {'r': 16, 'target_modules': ['q_proj', 'v_proj'], 'lora_alpha': 32.0})
-    >>> parse_spec("none")
-    (None, {})
-    """
-    if spec is None or spec in ("", "none"):
-        return None, {}
-    name, _, rest = spec.partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"{spec!r}: options are key=value, got {item!r}")
-        options[key.strip()] = _value(value.strip())
-    return name.strip(), options
-
-
-def _value(text: str) -> Any:
-    if "|" in text:
-        return [_value(v) for v in text.split("|")]
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _adapter_config(name: str, options: dict[str, Any], task: str):
@@ -192,6 +160,11 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
         state_of(net).policy.device = device  # costs (and offload) of the device planned for
     optimizer_name, optimizer_options = parse_spec(optimizer)
     _check_possible(net, adapter, optimizer_name, optimizer_options, quant)
+    zeroth = optimizer_name == "quzo"  # forward passes only: no gradients, no saved activations, no state
+    if zeroth and (fsdp or offload_optimizer or optimizer_options.get("layerwise") or budget is not None):
+        raise ValueError("optimizer 'quzo' runs forward passes only (no gradients, no optimizer state, nothing saved "
+                         "for backward): --fsdp, --offload-optimizer, layerwise=true and an activation budget do not "
+                         "apply; drop them (QuZO under several GPUs: DDP, --processes N without --fsdp)")
     if optimizer_name in OPTIMIZERS:  # Q-GaLore trains INT8 weights: make them, as build_optimizer does
         quantize_model_weights(net, OptimizerConfig(
             optimizer_name, target_modules=optimizer_options.get("target_modules", "all-linear"),
@@ -199,12 +172,13 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     trainable = [p for p in net.parameters() if p.requires_grad or is_int8_weight(p)]
     weights, quantized, scales = weight_bytes(net, quant)
     compute = torch.empty((), dtype=DTYPES[dtype]).element_size()
-    grads = sum(grad_bytes(p, compute) for p in trainable)
+    grads = 0 if zeroth else sum(grad_bytes(p, compute) for p in trainable)
     layerwise = bool(optimizer_options.pop("layerwise", False))
     if layerwise:
         grads = max((grad_bytes(p, compute) for p in trainable), default=0)
-    state = _optimizer_state(net, optimizer_name or "adamw", optimizer_options, trainable)
-    replicated = _optimizer_state(net, optimizer_name or "adamw", optimizer_options, trainable, replicated_state_bytes)
+    state = 0 if zeroth else _optimizer_state(net, optimizer_name or "adamw", optimizer_options, trainable)
+    replicated = 0 if zeroth else _optimizer_state(net, optimizer_name or "adamw", optimizer_options, trainable,
+                                                   replicated_state_bytes)
     if fsdp and processes > 1:
         _check_fsdp(optimizer_name, optimizer_options, layerwise)
     if offload_optimizer:
@@ -221,7 +195,10 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     inputs = {"input_ids": ids, "labels": ids if task == "CAUSAL_LM" else torch.zeros(batch, dtype=torch.long,
                                                                                       device="meta")}
-    if budget is None:
+    if zeroth:
+        activations = 0
+        notes.append("QuZO: two forward passes per step under no_grad; memory is inference memory")
+    elif budget is None:
         activations = saved_bytes(net, inputs, device=device)
     else:  # checkpoint frames and selective caches hold what saved-tensor hooks do not see
         activations = live_bytes(net, inputs, device=device)
@@ -232,6 +209,9 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
         chunk = default_chunk(batch * seq, vocab, config.hidden_size, cpu_floor(device))
         per_logit = 8 + (2 * element if element != 4 else 0)
         transient = chunk * vocab * per_logit + batch * seq * 4  # + the per-token log-sum-exp
+    elif zeroth:  # no gradient: the logits in the dtype, the fp32 copy the loss makes (16-bit), its log-softmax
+        element = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        transient = batch * seq * vocab * (element + 4 + (4 if element != 4 else 0))
     else:
         transient = 2 * batch * seq * vocab * 4  # the fp32 logits the loss upcasts, and their gradient
     shard = processes if fsdp else 1
@@ -246,6 +226,9 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     # per-layer: an INT8 weight is requantized inside backward, once the loss's transient and the last layer's
     # activations are gone, so it does not add to the backward peak (measured: tests/plan)
     step_temporaries = max(step_temporaries, requantize)
+    if zeroth:
+        step_temporaries = zeroth_order_step_bytes(trainable, optimizer_options.get("bits", QuZOConfig.bits),
+                                                   optimizer_options.get("weight_bits"))
     # a recomputed layer's backward holds that layer's activations again (as kept without the policy)
     recompute = state_of(net).policy.recompute_bytes() if budget is not None else 0
     peak = weights_s + state_s + max(activations + max(transient, recompute) + (grads_s if layerwise else 0),
@@ -258,34 +241,6 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
     setting["offload_optimizer"] = offload_optimizer
     return Plan(str(model), setting, weights_s, (quantized - scales) // shard + scales, sum(p.numel() for p in trainable), grads_s,
                 state_s, activations, transient, peak, _gpu_bytes(gpu), notes)
-
-
-def parse_memory(memory: str) -> tuple[str, str | None]:
-    """``(option, budget)``: one of :data:`MEMORY_OPTIONS`, optionally ending in ``+budget:X`` (``budget:X`` alone:
-    leantune's techniques with the budget).
-
-    >>> parse_memory("budget:25%")
-    ('leantune', '25%')
-    >>> parse_memory("leantune+chunked_loss+budget:6GB")
-    ('leantune+chunked_loss', '6GB')
-    """
-    name, _, budget = memory.partition("budget:")
-    name = name.rstrip("+") or "leantune"
-    if name not in MEMORY_OPTIONS or (memory.count("budget:") and not budget) or memory.count("budget:") > 1:
-        raise ValueError(f"memory must be one of {MEMORY_OPTIONS}, optionally ending in +budget:X (e.g. "
-                         f"{', '.join(BUDGET_EXAMPLES)}), got {memory!r}")
-    if budget and "checkpointing" in name:
-        raise ValueError(f"memory {memory!r}: the budget policy checkpoints layers itself; drop 'checkpointing'")
-    if budget:
-        parse_budget(_budget_value(budget))
-    return name, (budget or None)
-
-
-def _budget_value(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def _policy_note(net) -> str:
@@ -339,26 +294,6 @@ def _check_possible(net, adapter: str | None, optimizer: str | None, options: di
                          "(e.g. GPT-2's Conv1D)")
 
 
-def _check_optimizer_options(name: str, options: dict[str, Any]) -> None:
-    """Refuse an unknown optimizer, an option it does not have, or a value ``OptimizerConfig`` refuses."""
-    if name in ("adamw", "adamw8bit"):
-        if set(options) - {"layerwise"}:
-            raise ValueError(f"optimizer {name!r} takes no options here (got {sorted(options)})")
-        return
-    if name not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {name!r}; choose adamw, adamw8bit or one of {sorted(OPTIMIZERS)}")
-    fields = {f.name for f in dataclasses.fields(OptimizerConfig)} - {"name", "optimizer_kwargs"}
-    own = set(optimizer_options(OPTIMIZERS[name].cls)) | ({"int8_weights"} if OPTIMIZERS[name].int8_weights else set())
-    unknown = sorted(set(options) - fields - own)
-    if unknown:
-        raise ValueError(f"optimizer {name!r} has no option(s) {unknown}; its options: {sorted(fields | own)}")
-    try:
-        OptimizerConfig(name, **{k: v for k, v in options.items() if k in fields},
-                        optimizer_kwargs={k: v for k, v in options.items() if k not in fields})
-    except TypeError as err:
-        raise ValueError(f"optimizer {name!r}: {err}") from None
-
-
 def _optimizer_state(net, name: str, options: dict[str, Any], trainable: list[torch.Tensor],
                      formula=optimizer_state_bytes) -> int:
     if name in ("adamw", "adamw8bit"):
@@ -368,23 +303,6 @@ def _optimizer_state(net, name: str, options: dict[str, Any], trainable: list[to
     targets = find_target_weights(net, options.get("target_modules", "all-linear"))
     return formula(name, trainable, {id(p) for p in targets.values()}, rank=rank, projector=options.get("projector"),
                    options=options)
-
-
-def _check_fsdp(name: str | None, options: dict[str, Any], layerwise: bool) -> None:
-    """What ``sharded.check_sharded_optimizer`` refuses at construction, refused here too (no plan for it)."""
-    if name not in OPTIMIZERS:
-        return
-    spec = OPTIMIZERS[name]
-    projector = options.get("projector", spec.projector)
-    if not spec.cls.row_shardable or projector not in ROW_SHARDABLE_PROJECTORS:
-        raise ValueError(f"{name} (projector {projector}) does not run under FSDP2: its update needs statistics across "
-                         "all rows of the projected gradient; use one of " +
-                         ", ".join(n for n, s in OPTIMIZERS.items() if s.row_shardable) + " with --fsdp")
-    if layerwise:
-        raise ValueError("layerwise=true does not run under FSDP2 (per-layer updates run before FSDP2's "
-                         "reduce-scatter); drop it with --fsdp, or plan DDP (no --fsdp)")
-    if options.get("shard_replicated") and not spec.cls.replicated_shardable:
-        raise ValueError(f"{name} does not support shard_replicated=true; use galore_adamw or dct_adamw with it")
 
 
 def _gpu_bytes(gpu: str | float | None) -> int | None:

@@ -72,6 +72,20 @@ def requantize_bytes(p: torch.Tensor, compute: int) -> int:
     return 4 * n + (4 * n if compute != 4 else 0) + 16 * chunk
 
 
+def zeroth_order_step_bytes(params: Iterable[torch.Tensor], bits: int | None = 4,
+                            weight_bits: int | None = None) -> int:
+    """Temporaries of QuZO's update (:mod:`leantune.optim.quzo`), which regenerates one trained tensor's direction
+    at a time: a b-bit direction of n numbers holds three float32 tensors and one of bools while it is rounded
+    (13n bytes; unrounded, MeZO's: the float32 Gaussian and its cast to the parameter's dtype); weights on a grid
+    add the update in grid units (4n, float64 parameters 8n). The largest trained tensor sets the peak."""
+    def one(p: torch.Tensor) -> int:
+        n, work = p.numel(), max(4, p.element_size())
+        direction = 13 * n if bits is not None else 4 * n + (p.element_size() * n if p.dtype != torch.float32 else 0)
+        return direction + (work * n if weight_bits is not None else 0)
+
+    return max((one(p) for p in params), default=0)
+
+
 def optimizer_state_bytes(name: str, params: Iterable[torch.Tensor], targets: set[int], rank: int | None = None,
                           projector: str | None = None, options: dict[str, Any] | None = None) -> int:
     """Predicted optimizer state for trainable ``params``; ``targets`` holds the ids of the projected matrices.

@@ -93,6 +93,42 @@ def test_prediction_matches_measurement(case):
     assert predicted.peak == pytest.approx(peak, rel=0.10), (predicted.peak, peak)
 
 
+QUZO_CASES = {  # name: (dtype, adapter, optimizer)
+    "full-fp32": ("fp32", None, "quzo"),
+    "full-bf16-mezo": ("bf16", None, "quzo:bits=null"),
+    "lora-bf16": ("bf16", "lora:r=8", "quzo"),
+    "full-bf16-int8-grid": ("bf16", None, "quzo:weight_bits=8"),
+}
+
+
+@pytest.mark.parametrize("case", list(QUZO_CASES))
+def test_zeroth_order_prediction_matches_measurement(case):
+    """QuZO (issue 30: "memory = inference memory"): the plan predicts no gradients, no optimizer state and no saved
+    activations, and a peak of the weights plus the larger of the loss's logits and one direction's temporaries —
+    within 10% of the peak measured over a QuZO step (two forwards and the update)."""
+    from leantune.optim import QuZO  # local: the zeroth-order case only
+
+    dtype, adapter, optimizer = QUZO_CASES[case]
+    predicted = plan(LLAMA, seq=128, batch=2, dtype=dtype, adapter=adapter, optimizer=optimizer, device="cpu")
+    assert predicted.gradients == predicted.optimizer_state == predicted.activations == 0
+    torch.manual_seed(0)
+    net, _, _ = prepare(LLAMA, dtype, adapter, "none", device="cpu")
+    ids = torch.randint(0, 1000, (2, 128))
+    opt = QuZO([p for p in net.parameters() if p.requires_grad], lr=1e-6, **parse_spec(optimizer)[1])
+    step = lambda: opt.step(lambda: net(input_ids=ids, labels=ids).loss)  # noqa: E731
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        step()
+    assert not saved and all(p.grad is None for p in net.parameters())
+    peak = peak_bytes(step, list(net.parameters()) + list(net.buffers()))
+    assert predicted.peak == pytest.approx(peak, rel=0.10), (predicted.peak, peak)
+    for bad in ("quzo:layerwise=true", "quzo:rank=4"):
+        with pytest.raises(ValueError, match="quzo"):
+            plan(LLAMA, seq=128, optimizer=bad)
+    with pytest.raises(ValueError, match="forward passes only"):
+        plan(LLAMA, seq=128, optimizer="quzo", processes=2, fsdp=True)
+
+
 def test_chunked_loss_prediction_matches_measurement():
     """The chunked LM-head loss: the saved bytes it removes and the peak it leaves, predicted as measured (the
     difference to the unchunked run within 5%: the trace's fused-attention emulation differs from the CPU's SDPA by
