@@ -43,6 +43,7 @@ from .registration import LeanTuneType, register_tuner
 from .tuner_base import LeanTuneTuner
 
 STEP_INITS = ("lsq+", "minmax", "absmax")
+WARMUP_MODES = ("lora", "quantized_base")
 
 
 @dataclass
@@ -58,6 +59,11 @@ class L4QConfig(LowRankConfig):
         step_init: how ``s`` and ``z`` start: ``"lsq+"``, ``"minmax"`` or ``"absmax"`` (module docstring).
         gradient_scale: scale of the step and zero-point gradients; ``None`` is LSQ's ``1/√(g·Q_p)``.
         init_weights: ``True`` (B = 0: the quantized base at start) or ``False`` (B random as well: for tests).
+        warmup_steps: optimizer steps trained before the quantizer takes the adapter in (0: from the start); then
+            ``s`` and ``z`` are initialised again, by ``step_init``, from ``W0 + αBA``. Needs ``LeanTuneCallback``
+            (which tells the model each step); a loaded adapter always computes the quantized forward.
+        warmup_mode: during warm-up ``"lora"`` (the L4Q code: ``x(W0 + αBA)ᵀ``, unquantized) or
+            ``"quantized_base"`` (the paper's "warm up Q(W) + αAB": ``x FQ(W0)ᵀ + α x(BA)ᵀ``, s and z frozen).
     """
 
     r: int = field(default=4, metadata={"help": "LoRA rank."})
@@ -66,6 +72,8 @@ class L4QConfig(LowRankConfig):
     group_size: Optional[int] = field(default=128, metadata={"help": "Inputs per step; None: per output row."})
     step_init: str = field(default="lsq+", metadata={"help": "'lsq+', 'minmax' or 'absmax'."})
     gradient_scale: Optional[float] = field(default=None, metadata={"help": "None: LSQ's 1/sqrt(g*Q_p)."})
+    warmup_steps: int = field(default=0, metadata={"help": "Steps before the quantizer takes the adapter in."})
+    warmup_mode: str = field(default="lora", metadata={"help": "'lora' or 'quantized_base'."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +83,8 @@ class L4QConfig(LowRankConfig):
         check_int(self, "group_size", minimum=1, optional=True)
         check_choice(self, "step_init", STEP_INITS)
         check_number(self, "gradient_scale", minimum=0, strict=True, optional=True)
+        check_int(self, "warmup_steps", minimum=0)
+        check_choice(self, "warmup_mode", WARMUP_MODES)
 
 
 def initial_step(weight: torch.Tensor, groups: int, bits: int, how: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +110,7 @@ class L4QLayer(nn.Module, BaseTunerLayer):
     """peft tuner layer computing ``x FQ(W0 + α B A)ᵀ + b`` (module docstring); one active adapter at a time."""
 
     adapter_layer_names = ("l4q_A", "l4q_B", "l4q_scale", "l4q_zero")
-    other_param_names = ("r", "scaling", "bits", "grad_scale")
+    other_param_names = ("r", "scaling", "bits", "grad_scale", "warmup", "warming")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: L4QConfig, module_name: str) -> None:
         nn.Module.__init__(self)
@@ -109,6 +119,9 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.bits: dict[str, int] = {}
         self.grad_scale: dict[str, float] = {}
+        self.warmup: dict[str, tuple[int, str, str]] = {}  # (steps, mode, step_init)
+        # True while warming up, False once quantizing, None until a training step says (LeanTuneCallback)
+        self.warming: dict[str, Optional[bool]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._unmerged_weight: Optional[torch.Tensor] = None
@@ -142,6 +155,8 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         self.bits[adapter_name] = config.bits
         self.grad_scale[adapter_name] = (config.gradient_scale if config.gradient_scale is not None
                                          else lsq_gradient_scale(group, config.bits))
+        self.warmup[adapter_name] = (config.warmup_steps, config.warmup_mode, config.step_init)
+        self.warming[adapter_name] = None
         weight = self.base_weight()
         a = torch.empty(config.r, self.in_features, device=weight.device)
         b = torch.zeros(self.out_features, config.r, device=weight.device)
@@ -170,6 +185,35 @@ class L4QLayer(nn.Module, BaseTunerLayer):
         if grid is not None:
             self.l4q_scale[adapter].copy_(grid[0])
             self.l4q_zero[adapter].copy_(grid[1])
+
+    @torch.no_grad()
+    def before_train_step(self, step: int) -> None:
+        """Warm-up (:class:`L4QConfig`): before step ``warmup_steps`` warm up; at it, initialise ``s`` and ``z`` from
+        ``W0 + αBA`` and quantize from then on. A run resumed after that step keeps the checkpoint's ``s`` and ``z``;
+        one resumed at it initialises them as the uninterrupted run did (``warming`` is None until a step says)."""
+        for adapter, (steps, _, how) in self.warmup.items():
+            if step < steps:
+                self.warming[adapter] = True
+                continue
+            if step == steps and steps and self.warming[adapter] is not False:
+                w0 = self.base_weight()
+                dt = torch.promote_types(w0.dtype, torch.float32)  # W' as the quantizer forms it, one layer at a time
+                w_prime = w0.to(dt) + self.scaling[adapter] * (self.l4q_B[adapter].to(dt) @ self.l4q_A[adapter].to(dt))
+                scale, zero = initial_step(w_prime, self.l4q_scale[adapter].shape[1], self.bits[adapter], how)
+                self.l4q_scale[adapter].copy_(scale)
+                self.l4q_zero[adapter].copy_(zero)
+            self.warming[adapter] = False
+
+    def _warmup_forward(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        base, a, b = self.get_base_layer(), self.l4q_A[adapter], self.l4q_B[adapter]
+        if self.warmup[adapter][1] == "lora":
+            result = base(x)
+        else:  # FQ(W0) on the frozen initial grid, recomputed in backward (nothing weight-sized saved)
+            scale, zero = self.l4q_scale[adapter].detach(), self.l4q_zero[adapter].detach()
+            result = l4q_linear(x, self.base_weight(), a.detach(), torch.zeros_like(b), scale, zero, 1.0,
+                                self.bits[adapter], self.grad_scale[adapter], base.bias)
+        lora = nn.functional.linear(nn.functional.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        return result + self.scaling[adapter] * lora
 
     # --- the served weight ------------------------------------------------------------------------------
     def quantized(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -229,6 +273,8 @@ class L4QLayer(nn.Module, BaseTunerLayer):
             raise ValueError(f"L4Q: {len(active)} adapters are active on one layer, but each quantizes the base weight "
                              "onto its own grid; activate one (model.set_adapter(name)).")
         adapter = active[0]
+        if self.warming[adapter]:
+            return self._warmup_forward(x, adapter)
         base = self.get_base_layer()
         return l4q_linear(x, self.base_weight(), self.l4q_A[adapter], self.l4q_B[adapter], self.l4q_scale[adapter],
                           self.l4q_zero[adapter], self.scaling[adapter], self.bits[adapter],
@@ -245,7 +291,13 @@ class L4QModel(LeanTuneTuner):
     tuner_layer_cls = L4QLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
+    def before_train_step(self, step: int) -> None:
+        """Called by ``LeanTuneCallback`` before optimizer step ``step``: the warm-up switch of every layer."""
+        for module in self.model.modules():
+            if isinstance(module, L4QLayer):
+                module.before_train_step(step)
+
 
 register_tuner(LeanTuneType.L4Q, L4QConfig, L4QModel)
 
-__all__ = ["L4QConfig", "L4QLayer", "L4QModel", "initial_step", "STEP_INITS"]
+__all__ = ["L4QConfig", "L4QLayer", "L4QModel", "initial_step", "STEP_INITS", "WARMUP_MODES"]

@@ -8,9 +8,12 @@ import json
 import subprocess
 import sys
 
+import datasets
 import pytest
 import torch
+import transformers as T
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import leantune
@@ -208,3 +211,74 @@ def test_export_refusals(tmp_path, monkeypatch):
     monkeypatch.setattr(quantized_export, "torchao_version", lambda: None)
     with pytest.raises(LeanTuneError, match="torchao is not installed: pip install"):
         quantized_export.to_quantized_model(l4q_model())
+
+
+@pytest.mark.parametrize("mode", ["lora", "quantized_base"])
+def test_warmup_then_the_quantizer(mode):
+    """Warm-up (spec §1.4; the L4Q code trains unquantized LoRA first, the paper warms up Q(W) + αAB): before step
+    ``warmup_steps`` the layer computes x(W0 + αBA)ᵀ or x FQ(W0)ᵀ + α x(BA)ᵀ (float64, by hand) and s, z get no
+    gradient; at that step s, z are initialised from W0 + αBA by step_init and the forward is L4Q's; a fresh layer
+    (loaded for serving, no training step yet) computes L4Q's forward."""
+    model = l4q_model(torch.float64, warmup_steps=2, warmup_mode=mode, step_init="absmax")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    p = {k: getattr(layer, f"l4q_{k}")["default"] for k in ("A", "B", "scale", "zero")}
+    x = torch.randn(3, 32, dtype=torch.float64)
+    w0, alpha = layer.base_layer.weight, layer.scaling["default"]
+    l4q = lambda: reference_l4q_linear(x, w0, p["A"], p["B"], p["scale"], p["zero"], alpha, 4, 1.0)  # noqa: E731
+    torch.testing.assert_close(layer(x), l4q(), rtol=0, atol=1e-13)  # no step yet: the served forward
+    for step in (0, 1):
+        model.base_model.before_train_step(step)
+        out = layer(x)
+        if mode == "lora":
+            want = x @ (w0 + alpha * p["B"] @ p["A"]).T
+        else:
+            eye, no_b = torch.eye(32, dtype=torch.float64), torch.zeros_like(p["B"])
+            quantized_w0 = reference_l4q_linear(eye, w0, p["A"], no_b, p["scale"], p["zero"], alpha, 4, 1.0).T
+            want = x @ quantized_w0.T + alpha * x @ (p["B"] @ p["A"]).T
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+        grads = torch.autograd.grad(out.sum(), [p["A"], p["B"], p["scale"], p["zero"]], allow_unused=True)
+        assert grads[0] is not None and grads[1] is not None
+        assert all(g is None or not g.any() for g in grads[2:])  # the grid does not train while warming up
+        with torch.no_grad():
+            p["B"].add_(0.01)  # as if trained: the grid at the switch is W0 + αBA's, not W0's
+    model.base_model.before_train_step(2)
+    scale, zero = leantune.adapters.l4q.initial_step((w0 + alpha * p["B"] @ p["A"]).detach(), 2, 4, "absmax")
+    assert torch.equal(p["scale"].detach(), scale) and torch.equal(p["zero"].detach(), zero)
+    torch.testing.assert_close(layer(x), l4q(), rtol=0, atol=1e-13)
+    model.base_model.before_train_step(3)  # later steps (and a run resumed after the switch) keep the grid
+    assert torch.equal(p["scale"].detach(), scale)
+    with pytest.raises(ValueError, match="warmup_mode"):
+        L4QConfig(warmup_mode="qat")
+
+
+def test_warmup_resumes_bit_for_bit(tmp_path):
+    """Through LeanTuneCallback + Trainer: 4 steps with a 2-step warm-up, resumed from the checkpoint inside the
+    warm-up (step 1), at the switch (step 2) and after it (step 3), end with the uninterrupted run's weights."""
+    ids = torch.randint(1, 64, (8, 9), generator=torch.Generator().manual_seed(0))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    def trainer(out):
+        args = T.TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                                   save_strategy="steps", save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True,
+                                   seed=0, logging_steps=1)
+        config = L4QConfig(target_modules=TARGETS, group_size=16, warmup_steps=2)
+        callback = leantune.LeanTuneCallback(adapter=config, verbose=False)
+        return callback.setup(T.Trainer(model=tiny_llama(), args=args, train_dataset=data))
+
+    def trained(t):
+        return {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+
+    whole = trainer(tmp_path)
+    start = trained(whole)
+    whole.train()
+    final = trained(whole)
+    assert all(not torch.equal(final[n], start[n]) for n in final if "l4q_" in n)
+    warm = load_file(str(tmp_path / "checkpoint-2" / "adapter_model.safetensors"))  # after the 2 warm-up steps
+    for name, value in start.items():
+        saved = warm[name.replace(".default", "")]
+        assert torch.equal(saved, value) == ("l4q_scale" in name or "l4q_zero" in name), name  # only A, B moved
+    for checkpoint in (1, 2, 3):
+        resumed = trainer(tmp_path)
+        resumed.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{checkpoint}"))
+        again = trained(resumed)
+        assert all(torch.equal(again[n], final[n]) for n in final), checkpoint
