@@ -12,16 +12,19 @@ LM head would); what differs is how the adapter meets the quantizer:
   accuracy is measured on that forward;
 * **QuZO** (``leantune.optim.QuZO``, 4-bit perturbations): the QLoRA adapter trained with forward passes only, then
   merged and requantized as QLoRA;
+* **torchao QAT + LoRA** (torchao's ``QATConfig(IntxWeightOnlyConfig(int4, PerGroup(64)))``: symmetric int4 fake
+  quantization of the frozen W0, peft LoRA beside it — torchtune's QATLoRALinear arrangement, spec §6), then
+  ``merge_and_unload`` and torchao's ``convert`` step: the served model is torchao's int4 model (symmetric: its
+  ``convert`` is exact, the asymmetric one is not, spec §6), evaluated as torchao computes it;
 * references: the NF4-quantized base with only the head trained is *not* run; **LoRA on the fp32 base, served fp32**
   (no quantization anywhere) and **LoRA on the fp32 base → merge → NF4** (post-training quantization).
 
 The NF4 base is simulated by bitsandbytes' own NF4 round trip of each weight (``bitsandbytes.functional``, block 64),
-i.e. the weights a ``Linear4bit`` computes with. torchao's QAT + LoRA is not run here (its LoRA stays outside the
-quantizer, spec §6; not attempted in this benchmark). Same data, steps, batch and schedule for every path; 3 seeds;
+i.e. the weights a ``Linear4bit`` computes with. Same data, steps, batch and schedule for every path; 3 seeds;
 test accuracy of the served model as mean ± std, training memory (parameters + gradients + AdamW state of the trained
 tensors + activations saved for backward of one step) and median step time.
 
-    python benchmarks/quantized_served.py            # ~10 min on 2 CPU cores
+    python benchmarks/quantized_served.py            # ~26 min on 2 CPU cores
     python benchmarks/quantized_served.py --quick    # a smoke run
 
 Prints a markdown table; writes benchmarks/results/quantized_served.{md,json,png}.
@@ -54,7 +57,7 @@ from recipes.common import load_minilm_classifier  # noqa: E402
 
 PATHS = ["LoRA, fp32 base, served fp32 (reference)", "LoRA, fp32 base → merge → NF4 (PTQ)",
          "QLoRA → merge → requantize NF4", "QLoRA + LoftQ init → merge → requantize NF4", "L4Q (int4, g=64)",
-         "QuZO on the NF4 base → merge → requantize NF4"]
+         "QuZO on the NF4 base → merge → requantize NF4", "torchao QAT + LoRA (int4 sym, g=64) → merge → convert"]
 LR = {"QuZO on the NF4 base → merge → requantize NF4": 1e-3}
 DEFAULT_LR = 5e-4
 
@@ -69,10 +72,27 @@ def quantize_nf4(model: torch.nn.Module) -> None:
         linear.weight.copy_(nf4_roundtrip(linear.weight))
 
 
+def torchao_qat(step: str):
+    """torchao's QAT step ``"prepare"`` / ``"convert"`` for the encoder linears (symmetric int4, groups of 64)."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_  # local: optional, this path only
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.qat import QATConfig
+
+    def apply(model: torch.nn.Module) -> torch.nn.Module:
+        names = set(encoder_linears(model))
+        quantize_(model, QATConfig(IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(64)), step=step),
+                  filter_fn=lambda module, fqn: fqn in names)
+        return model
+
+    return apply
+
+
 def build(path: str, seed: int) -> torch.nn.Module:
     model, _ = load_minilm_classifier(num_labels=3, seed=seed)
     torch.manual_seed(seed)
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=quality.LINEAR_TARGETS, lora_dropout=0.0, task_type="SEQ_CLS")
+    if path.startswith("torchao QAT"):  # fake-quantized W0 (FakeQuantizedLinear is an nn.Linear: peft wraps it)
+        return get_peft_model(torchao_qat("prepare")(model), lora)
     if path.startswith("L4Q"):
         return get_peft_model(model, leantune.L4QConfig(r=8, lora_alpha=16, group_size=64,
                                                         target_modules=quality.LINEAR_TARGETS, task_type="SEQ_CLS"))
@@ -91,6 +111,8 @@ def served(path: str, model) -> torch.nn.Module:
     if path.startswith("L4Q") or "served fp32" in path:
         return model
     merged = model.merge_and_unload()
+    if path.startswith("torchao QAT"):
+        return torchao_qat("convert")(merged)
     quantize_nf4(merged)
     return merged
 
@@ -127,7 +149,7 @@ def run(path: str, seed: int, data: dict, steps: int, batch: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")

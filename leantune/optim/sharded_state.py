@@ -113,6 +113,18 @@ def _from_expanded(codes: torch.Tensor, expanded: torch.Tensor,
     return out.to(torch.uint8).reshape(codes.shape), absmax
 
 
+def _check_global_shapes(name: str, key: Any, p: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+    """A DTensor entry must be rows of ``p`` — global shape (m, …) — or a divided r × n entry; anything else is from
+    another model (its local rows could still happen to fit), so it is refused naming the entry."""
+    m = p.shape[0]
+    divided = (min(int(group["rank"]), *p.shape), p.shape[1]) if group.get("rank") and p.ndim == 2 else None
+    for k, v in state.items():
+        if is_sharded(v) and v.shape[0] != m and tuple(v.shape) != divided:
+            raise ValueError(f"{name}.load_state_dict: {k} of parameter {key} is a DTensor of global shape "
+                             f"{tuple(v.shape)}, but this parameter {tuple(p.shape)} needs {m} rows (or an r × n "
+                             f"{divided} entry): the checkpoint is from another model")
+
+
 def globalize(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     """``state_dict`` with the rows of FSDP2 parameters as ``Shard(0)`` DTensors of the global shape, and 8-bit blocks
     as codes + expanded absmax (module docstring). Unsharded parameters' entries are returned as they are."""
@@ -147,6 +159,7 @@ def localize(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     for p, group, key in _pairs(optimizer, state_dict):
         if key not in states:
             continue
+        _check_global_shapes(type(optimizer).__name__, key, p, group, states[key])
         state = {k: local(v) if is_sharded(v) else v for k, v in states[key].items()}
         if is_sharded(p):
             shard = row_shard(p)

@@ -23,6 +23,9 @@ def _entry(rank: int, fn: Callable, init_file: str, out: str, args: tuple, world
     try:
         result = fn(rank, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        # no rank tears its connections down while another still uses them (a gloo peer that vanishes mid-operation
+        # aborts the other process: one rare SIGABRT in a 4-process run)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -36,13 +39,13 @@ def spawn(fn: Callable, tmp_path: Path, *args: Any, world: int = WORLD) -> list[
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
-def tiny_llama(dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.nn.Module:
+def tiny_llama(dtype: torch.dtype = torch.float64, seed: int = 0, **overrides: Any) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
-                         tie_word_embeddings=False)
+    config = LlamaConfig(**{**dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32,
+                                   tie_word_embeddings=False), **overrides})
     return LlamaForCausalLM(config).to(dtype)
 
 

@@ -164,6 +164,22 @@ def _resume_and_refusals(rank: int) -> dict:
         out[name] = all(torch.equal(runs[0][k], run[k]) for run in runs[1:] for k in runs[0])
     errors = {}
     model = _shard_model(tiny_llama())
+    opt = _build(model, "galore_adamw")
+    model(input_ids=data[0], labels=data[0]).loss.backward()
+    opt.step()
+    saved = opt.state_dict()  # spec §6.3: a DTensor of another global shape (another model) is refused by name
+    entry = next(st for st in saved["state"].values() if "exp_avg" in st and hasattr(st["exp_avg"], "placements")
+                 and st["exp_avg"].shape[0] == 64)
+    from torch.distributed.tensor import DTensor
+
+    wrong = entry["exp_avg"]
+    entry["exp_avg"] = DTensor.from_local(wrong.to_local(), wrong.device_mesh, wrong.placements, run_check=False,
+                                          shape=(wrong.shape[0] + 2, *wrong.shape[1:]),
+                                          stride=torch.empty(wrong.shape[0] + 2, *wrong.shape[1:]).stride())
+    try:
+        _build(model, "galore_adamw").load_state_dict(saved)
+    except ValueError as err:
+        errors["global shape"] = str(err)
     for name in REFUSED:
         try:
             _build(model, name)
@@ -201,7 +217,8 @@ def test_resume_and_refusals_under_fsdp2(tmp_path):
     for r in ranks:
         assert r["galore_adamw"] and r["fira_adamw"] and r["dct_adamw"], "resume from a per-rank state_dict differs"
         errors = r["errors"]
-        assert sorted(errors) == sorted(REFUSED + ["layerwise", "rotate", "unmanaged", "lisa"]), errors
+        assert sorted(errors) == sorted(REFUSED + ["layerwise", "rotate", "unmanaged", "lisa", "global shape"]), errors
+        assert "DTensor of global shape (66," in errors["global shape"] and "another model" in errors["global shape"]
         assert "LISA under DDP" in errors["lisa"]
         assert "not sharded by FSDP2" in errors["unmanaged"] and "root" in errors["unmanaged"]
         for name in REFUSED:

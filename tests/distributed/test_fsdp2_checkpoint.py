@@ -7,7 +7,8 @@ and resumed:
 * by 2 processes: bit for bit the uninterrupted 2-process run;
 * what the state dict holds as plain tensors (written once: steps, right-side P, left-side moments, DCT indices) is
   bitwise equal on both ranks at save (SHA-256 of each);
-* by 1 and by 4 processes: the uninterrupted 1-process run to 1e-10 (2 and 4 processes equal 1 to rounding);
+* by 1 and by 4 processes: the uninterrupted 1-process run to 1e-10 (2 and 4 processes equal 1 to rounding),
+  also for a model whose 6-row k/v projections leave one of 4 ranks without rows (``@uneven``);
 * 8-bit GaLore (float32, bitsandbytes blocks): bit for bit on the same process count; on another count it follows
   (its blocks of 256 numbers fall elsewhere, so even uninterrupted runs differ by 8-bit rounding).
 
@@ -41,7 +42,11 @@ def _setup(name: str, world: int | None):
     import leantune
     from leantune.optim import OptimizerConfig, build_optimizer
 
-    model = tiny_llama(torch.float32 if name == EIGHT_BIT else torch.float64)
+    name, _, variant = name.partition("@")
+    # "@uneven": k_proj / v_proj of 6 rows (one key-value head of 6), split 3 + 3 by 2 processes and 2 + 2 + 2 + 0
+    # by 4 (FSDP2 chunks rows by ⌈m/N⌉): one rank holds none of their rows (spec §6.1)
+    uneven = {"num_key_value_heads": 1, "head_dim": 6} if variant == "uneven" else {}
+    model = tiny_llama(torch.float32 if name == EIGHT_BIT else torch.float64, **uneven)
     if world is not None:
         leantune.shard_model(model)
     kwargs = {"min_8bit_size": 16} if name == EIGHT_BIT else {}
@@ -137,7 +142,7 @@ def _compare(got: dict, want: dict, exact: bool, label: str) -> None:
 
 
 #: in ``make test``: GaLore through DCP; the other optimizers (8-bit GaLore too) and the full state dict: test-slow
-FAST = ["galore_adamw"]
+FAST = ["galore_adamw", "galore_adamw@uneven"]
 
 
 @pytest.mark.parametrize(("kind", "group"), [("dcp", "fast"), pytest.param("dcp", "rest", marks=pytest.mark.slow),
