@@ -18,9 +18,10 @@ def expected_refusal(cell: Cell) -> str | None:
         return "two (encoder and decoder)"  # the budget works on one stack of layers (checked before the optimizer)
     if cell.adapter in ("SLTrain", "LOST") and cell.arch == "gpt2":
         return "replaces plain nn.Linear weights"  # GPT-2's linears are transformers Conv1D
-    if cell.adapter in ("NOLA", "Compacter", "Compacter++") and cell.optimizer != "adamw" and cell.arch != "bert":
+    if cell.adapter in ("NOLA", "Compacter", "Compacter++") and cell.optimizer not in ("adamw", "quzo") and \
+            cell.arch != "bert":
         # NOLA trains 1-D coefficients, Compacter 3-D PHM factors and 1-D norms: a low-rank optimizer has nothing
-        # to project (BERT: its new classification head is a trained linear, so there is)
+        # to project (BERT: its new classification head is a trained linear, so there is; QuZO needs no matrix)
         return "trains no 2-D linear weight"
     return None
 
