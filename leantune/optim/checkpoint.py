@@ -59,6 +59,10 @@ class StateLoadingMixin:
         """
         state_dict = localize(self, state_dict)
         saved = state_dict["state"]
+        # the layout each state tensor has now (e.g. after DSD's zero-gradient init step): loaded values are put back
+        # in it, so the resumed GEMMs read them as the uninterrupted run did (CPU GEMM rounding depends on layout)
+        layouts = {(id(p), k): (tuple(v.shape), v.stride()) for p, st in self.state.items() for k, v in st.items()
+                   if isinstance(v, torch.Tensor) and v.layout == torch.strided}
         self._check_loaded_state(state_dict)  # before anything changes: a bad checkpoint leaves the optimizer as it was
         # how the state is laid out over the ranks is this optimizer's choice, not a hyper-parameter to restore
         layout = [g.get("shard_replicated") for g in self.param_groups]
@@ -73,7 +77,12 @@ class StateLoadingMixin:
             for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in saved.get(pid, {}).items():
                     if isinstance(value, torch.Tensor) and key != "step":
-                        self.state[p][key] = value.to(device=p.device, copy=True)
+                        value = value.to(device=p.device, copy=True)
+                        shape, stride = layouts.get((id(p), key), (None, None))
+                        if shape == tuple(value.shape) and stride != value.stride():
+                            value = torch.empty_strided(shape, stride, dtype=value.dtype,
+                                                        device=value.device).copy_(value)
+                        self.state[p][key] = value
 
     def _check_loaded_state(self, state_dict: dict[str, Any]) -> None:
         """Name what makes ``state_dict`` unusable for this optimizer and these parameters (``ValueError``)."""

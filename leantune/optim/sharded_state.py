@@ -134,7 +134,10 @@ def globalize(optimizer: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
     for p, group, key in _pairs(optimizer, state_dict):
         if not is_sharded(p) or key not in states:
             continue
-        state = dict(states[key])
+        # what stays a plain tensor is written once and, loading a full state dict, broadcast from rank 0: torch
+        # (2.13) broadcasts a tensor's storage as it lies, so a column-major one (an fp32 right-side P, laid out as
+        # the references' view) arrived transposed on the other ranks; contiguous copies arrive as they are
+        state = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in states[key].items()}
         rows = row_keys(p, group, state)
         for codes_key, absmax_key in EIGHT_BIT:
             if codes_key in rows and absmax_key in state:

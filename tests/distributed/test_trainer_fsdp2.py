@@ -72,10 +72,19 @@ def _job(rank: int, world: int, out: str, name: str, resume: bool, state_dict_ty
 
     as_on_gpus()
     trainer.add_callback(_Reassert(as_on_gpus))
+    for method in ("_load_from_checkpoint", "_load_optimizer_and_scheduler"):  # no callback event precedes these
+        setattr(trainer, method, _after(as_on_gpus, getattr(trainer, method)))
     callback.setup(trainer)
     trainer.train(resume_from_checkpoint=str(Path(out) / name / "whole" / "checkpoint-2") if resume else None)
     assert any(hasattr(p, "placements") for p in trainer.model.parameters())
     return gathered(trainer.model.state_dict())
+
+
+def _after(first, fn):
+    def run(*args, **kwargs):
+        first()
+        return fn(*args, **kwargs)
+    return run
 
 
 class _Reassert:
@@ -96,15 +105,16 @@ def _spawn(world: int, out: Path, names: list[str], resume: bool, state_dict_typ
     return [torch.load(out / f"{'resumed' if resume else 'whole'}-{world}-{r}.pt") for r in range(world)]
 
 
-@pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT"])
+@pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
 def test_trainer_fsdp2_resume_is_exact(tmp_path, state_dict_type):
-    """Every row-local optimizer: saved and resumed by 2 processes through Trainer, bit for bit. (FULL_STATE_DICT:
-    accelerate's ``load_fsdp_model`` deadlocks in this CPU simulation — rank 0 waits in the model broadcast while
-    rank 1 is already in the optimizer's barrier — before leantune's code runs; the full state dict of leantune's
-    optimizers is tested through torch's API in ``test_fsdp2_checkpoint.py``.)"""
-    whole = _spawn(2, tmp_path, NAMES, False, state_dict_type)
-    resumed = _spawn(2, tmp_path, NAMES, True, state_dict_type)
-    for name in NAMES:
+    """Every row-local optimizer: saved and resumed by 2 processes through Trainer, bit for bit — with accelerate's
+    sharded (DCP) checkpoints and with its full state dict (rank 0 writes it; loading broadcasts it from rank 0:
+    leantune hands torch contiguous tensors, which torch 2.13's broadcast needs — an fp32 right-side P is
+    column-major — and puts loaded values back in the layout the state had)."""
+    names = NAMES
+    whole = _spawn(2, tmp_path, names, False, state_dict_type)
+    resumed = _spawn(2, tmp_path, names, True, state_dict_type)
+    for name in names:
         for rank in range(2):
             for key, value in whole[0][name].items():
                 assert torch.equal(resumed[rank][name][key], value), (name, rank, key)
