@@ -37,6 +37,7 @@ from leantune.optim.sharded import (
     is_sharded,
     local,
     norm_over_rows,
+    refuse_divided_unsharded,
     row_shard,
 )
 from leantune.optim.sharded_state import globalize
@@ -249,7 +250,9 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         """Refuse projected groups whose tensors were swapped for 1-D ones after construction: DeepSpeed ZeRO
         replaces each group's parameters by one flat slice (and steps the groups one at a time), on which the
         projection would silently become plain Adam. (FSDP2 and accelerate swap in sharded tensors of the same
-        shape: those are fine.)"""
+        shape: those are fine — and ``shard_replicated=True`` needs them by now.)"""
+        if getattr(self, "divided_unsharded", False):
+            refuse_divided_unsharded(self)
         for group in self.param_groups:
             params = group["params"]
             if group.get("rank") is not None and params and \

@@ -284,6 +284,17 @@ class ShardedProjector(Projector):
         raise NotImplementedError("moment_policy='rotate' is not supported on FSDP2-sharded parameters")
 
 
+def refuse_divided_unsharded(optimizer: Any) -> None:
+    """Before a step: ``shard_replicated=True`` needs FSDP2-sharded parameters by now (nothing has changed yet)."""
+    divided = [p for g in optimizer.param_groups if g.get("shard_replicated") for p in g["params"]]
+    if divided and not any(is_sharded(p) for p in divided):
+        raise ValueError(f"{type(optimizer).__name__}(shard_replicated=True) divides FSDP2-sharded parameters' state "
+                         "over the ranks, but none of its parameters is sharded: call fully_shard "
+                         "(leantune.shard_model) on the model (or train under accelerate's FSDP2), or leave "
+                         "shard_replicated off.")
+    optimizer.divided_unsharded = False
+
+
 def check_sharded_optimizer(optimizer: Any) -> None:
     """Refuse, before any step, what the row-local algorithm cannot do on FSDP2 parameters (module docstring)."""
     name = type(optimizer).__name__
@@ -296,10 +307,9 @@ def check_sharded_optimizer(optimizer: Any) -> None:
         raise ValueError(f"{name}(shard_replicated=True) is not supported: "
                          f"{getattr(optimizer, 'replicated_refusal', 'its update needs the whole projected gradient')}."
                          " Use galore_adamw or dct_adamw with shard_replicated=True, or this optimizer without it.")
-    if divided and not any(is_sharded(p) for g in divided for p in g["params"]):
-        raise ValueError(f"{name}(shard_replicated=True) divides FSDP2-sharded parameters' state over the ranks, but "
-                         "none of its parameters is sharded: call fully_shard (leantune.shard_model) on the model "
-                         "before building the optimizer, or leave shard_replicated off.")
+    # Trainer + accelerate build the optimizer first and shard the model after (swapping in the DTensors): so this
+    # is checked again before the first step (``LowRankOptimizer._check_groups``), when it must hold
+    optimizer.divided_unsharded = bool(divided) and not any(is_sharded(p) for g in divided for p in g["params"])
     if any(is_sharded(p) for _, p in params):
         plain = [n for n, p in params if not is_sharded(p)]
         if plain:
@@ -336,4 +346,5 @@ def check_sharded_optimizer(optimizer: Any) -> None:
 
 
 __all__ = ["CommunicationLog", "RowShard", "ShardedProjector", "check_sharded_optimizer", "communication_log",
+           "refuse_divided_unsharded",
            "full_gradient", "is_sharded", "local", "norm_over_rows", "row_shard"]

@@ -24,7 +24,8 @@ import torch.multiprocessing as mp
 from tests.distributed.helpers import batches, gathered, tiny_llama
 from tests.distributed.test_trainer_ddp import _free_port
 
-NAMES = ["galore_adamw", "fira_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw", "galore_adamw8bit"]
+NAMES = ["galore_adamw", "fira_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw", "galore_adamw8bit",
+         "galore_adamw@divided", "galore_adamw@divided-bf16"]  # shard_replicated=True, in float64 and in bf16
 
 
 def _worker(rank: int, world: int, port: int, out: str, names: list[str], resume: bool, state_dict_type: str) -> None:
@@ -49,18 +50,20 @@ def _job(rank: int, world: int, out: str, name: str, resume: bool, state_dict_ty
     import leantune
     from leantune.optim import OptimizerConfig
 
+    name, _, variant = name.partition("@")
     eight_bit = name == "galore_adamw8bit"
+    dtype = torch.float32 if eight_bit else torch.bfloat16 if variant.endswith("bf16") else torch.float64
     ids = torch.cat(batches(6, batch=8)).tolist()
     train = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
-    run = Path(out) / name / (f"resumed-{world}" if resume else "whole")
+    run = Path(out) / (name + variant) / (f"resumed-{world}" if resume else "whole")
     args = TrainingArguments(output_dir=str(run), max_steps=4, per_device_train_batch_size=4 // world,
                              learning_rate=1e-2, max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=1,
                              save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, ddp_backend="gloo",
                              seed=0, data_seed=0, disable_tqdm=True)
-    kwargs = {"min_8bit_size": 16} if eight_bit else {}
+    kwargs = {"min_8bit_size": 16} if eight_bit else {"shard_replicated": True} if variant.startswith("divided") else {}
     callback = leantune.LeanTuneCallback(verbose=False, optimizer=OptimizerConfig(
         name, rank=4, update_proj_gap=2, optimizer_kwargs=kwargs))
-    trainer = Trainer(model=tiny_llama(torch.float32 if eight_bit else torch.float64), args=args, train_dataset=train)
+    trainer = Trainer(model=tiny_llama(dtype), args=args, train_dataset=train)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                             state_dict_type=state_dict_type,
                                             transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
@@ -75,8 +78,14 @@ def _job(rank: int, world: int, out: str, name: str, resume: bool, state_dict_ty
     for method in ("_load_from_checkpoint", "_load_optimizer_and_scheduler"):  # no callback event precedes these
         setattr(trainer, method, _after(as_on_gpus, getattr(trainer, method)))
     callback.setup(trainer)
-    trainer.train(resume_from_checkpoint=str(Path(out) / name / "whole" / "checkpoint-2") if resume else None)
+    checkpoint = Path(out) / (name + variant) / "whole" / "checkpoint-2"
+    trainer.train(resume_from_checkpoint=str(checkpoint) if resume else None)
     assert any(hasattr(p, "placements") for p in trainer.model.parameters())
+    if variant.startswith("divided"):  # the r × n state really is divided over the ranks
+        from leantune.optim.sharded_state import divided_keys
+
+        opt = trainer.optimizer.optimizer
+        assert any(divided_keys(p, g, opt.state[p]) for g in opt.param_groups for p in g["params"] if p in opt.state)
     return gathered(trainer.model.state_dict())
 
 
@@ -110,7 +119,8 @@ def test_trainer_fsdp2_resume_is_exact(tmp_path, state_dict_type):
     """Every row-local optimizer: saved and resumed by 2 processes through Trainer, bit for bit — with accelerate's
     sharded (DCP) checkpoints and with its full state dict (rank 0 writes it; loading broadcasts it from rank 0:
     leantune hands torch contiguous tensors, which torch 2.13's broadcast needs — an fp32 right-side P is
-    column-major — and puts loaded values back in the layout the state had)."""
+    column-major — and puts loaded values back in the layout the state had). ``@divided``: GaLore with
+    ``shard_replicated=True`` (its r × n state divided over the ranks), in float64 and bf16."""
     names = NAMES
     whole = _spawn(2, tmp_path, names, False, state_dict_type)
     resumed = _spawn(2, tmp_path, names, True, state_dict_type)
@@ -124,7 +134,8 @@ def test_trainer_fsdp2_resume_is_exact(tmp_path, state_dict_type):
 @pytest.mark.parametrize("world", [1, 4])
 def test_trainer_fsdp2_resumes_on_another_process_count(tmp_path, world):
     """Saved by 2 processes (sharded, DCP), resumed by 1 or 4: the uninterrupted 2-process run to 1e-10 (float64)."""
-    names = [n for n in NAMES if n != "galore_adamw8bit"]  # 8-bit blocks fall elsewhere on another count
+    # 8-bit blocks fall elsewhere on another count; bf16 does not equal another count's sums
+    names = [n for n in NAMES if n != "galore_adamw8bit" and not n.endswith("bf16")]
     whole = _spawn(2, tmp_path, names, False, "SHARDED_STATE_DICT")
     resumed = _spawn(world, tmp_path, names, True, "SHARDED_STATE_DICT")
     for name in names:

@@ -361,9 +361,19 @@ def test_gradnorm_lorp_bf16_step_is_the_fp32_step_rounded(projector):
                                           (FiraAdamW, "Fira's residual"),
                                           (GaLoreAdamW8bit, "8-bit blocks over divided columns")])
 def test_shard_replicated_refused_where_it_cannot_divide(cls, why):
-    """``shard_replicated=True`` divides FSDP2 state (tests/distributed/test_fsdp2_divided.py); without FSDP2, or for
-    a rule that needs the whole projected gradient, it is refused at construction, naming what to use."""
+    """``shard_replicated=True`` divides FSDP2 state (tests/distributed/test_fsdp2_divided.py); for a rule that needs
+    the whole projected gradient it is refused at construction, naming what to use; without FSDP2 before the first
+    step changes anything (Trainer + accelerate shard the model after building the optimizer)."""
     model = make_net()
     groups = make_param_groups(model, target_modules=TARGETS, rank=4)
+    if cls is not GaLoreAdamW:
+        with pytest.raises(ValueError, match=why):
+            cls(groups, shard_replicated=True)
+        return
+    opt = cls(groups, shard_replicated=True)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(ValueError, match=why):
-        cls(groups, shard_replicated=True)
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)) and not opt.state
