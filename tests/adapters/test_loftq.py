@@ -5,8 +5,10 @@ bitsandbytes NF4 base."""
 from __future__ import annotations
 
 import bitsandbytes.functional as bnbf
+import datasets
 import pytest
 import torch
+import transformers as T
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -14,6 +16,7 @@ import leantune
 from leantune._utils import LeanTuneError
 from leantune.adapters.loftq import int4_roundtrip, loftq, loftq_init, nf4_roundtrip, quantize_base_4bit, quantizer
 from leantune.kernels.l4q import served_weight
+from leantune.memory import MemoryConfig
 
 NF4_CODES = bnbf.get_4bit_type("nf4", device="cpu").tolist()  # bitsandbytes' 16 NF4 values
 
@@ -173,3 +176,35 @@ def test_loftq_hands_off_to_l4q(dtype):
         with torch.no_grad():  # the L4Q op on the handed-off values: x Ŵᵀ with Ŵ = FQ(Q_T + L_T R_T) in W0's dtype
             torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.quantized("default")[0]),
                                        rtol=0, atol=0)
+
+
+def test_loftq_on_a_4bit_base_with_memory_trains_and_resumes_through_trainer(tmp_path):
+    """The whole stack in bf16: LoftQ init → bitsandbytes NF4 base → LeanTuneCallback with every leantune.memory
+    technique → Trainer, checkpoint at step 2 of 4, resume_from_checkpoint: the adapter ends bit for bit where the
+    uninterrupted run does."""
+    ids = torch.randint(1, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    def trainer():
+        torch.manual_seed(0)
+        model = get_peft_model(LlamaForCausalLM._from_config(_tiny().config, dtype=torch.bfloat16),
+                               CONFIGS["ALLoRA"]())
+        loftq_init(model, iters=2, progress=False)
+        quantize_base_4bit(model, compute_dtype=torch.bfloat16)
+        args = T.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                   learning_rate=1e-2, save_strategy="steps", save_steps=2, report_to=[],
+                                   use_cpu=True, disable_tqdm=True, seed=0, logging_steps=1)
+        callback = leantune.LeanTuneCallback(memory=MemoryConfig.all(), verbose=False)
+        return callback.setup(T.Trainer(model=model, args=args, train_dataset=data))
+
+    def adapter(t):
+        return {n: p.detach().clone() for n, p in t.model.named_parameters() if p.requires_grad}
+
+    whole = trainer()
+    start = adapter(whole)
+    whole.train()
+    final = adapter(whole)
+    assert all(not torch.equal(final[n], start[n]) for n in final)
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert all(torch.equal(adapter(resumed)[n], final[n]) for n in final)
