@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,11 +24,20 @@ def _entry(rank: int, fn: Callable, init_file: str, out: str, args: tuple, world
     try:
         result = fn(rank, *args)
         torch.save(result, Path(out) / f"rank{rank}.pt")
-        # no rank tears its connections down while another still uses them (a gloo peer that vanishes mid-operation
-        # aborts the other process: one rare SIGABRT in a 4-process run)
-        dist.barrier()
+        dist.barrier()  # no rank tears its connections down while another still uses them
     finally:
         dist.destroy_process_group()
+    leave()
+
+
+def leave() -> None:
+    """End a worker that succeeded (its results are on disk) without the interpreter's teardown. There, C++ threads
+    torch and its rendezvous store keep (rank 0 hosts the TCP store) could be destroyed still joinable: "terminate
+    called without an active exception", a SIGABRT of a process whose work was done — seen about once per CI run
+    under load, in a different test each time."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(fn: Callable, tmp_path: Path, *args: Any, world: int = WORLD) -> list[Any]:

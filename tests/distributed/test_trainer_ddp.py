@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.distributed.helpers import WORLD, batches, gathered, tiny_llama
+from tests.distributed.helpers import WORLD, batches, gathered, leave, tiny_llama
 
 
 def _free_port() -> int:
@@ -37,6 +37,7 @@ def _worker(rank: int, fn, port: int, *args) -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    leave()
 
 
 def _run_trainer(rank: int, port: int, out: str, layerwise: bool, stack: str) -> None:

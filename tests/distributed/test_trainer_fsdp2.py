@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.distributed.helpers import batches, gathered, tiny_llama
+from tests.distributed.helpers import batches, gathered, leave, tiny_llama
 from tests.distributed.test_trainer_ddp import _free_port
 
 NAMES = ["galore_adamw", "fira_adamw", "dct_adamw", "dct_fira_adamw", "rsvd_galore_adamw", "galore_adamw8bit",
@@ -40,6 +40,7 @@ def _worker(rank: int, world: int, port: int, out: str, names: list[str], resume
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+    leave()
 
 
 def _job(rank: int, world: int, out: str, name: str, resume: bool, state_dict_type: str) -> dict:
