@@ -61,11 +61,17 @@ def stochastic_round(u: torch.Tensor, bits: Optional[int], generator: torch.Gene
     lo, hi = u.min(), u.max()
     step = ((hi - lo) / ((1 << bits) - 1)).clamp(min=torch.finfo(u.dtype).tiny)
     x = (u.sub_(lo) if inplace else u - lo).div_(step)
+    return _round_levels(x, generator).mul_(step).add_(lo)
+
+
+def _round_levels(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``⌊x⌋ + Bernoulli(x − ⌊x⌋)``, unbiased; x is consumed (overwritten by its fraction), so with the result and
+    the uniform draw at most three tensors of x's size and one of bools live at once."""
     floor = torch.floor(x)
     fraction = x.sub_(floor)
-    up = torch.rand(u.shape, generator=generator, device=u.device, dtype=u.dtype) < fraction
-    del x, fraction
-    return floor.add_(up).mul_(step).add_(lo)
+    up = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) < fraction
+    del fraction
+    return floor.add_(up)
 
 
 class QuZO(torch.optim.Optimizer):
@@ -198,11 +204,7 @@ class QuZO(torch.optim.Optimizer):
             coefficient = -lr * float(mu[query]) / self.queries / step
             target.add_(self._direction(p, index, query, 2).to(work), alpha=coefficient)
         gen = torch.Generator(device=p.device).manual_seed(_seed(self.seed, self.step_count, 0, index, 3))
-        floor = torch.floor(target)
-        fraction = target.sub_(floor)
-        up = torch.rand(p.shape, generator=gen, device=p.device, dtype=work) < fraction
-        del target, fraction
-        p.copy_(floor.add_(up).clamp_(-self._levels(), self._levels()).mul_(step))
+        p.copy_(_round_levels(target, gen).clamp_(-self._levels(), self._levels()).mul_(step))
 
 
 @dataclass
