@@ -41,6 +41,7 @@ from leantune.optim.sharded import (
     row_shard,
 )
 from leantune.optim.sharded_state import globalize
+from leantune.optim.state_init import is_init_step, write_stand_in
 from leantune.optim.step import ParamStep
 
 MOMENT_POLICIES = ("keep", "reset", "rotate")
@@ -101,6 +102,9 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         #: tests and benchmarks: compute every projected step by this path (a name of :meth:`path`'s rule) instead
         #: of the one the rule picks; None in normal use
         self.force_path: str | None = None
+        #: the state was written by torch.distributed.checkpoint's zero-gradient init step (``state_init.py``)
+        self.stand_in = False
+        self._init_step = False
         self._init_layerwise(layerwise, accumulation_steps)
         check_sharded_optimizer(self)
 
@@ -200,6 +204,10 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
             self._flush_layerwise()
         else:
             todo = [(p, group) for group in self.param_groups for p in group["params"] if self.grad_of(p) is not None]
+            if self.stand_in:  # a state written by the init step below and never loaded over: start afresh
+                self.state.clear()
+                self.stand_in = False
+            self._init_step = is_init_step(self, [self.grad_of(p) for p, _ in todo])
             plain = [(p, local(self.grad_of(p))) for p, group in todo if not self.is_low_rank(group, p)]
             finite = iter([])
             if plain:  # one pass and one sync for the finiteness check (projected ones: see _step_param)
@@ -211,7 +219,10 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
                 finite = iter(flags.tolist())
             for p, group in todo:
                 self._step_param(p, group, finite=None if self.is_low_rank(group, p) else next(finite))
-        if self.restarts is not None:
+        # torch.distributed.checkpoint's shape-only step (state_init.py) is not a step of training
+        init, self._init_step = self._init_step, False
+        self.stand_in = self.stand_in or init
+        if self.restarts is not None and not init:
             self.restarts.end_of_step(self)
         if self.offload is not None:
             self.offload.end_of_step()
@@ -235,6 +246,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
+        self.stand_in = False
         if self.offload is not None:
             self.offload.to_host_all()
 
@@ -296,13 +308,16 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
             coef = (max_norm / (norm_over_rows(grad, shard) + 1e-6)).clamp(max=1.0)
             grad = grad * coef
         state = self.state[key]
-        projector = None
+        projector, source = None, None
         if projected:
             projector = self.projector_for(state, group, key)
             if shard is not None:
                 projector = ShardedProjector(projector, shard, divide=bool(group.get("shard_replicated")))
             if projector.needs_refresh(state.get("step", 0)):
                 source = self.projection_source(p, grad, state, group)
+                if self._init_step and write_stand_in(projector, tuple(key.shape), source.dtype, source.device):
+                    source = None  # shape-only: no gathered gradient, no SVD, no random draw
+            if source is not None:
                 if shard is not None:  # the whole matrix, every T steps (every rank computes the same P from it)
                     source = full_gradient(key.grad) if source is grad else source
                     if max_norm:

@@ -249,14 +249,20 @@ class ShardedProjector(Projector):
         if self.rows_of_p and "proj_ortho" in self.state:
             self.state["proj_ortho"] = self._gathered_p("refresh")
         ok = self.inner.refresh(grad, step)
+        self.keep_own_rows(ok)
+        return ok
+
+    def keep_own_rows(self, fresh: bool = True) -> None:
+        """After the inner projector wrote a whole P: keep this rank's rows of a ``fresh`` left-side P, or (divided)
+        this rank's chunk of a right-side P's rows (the whole one serves this step)."""
         stored = self.state.get("proj_ortho")
-        if ok and stored is not None and not self.state["proj_right"] and stored.shape[0] == self.shard.full_shape[0]:
+        if fresh and stored is not None and not self.state["proj_right"] and \
+                stored.shape[0] == self.shard.full_shape[0]:
             self.state["proj_ortho"] = compact_like(stored[self.shard.start:self.shard.start + self.shard.rows])
         if stored is not None and self.rows_of_p:
             self._full = stored
             start, size = self.shard.chunk(stored.shape[0])
             self.state["proj_ortho"] = compact_like(stored[start:start + size])
-        return ok
 
     def matrix(self) -> torch.Tensor:
         if self.rows_of_p:

@@ -9,6 +9,8 @@ and resumed:
   bitwise equal on both ranks at save (SHA-256 of each);
 * by 1 and by 4 processes: the uninterrupted 1-process run to 1e-10 (2 and 4 processes equal 1 to rounding),
   also for a model whose 6-row k/v projections leave one of 4 ranks without rows (``@uneven``);
+* loading runs DSD's zero-gradient init step on the fresh optimizer shape-only: no projector refresh (nothing sent in
+  the "refresh" phase), the global RNG untouched (spec §6.6; ``tests/optim/test_state_init.py`` checks the shapes);
 * 8-bit GaLore (float32, bitsandbytes blocks): bit for bit on the same process count; on another count it follows
   (its blocks of 256 numbers fall elsewhere, so even uninterrupted runs differ by 8-bit rounding).
 
@@ -107,9 +109,13 @@ def _resume_run(rank: int, out: str, world: int, kind: str, names: list[str]) ->
         set_optimizer_state_dict,
     )
 
+    from leantune.optim.sharded import communication_log
+
     finals = {}
     for name in names:
         model, opt = _setup(name, world)
+        communication_log().reset()
+        rng = torch.get_rng_state()
         if kind == "dcp":
             dcp_load(model, opt, str(Path(out) / f"dcp-{name}"))
         else:
@@ -117,6 +123,10 @@ def _resume_run(rank: int, out: str, world: int, kind: str, names: list[str]) ->
             options = StateDictOptions(full_state_dict=True)
             set_model_state_dict(model, state["model"], options=options)
             set_optimizer_state_dict(model, opt, state["optim"], options=options)
+        # DSD's zero-gradient init step of the fresh optimizer (spec §6.6): shape-only, no refresh's all-gather of the
+        # gradients, the global RNG untouched (``leantune/optim/state_init.py``)
+        assert communication_log().bytes.get("refresh", 0) == 0, f"{name}: the init step refreshed projectors"
+        assert torch.equal(torch.get_rng_state(), rng), f"{name}: loading drew from the global RNG"
         _steps(model, opt, rank, world, SAVE_AT, STEPS)
         finals[name] = gathered(model.state_dict())
     return finals
