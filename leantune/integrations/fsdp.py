@@ -7,7 +7,8 @@ train separately on each rank (leantune's optimizers refuse that too).
 
 Refused before anything is sharded, naming the unit and the tensors: trainable parameters of different dtypes in
 one unit, which FSDP2 rejects only at the first forward ("uniform original parameter dtype") — e.g. a bf16 model
-whose adapter peft upcast to fp32 next to bf16 LayerNorms the adapter also trains (Compacter).
+whose adapter peft upcast to fp32 next to bf16 LayerNorms the adapter also trains (Compacter); and a
+bitsandbytes 8-bit base, which FSDP2 cannot shard (:func:`refuse_8bit_bases`; a 4-bit base shards).
 """
 
 from __future__ import annotations
@@ -28,8 +29,29 @@ def _trainable_dtypes(module: nn.Module, exclude: set[int]) -> dict[torch.dtype,
     return out
 
 
+def refuse_8bit_bases(model: nn.Module) -> None:
+    """Raise ``ValueError`` for a bitsandbytes 8-bit base (``Linear8bitLt``): it cannot be sharded by FSDP2.
+
+    Its quantization (the int8 codes' row scales ``SCB``, and ``CB``) lives on the ``Int8Params`` object. FSDP2
+    all-gathers the shards into a plain ``Parameter``, and ``Linear8bitLt.forward`` then fails reading
+    ``weight.CB`` (measured: bitsandbytes 0.50, 2 gloo processes). A 4-bit base keeps its state on the module, where
+    bitsandbytes puts it back (:func:`keep_quant_states`), so QLoRA shards. bitsandbytes' own 8-bit matmul also reads
+    the codes from the module's state, so the 8-bit weights would stay whole on every rank even if the attribute were
+    restored."""
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and hasattr(weight, "SCB") and hasattr(weight, "CB"):
+            raise ValueError(f"{name} has a bitsandbytes 8-bit weight (Linear8bitLt), which FSDP2 cannot shard: its "
+                             "quantization state lives on the Int8Params object that FSDP2 replaces by a plain "
+                             "Parameter (the forward fails on weight.CB). Quantize the base to 4 bits for FSDP2 "
+                             "(BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_storage=<the model's dtype>)), or "
+                             "train the 8-bit base under DDP or on one process.")
+
+
 def check_fsdp2_units(model: nn.Module, layers: nn.ModuleList | None = None) -> None:
-    """Raise ``ValueError`` if a unit of :func:`shard_model` would hold trainable parameters of several dtypes."""
+    """Raise ``ValueError`` if a unit of :func:`shard_model` would hold trainable parameters of several dtypes, or
+    the model has an 8-bit base (:func:`refuse_8bit_bases`)."""
+    refuse_8bit_bases(model)
     if layers is None:
         try:
             layers = find_layer_stack(model)
@@ -96,4 +118,4 @@ def shard_model(model: nn.Module, layers_attribute: str | None = None, **fully_s
     return model
 
 
-__all__ = ["check_fsdp2_units", "keep_quant_states", "shard_model"]
+__all__ = ["check_fsdp2_units", "keep_quant_states", "refuse_8bit_bases", "shard_model"]
