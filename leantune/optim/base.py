@@ -228,16 +228,18 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
             self.offload.end_of_step()
         return loss
 
-    def enable_offload(self, host: str = "cpu", device: str | torch.device | None = None) -> None:
+    def enable_offload(self, host: str = "cpu", device: str | torch.device | None = None,
+                       step_on: str = "auto") -> None:
         """Keep the optimizer state in ``host`` memory between updates (``offload.py``); ``device``: where updates
-        run (None: each parameter's device; tests: "cpu")."""
+        run (None: each parameter's device; tests: "cpu"); ``step_on``: "auto" (each update where fewer bytes move),
+        "device" or "host"."""
         if host not in OFFLOAD_TARGETS:
             raise ValueError(f"offload={host!r}: the state can be kept in {OFFLOAD_TARGETS} memory")
         if any(is_sharded(p) for group in self.param_groups for p in group["params"]):
             raise ValueError(f"{type(self).__name__}: offloading the optimizer state of FSDP2-sharded parameters is "
                              "not supported (each rank already keeps 1/N of it); use offload under DDP or one "
                              "process.")
-        self.offload = StateOffload(self, host, device)
+        self.offload = StateOffload(self, host, device, step_on)
 
     def state_dict(self) -> dict[str, Any]:
         if self.offload is not None:
@@ -284,14 +286,17 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         shard = row_shard(p)  # FSDP2: the update runs on this rank's rows (sharded.py)
         if self.offload is None:
             return self._step_local(p, p if shard is None else local(p), group, finite, shard)
+        if self.offload.runs_on_host(p, self.grad_of(p)):  # the gradient and weight go out, the state stays
+            with self.offload.on_host(p, self.grad_of(p)) as (weight, grad):
+                return self._step_local(p, weight, group, finite, shard, grad)
         with self.offload.on_device(p):  # the state comes in for this update and goes back after it
             return self._step_local(p, p, group, finite, shard)
 
     def _step_local(self, key: torch.Tensor, p: torch.Tensor, group: dict[str, Any], finite: bool | None,
-                    shard: Any) -> None:
+                    shard: Any, grad: torch.Tensor | None = None) -> None:
         """:meth:`_step_param` on ``p`` (``key``'s tensor, or its rows ``shard`` on this rank; ``key`` owns the
-        state)."""
-        grad = local(self.grad_of(key))
+        state; ``grad``: its gradient where it is not ``key``'s own, e.g. a host copy)."""
+        grad = local(self.grad_of(key)) if grad is None else grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (shape {tuple(p.shape)}).")
         projected = self.is_low_rank(group, key)

@@ -11,7 +11,7 @@ from torch import nn
 
 from leantune._validation import check_bool, check_choice, check_int, check_names, check_number, is_number
 from leantune.optim.base import MOMENT_POLICIES
-from leantune.optim.offload import OFFLOAD_TARGETS
+from leantune.optim.offload import OFFLOAD_TARGETS, STEP_PLACES
 from leantune.optim.param_groups import find_target_weights, make_param_groups
 from leantune.optim.projector_kinds import PROJECTOR_KINDS
 from leantune.optim.qgalore import quantize_weights
@@ -52,6 +52,7 @@ class OptimizerConfig:
     refactorize: bool = False  # rebalance LoRA/ALLoRA factor pairs at each reset
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"history_size": 4} or {"gamma": 1.01}
     offload: str | None = None  # "cpu": the state in host memory between updates (offload.py)
+    offload_step: str = "auto"  # with offload: where updates run ("auto": where fewer bytes move; "device"; "host")
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or self.name not in OPTIMIZERS:
@@ -86,6 +87,7 @@ class OptimizerConfig:
         check_bool(self, "refactorize")
         if self.offload is not None:
             check_choice(self, "offload", OFFLOAD_TARGETS)
+        check_choice(self, "offload_step", STEP_PLACES)
         if self.refactorize and self.reset_every is None:
             raise ValueError("OptimizerConfig.refactorize: weight refactorization runs at each momentum reset; set "
                              "reset_every=K as well (the paper uses one cycle length for both).")
@@ -162,7 +164,7 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig | str | dict[str, 
         optimizer.remove_hooks()
         optimizer = make()
     if config.offload is not None:
-        optimizer.enable_offload(config.offload)
+        optimizer.enable_offload(config.offload, step_on=config.offload_step)
     if config.reset_every is not None:
         pairs = None
         if config.refactorize:

@@ -9,8 +9,13 @@ gradients are ready: the order seen at one step is the prefetch order of the nex
 On CUDA the copies run on a side stream: the next parameter's state is copied host → device while the current one
 steps, and a stepped parameter's state is copied device → host after an event on the compute stream, so neither
 waits on the other unless a copy is late (ZeRO-Offload, arXiv 2101.06840, keeps the state on the host too, but steps
-it there; "Deep Optimizer States", arXiv 2410.21316, moves part of it to the GPU per step: here every update runs
-on the device, whose step is cheaper for the low-rank states of a 7B model than a host step, spec §3.4).
+it there; "Deep Optimizer States", arXiv 2410.21316, moves part of it to the GPU per step).
+
+Where the step itself is cheaper on the host, it runs there (``step_on="auto"``, the default; :func:`host_is_cheaper`):
+the gradient and the weight go to the host, the update runs there on the host state in place, and the weight comes
+back — for a plain parameter with fp32 Adam moments that moves 12 bytes a number instead of 16. A projected
+parameter's low-rank state is smaller than its gradient, so it steps on the device (spec §3.4). ``"device"`` and
+``"host"`` force one side.
 
 Everything that reads the state keeps working because ``optimizer.state`` always holds the host copies between
 updates: ``state_dict`` (after the pending copies are waited for), ``load_state_dict`` (the loaded state is moved
@@ -30,6 +35,20 @@ from typing import Any, Iterator
 import torch
 
 OFFLOAD_TARGETS = ("cpu",)
+#: where an offloaded parameter's update runs: on its device (the state comes in), on the host (the gradient and the
+#: weight go out), or "auto": the side that moves fewer bytes (:func:`host_is_cheaper`)
+STEP_PLACES = ("auto", "device", "host")
+
+
+def host_is_cheaper(state_bytes: int, param_bytes: int, grad_bytes: int) -> bool:
+    """Whether stepping on the host moves fewer bytes over the bus than stepping on the device.
+
+    On the device the state comes in and goes back (2·S); on the host the gradient goes out and the weight goes out
+    and back (G + 2·W). So the host wins for state larger than G/2 + W: a plain (unprojected) parameter with fp32
+    Adam moments (S = 8 bytes a number against G + 2W = 12 for fp32 weights: 16 > 12), the ZeRO-Offload case
+    (arXiv 2101.06840). A projected parameter's state (r × n moments and P) is far smaller than its gradient, and
+    8-bit or bf16 moments of a bf16 weight (S = 2 or 4 bytes a number against 6) stay on the device."""
+    return 2 * state_bytes > grad_bytes + 2 * param_bytes
 
 
 def _tensor_bytes(state: dict[str, Any]) -> int:
@@ -47,10 +66,14 @@ class StateOffload:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, host: str | torch.device = "cpu",
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, step_on: str = "auto") -> None:
+        if step_on not in STEP_PLACES:
+            raise ValueError(f"offload step_on={step_on!r}, expected one of {STEP_PLACES}")
         self.optimizer = optimizer
         self.host = torch.device(host)
         self.device = None if device is None else torch.device(device)
+        self.step_on = step_on
+        self.host_steps = 0  # updates that ran on the host (for tests and the ledger)
         self._order: list[torch.Tensor] = []  # the update order of the last step (prefetch order)
         self._seen: list[torch.Tensor] = []
         self._position: dict[int, int] = {}  # id(parameter) -> its place in _order (tensors compare by value)
@@ -104,6 +127,45 @@ class StateOffload:
             event.synchronize()
 
     # ---- the update ----------------------------------------------------------------------------------------------
+    def runs_on_host(self, p: torch.Tensor, grad: torch.Tensor | None = None) -> bool:
+        """Where ``p``'s update runs (``step_on``; "auto": :func:`host_is_cheaper` with the state it holds, or before
+        its first update the state it will create). INT8 weights (Q-GaLore) always step on the device:
+        their update requantizes into the layer that owns the codes."""
+        if self.step_on == "device" or not p.is_floating_point():
+            return False
+        if self.step_on == "host":
+            return True
+        state = _tensor_bytes(self.optimizer.state.get(p, {})) or self._expected_state_bytes(p)
+        grad_bytes = p.numel() * (p.element_size() if grad is None else grad.element_size())
+        return host_is_cheaper(state, p.numel() * p.element_size(), grad_bytes)
+
+    def _expected_state_bytes(self, p: torch.Tensor) -> int:
+        """The state ``p``'s first update creates, as the rule reads it before that update: a projected parameter's
+        (small: counted 0), else one moment per ``moment_keys`` of ``p``'s size in its dtype (8-bit and factored
+        moments are smaller: from the first update on the real bytes are read)."""
+        opt = self.optimizer
+        if any(opt.is_low_rank(g, p) for g in opt.param_groups if any(q is p for q in g["params"])):
+            return 0
+        return len(getattr(opt, "moment_keys", ("exp_avg", "exp_avg_sq"))) * p.numel() * p.element_size()
+
+    @contextlib.contextmanager
+    def on_host(self, p: torch.Tensor, grad: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """During the block: host copies of ``p`` and ``grad`` (same strides) to step with the host state in place;
+        afterwards the stepped weight is copied back into ``p``. On the CPU (tests) the copies are separate tensors,
+        so the bookkeeping runs as on a GPU and the arithmetic is the device's own."""
+        self._wait_written(p)  # its state's last device → host copy (it stepped on the device before)
+        fetched = self._prefetched.pop(p, None)
+        if fetched is not None:  # prefetched as the next in order, but it steps here
+            self._count(-_tensor_bytes(fetched[0]))
+        weight, gradient = self._to_host(p.detach(), None), self._to_host(grad, None)
+        if p.is_cuda:
+            torch.cuda.current_stream(p.device).synchronize()  # the host reads them next
+        yield weight, gradient
+        p.detach().copy_(weight, non_blocking=p.is_cuda)  # pinned: the copy may run on while the host goes on
+        self.host_steps += 1
+        self._seen.append(p)
+        self._prefetch_after(p)
+
     @contextlib.contextmanager
     def on_device(self, p: torch.Tensor) -> Iterator[None]:
         """During the block, ``optimizer.state[p]`` holds device tensors; afterwards host ones again, the device
@@ -149,7 +211,7 @@ class StateOffload:
         i = self._position.get(id(p), -1) + 1
         if 0 < i < len(self._order):
             nxt = self._order[i]
-            if nxt not in self._prefetched and self.optimizer.state.get(nxt):
+            if nxt not in self._prefetched and self.optimizer.state.get(nxt) and not self.runs_on_host(nxt):
                 fetched = self._copy_in(nxt)
                 self._prefetched[nxt] = fetched
                 self._count(_tensor_bytes(fetched[0]))

@@ -34,6 +34,7 @@ from leantune.kernels.int8_linear import is_int8_weight
 from leantune.memory import MemoryConfig, apply, enable_checkpointing
 from leantune.optim import OPTIMIZERS, OptimizerConfig, QuZOConfig
 from leantune.optim.config import quantize_model_weights
+from leantune.optim.offload import host_is_cheaper
 from leantune.optim.param_groups import find_target_weights
 from leantune.patching.state import state_of
 from leantune.plan.estimate import (
@@ -187,10 +188,16 @@ def plan(model: str | dict, seq: int = 512, batch: int = 1, dtype: str = "bf16",
                              "--optimizer (e.g. galore_adamw8bit:rank=1024,layerwise=true)")
         # the stepping parameter's state and the prefetched next one's, in backward order (the reverse of the
         # parameters' order, as their gradients become ready)
+        # (offload_step="auto": a parameter whose update moves fewer bytes on the host steps there, its state never
+        # on the GPU — leantune.optim.offload.host_is_cheaper)
         per_param = [_optimizer_state(net, optimizer_name, optimizer_options, [p]) for p in reversed(trainable)]
+        per_param = [0 if p.is_floating_point() and host_is_cheaper(s, p.numel() * p.element_size(),
+                                                                    grad_bytes(p, compute)) else s
+                     for s, p in zip(per_param, reversed(trainable))]
         on_gpu = max((a + b for a, b in zip(per_param, per_param[1:])), default=sum(per_param))
         notes.append(f"optimizer state on the host: {state / 1e9:.2f} GB (pinned); on the GPU at most "
-                     f"{on_gpu / 1e9:.2f} GB (two consecutive parameters' state)")
+                     f"{on_gpu / 1e9:.2f} GB (two consecutive parameters' state; parameters whose update is "
+                     "cheaper on the host step there)")
         state = on_gpu
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     inputs = {"input_ids": ids, "labels": ids if task == "CAUSAL_LM" else torch.zeros(batch, dtype=torch.long,

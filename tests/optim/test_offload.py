@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from leantune.optim import OptimizerConfig, build_optimizer, optimizer_state_bytes
+from leantune.optim.offload import STEP_PLACES, host_is_cheaper
 from tests.optim.helpers import batches, loss_fn, make_net, rank_options
 
 NAMES = ["galore_adamw", "galore_adamw8bit", "fira_adamw", "apollo_adamw", "galore_adafactor", "q_galore_adamw8bit",
          "conda_adamw"]
 
 
-def _build(name, layerwise, offload, accumulation=1):
+def _build(name, layerwise, offload, accumulation=1, step_on="auto"):
     model = make_net()
     opt = build_optimizer(model, OptimizerConfig(
         name, **rank_options(name, 4), update_proj_gap=2, lr=1e-2, layerwise=layerwise, offload=offload,
+        offload_step=step_on,
         max_grad_norm_per_param=0.5, accumulation_steps=accumulation if layerwise else 1,
         optimizer_kwargs={"min_8bit_size": 64} if name.endswith("8bit") else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
@@ -46,13 +48,16 @@ def _state_equal(a, b):
             assert torch.equal(value, other) if torch.is_tensor(value) else value == other, (pid, key)
 
 
+@pytest.mark.parametrize("step_on", STEP_PLACES)
 @pytest.mark.parametrize("layerwise", [False, True], ids=["step", "layerwise"])
 @pytest.mark.parametrize("name", NAMES)
-def test_offloaded_equals_on_device_bit_for_bit(name, layerwise):
+def test_offloaded_equals_on_device_bit_for_bit(name, layerwise, step_on):
+    """Bitwise the run without offload wherever the updates run: on the device (the state comes in), on the host
+    (the gradient and weight go out), or each where fewer bytes move ("auto")."""
     accumulation = 2
     data = batches(12)
     ref = _build(name, layerwise, None, accumulation)
-    off = _build(name, layerwise, "cpu", accumulation)
+    off = _build(name, layerwise, "cpu", accumulation, step_on)
     assert off[1].offload is not None and ref[1].offload is None
     _train(*ref, data, accumulation)
     _train(*off, data, accumulation)
@@ -63,9 +68,25 @@ def test_offloaded_equals_on_device_bit_for_bit(name, layerwise):
     assert ledger["device_bytes"] == 0  # between steps everything is on the host
     assert ledger["host_bytes"] == sum(v.numel() * v.element_size() for s in ref[1].state.values()
                                        for v in s.values() if torch.is_tensor(v))
-    largest = max(sum(v.numel() * v.element_size() for v in s.values() if torch.is_tensor(v))
-                  for s in ref[1].state.values())
-    assert 0 < ledger["peak_device_bytes"] <= 2 * largest  # the stepping parameter and the prefetched next one
+
+    def nbytes(state):
+        return sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+
+    # the rule, from the final state: which parameters step on the device ("auto" decides by the bytes moved)
+    device_side = [p for p in ref[1].state if step_on == "device" or not p.is_floating_point() or (
+        step_on == "auto" and not host_is_cheaper(nbytes(ref[1].state[p]), p.numel() * p.element_size(),
+                                                  p.numel() * p.element_size()))]
+    largest = max((nbytes(ref[1].state[p]) for p in device_side), default=0)
+    # the stepping parameter and the prefetched next one (a device-side parameter's first update may have come
+    # before "auto" knew its state's size: bounded by the largest state)
+    bound = 2 * max(largest, max(nbytes(s) for s in ref[1].state.values()) if step_on == "auto" else 0)
+    assert ledger["peak_device_bytes"] <= bound
+    if step_on == "host":
+        assert ledger["peak_device_bytes"] == 0 or any(not p.is_floating_point() for p in ref[1].state)
+    if step_on == "device":
+        assert 0 < ledger["peak_device_bytes"] and off[1].offload.host_steps == 0
+    if len(device_side) < len(ref[1].state):
+        assert off[1].offload.host_steps > 0
 
 
 def test_state_lives_in_host_tensors_between_updates_and_prefetch_follows_the_last_order():
@@ -131,3 +152,38 @@ def test_offload_refusals():
     opt = build_optimizer(model, OptimizerConfig("galore_adamw", rank=4))
     with pytest.raises(ValueError, match="can be kept in"):
         opt.enable_offload("disk")
+
+
+def test_host_is_cheaper_counts_the_bytes_each_side_moves():
+    """2·S (the state in and back) against G + 2·W (the gradient out, the weight out and back), by hand."""
+    n = 1000
+    assert host_is_cheaper(2 * 4 * n, 4 * n, 4 * n)  # fp32 Adam moments of an fp32 weight: 16n > 12n
+    assert not host_is_cheaper(2 * 1 * n + 8 * (n // 256), 2 * n, 2 * n)  # 8-bit moments of a bf16 weight: ~4n < 6n
+    assert host_is_cheaper(2 * 2 * n, 2 * n, 2 * n)  # bf16 moments of a bf16 weight: 8n > 6n
+    assert not host_is_cheaper(2 * 4 * 8 * 40 + 4 * 8 * 40, 4 * 40 * 40, 4 * 40 * 40)  # rank-8 state of 40×40
+    assert not host_is_cheaper(6, 3, 6)  # equal bytes: stays on the device
+
+
+def test_auto_steps_plain_fp32_parameters_on_the_host_and_projected_ones_on_the_device():
+    model, opt, sched = _build("galore_adamw", False, "cpu", step_on="auto")
+    off = opt.offload
+    where = {}
+    on_host, on_device = off.on_host, off.on_device
+
+    def spy_host(p, grad):
+        where[id(p)] = "host"
+        return on_host(p, grad)
+
+    def spy_device(p):
+        where[id(p)] = "device"
+        return on_device(p)
+
+    off.on_host, off.on_device = spy_host, spy_device
+    _train(model, opt, sched, batches(3))
+    projected = {id(model.up.weight), id(model.mid.weight), id(model.down.weight)}
+    for name, p in model.named_parameters():
+        assert where[id(p)] == ("device" if id(p) in projected else "host"), name
+    largest = max(sum(v.numel() * v.element_size() for v in opt.state[p].values() if torch.is_tensor(v))
+                  for p in model.parameters() if id(p) in projected)
+    assert 0 < off.ledger()["peak_device_bytes"] <= 2 * largest  # the host-stepped Adam states never came in
+    assert off.host_steps == 3 * (len(list(model.parameters())) - 3)

@@ -269,11 +269,14 @@ def test_budget_memory_spec_is_checked():
             plan(LLAMA, seq=64, memory=bad)
 
 
-def test_offloaded_optimizer_state_prediction_matches_the_ledger():
+@pytest.mark.parametrize("optimizer", ["galore_adamw8bit:rank=64,layerwise=true", "galore_adamw:rank=64,layerwise=true"],
+                         ids=["8bit", "fp32-moments"])
+def test_offloaded_optimizer_state_prediction_matches_the_ledger(optimizer):
     """``--offload-optimizer``: the GPU holds two consecutive parameters' state (stepping, next one prefetched) and
     the host the rest; against a measured per-layer run with ``OptimizerConfig(offload="cpu")`` on the CPU (its
-    ledger counts the "device" copies): the device peak within the prediction's 10%, the host bytes within 5%."""
-    optimizer = "galore_adamw8bit:rank=64,layerwise=true"
+    ledger counts the "device" copies): the device peak within the prediction's 10%, the host bytes within 5%.
+    With fp32 moments the embedding's, head's and norms' updates are cheaper on the host (offload_step="auto"):
+    their state never comes to the device, and the prediction leaves it out too."""
     kept = plan(LLAMA, seq=64, batch=2, dtype="fp32", optimizer=optimizer, device="cpu")
     off = plan(LLAMA, seq=64, batch=2, dtype="fp32", optimizer=optimizer, device="cpu", offload_optimizer=True)
     assert off.optimizer_state < kept.optimizer_state and off.peak < kept.peak  # (embedding + head dominate here)
@@ -289,7 +292,13 @@ def test_offloaded_optimizer_state_prediction_matches_the_ledger():
         opt.zero_grad(set_to_none=True)
     ledger = opt.offload.ledger()
     assert ledger["peak_device_bytes"] <= off.optimizer_state
-    assert ledger["peak_device_bytes"] == pytest.approx(off.optimizer_state, rel=0.10)
+    if "8bit" in optimizer:  # the pair is the head's state and a norm's
+        assert ledger["peak_device_bytes"] == pytest.approx(off.optimizer_state, rel=0.10)
+    else:
+        # the pair is two equal MLP states (down_proj then up_proj); on the CPU the ledger holds one at a time (the
+        # write-back is synchronous), on CUDA the previous one's device copy lives until its side-stream copy ends
+        assert off.optimizer_state == pytest.approx(2 * ledger["peak_device_bytes"], rel=0.10)
+        assert opt.offload.host_steps > 0
     assert ledger["host_bytes"] == pytest.approx(kept.optimizer_state, rel=0.05)
     with pytest.raises(ValueError, match="leantune optimizer"):
         plan(LLAMA, optimizer="adamw", offload_optimizer=True)
