@@ -20,8 +20,10 @@ parameter's low-rank state is smaller than its gradient, so it steps on the devi
 Everything that reads the state keeps working because ``optimizer.state`` always holds the host copies between
 updates: ``state_dict`` (after the pending copies are waited for), ``load_state_dict`` (the loaded state is moved
 back to the host), LR schedulers (the learning rate is read when the update runs), per-parameter clipping, gradient
-accumulation, DDP and ``resume_from_checkpoint``. The computation is the same as without offload, so weights and
-state are bitwise equal (tested on the CPU, where the "device" copies are separate tensors and the bookkeeping runs).
+accumulation, DDP and ``resume_from_checkpoint``. A device step computes as without offload, so weights and state
+are bitwise equal; a host step runs the same update with the host's kernels, which on a GPU machine round otherwise
+than the GPU's (to fp32 rounding; DDP ranks still agree: they all step the same parameters on the same side). On the
+CPU, where the tests run with separate "device" copies, every setting is bitwise equal to no offload.
 
 :meth:`StateOffload.ledger` says what each side holds: bytes on the host, bytes on the device now, and the device's
 peak since the last reset.
