@@ -208,6 +208,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
                 self.state.clear()
                 self.stand_in = False
             self._init_step = is_init_step(self, [self.grad_of(p) for p, _ in todo])
+            self.stand_in = self._init_step  # before any state is written: an error halfway leaves the mark
             plain = [(p, local(self.grad_of(p))) for p, group in todo if not self.is_low_rank(group, p)]
             finite = iter([])
             if plain:  # one pass and one sync for the finiteness check (projected ones: see _step_param)
@@ -221,7 +222,6 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
                 self._step_param(p, group, finite=None if self.is_low_rank(group, p) else next(finite))
         # torch.distributed.checkpoint's shape-only step (state_init.py) is not a step of training
         init, self._init_step = self._init_step, False
-        self.stand_in = self.stand_in or init
         if self.restarts is not None and not init:
             self.restarts.end_of_step(self)
         if self.offload is not None:
@@ -357,7 +357,7 @@ class LowRankOptimizer(LayerwiseMixin, StateLoadingMixin, Optimizer):
         total = R.sum(dtype=torch.float64 if R.dtype == torch.float64 else torch.float32)
         finite = bool(torch.isfinite(total)) or bool(torch.isfinite(R).all())
         if shard is not None and projector.spread:  # R's rows (or divided columns) are spread over ranks
-            finite = self._all_ranks(torch.tensor(finite), shard)  # all skip or none
+            finite = self._all_ranks(torch.tensor(finite, device=R.device), shard)  # all skip or none (NCCL: CUDA)
         if not finite:
             raise _NonFiniteProjection
         return R

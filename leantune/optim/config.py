@@ -88,6 +88,9 @@ class OptimizerConfig:
         if self.offload is not None:
             check_choice(self, "offload", OFFLOAD_TARGETS)
         check_choice(self, "offload_step", STEP_PLACES)
+        if self.offload is None and self.offload_step != "auto":
+            raise ValueError(f"OptimizerConfig.offload_step={self.offload_step!r} says where offloaded updates run; "
+                             "set offload='cpu' as well (without offload every update runs on the device).")
         if self.refactorize and self.reset_every is None:
             raise ValueError("OptimizerConfig.refactorize: weight refactorization runs at each momentum reset; set "
                              "reset_every=K as well (the paper uses one cycle length for both).")

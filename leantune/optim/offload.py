@@ -13,9 +13,10 @@ it there; "Deep Optimizer States", arXiv 2410.21316, moves part of it to the GPU
 
 Where the step itself is cheaper on the host, it runs there (``step_on="auto"``, the default; :func:`host_is_cheaper`):
 the gradient and the weight go to the host, the update runs there on the host state in place, and the weight comes
-back — for a plain parameter with fp32 Adam moments that moves 12 bytes a number instead of 16. A projected
-parameter's low-rank state is smaller than its gradient, so it steps on the device (spec §3.4). ``"device"`` and
-``"host"`` force one side.
+back. :func:`host_is_cheaper` counts the bytes each side moves over the bus and through the host's memory: fp32 Adam
+moments of a bf16 weight step on the host (ZeRO-Offload's case), while moments in the weight's dtype, 8-bit moments
+and low-rank states step on the device, i.e. nearly every parameter of leantune's optimizers (spec §3.4).
+``"device"`` and ``"host"`` force one side.
 
 Everything that reads the state keeps working because ``optimizer.state`` always holds the host copies between
 updates: ``state_dict`` (after the pending copies are waited for), ``load_state_dict`` (the loaded state is moved
@@ -42,15 +43,23 @@ OFFLOAD_TARGETS = ("cpu",)
 STEP_PLACES = ("auto", "device", "host")
 
 
-def host_is_cheaper(state_bytes: int, param_bytes: int, grad_bytes: int) -> bool:
-    """Whether stepping on the host moves fewer bytes over the bus than stepping on the device.
+def host_is_cheaper(state_bytes: int, param_bytes: int, grad_bytes: int, bandwidth_ratio: float = 3.0) -> bool:
+    """Whether a parameter's update takes less time on the host than on the device, counting bytes moved.
 
-    On the device the state comes in and goes back (2·S); on the host the gradient goes out and the weight goes out
-    and back (G + 2·W). So the host wins for state larger than G/2 + W: a plain (unprojected) parameter with fp32
-    Adam moments (S = 8 bytes a number against G + 2W = 12 for fp32 weights: 16 > 12), the ZeRO-Offload case
-    (arXiv 2101.06840). A projected parameter's state (r × n moments and P) is far smaller than its gradient, and
-    8-bit or bf16 moments of a bf16 weight (S = 2 or 4 bytes a number against 6) stay on the device."""
-    return 2 * state_bytes > grad_bytes + 2 * param_bytes
+    Device step: the state comes in and goes back over the bus, 2·S bytes (the compute there is free by comparison).
+    Host step: the gradient goes out and the weight out and back, G + 2·W bytes over the bus, and the host's update
+    streams the state in and out plus G and W through its memory, (2·S + G + 2·W) bytes at ``bandwidth_ratio``
+    times the bus's rate (host memory ≈ 75 GB/s over PCIe 4.0 ≈ 25 GB/s: 3). So the host wins when
+    (G + 2W)(k + 1) < 2S(k − 1), with k = ``bandwidth_ratio``; at k = 3 when S > G + 2W.
+
+    By that rule fp32 Adam moments of a bf16 weight (S = 8 bytes a number against 6) step on the host, as in
+    ZeRO-Offload (arXiv 2101.06840). Moments in the weight's dtype (S = 2 numbers against 3), 8-bit moments and any
+    projected parameter's low-rank state step on the device: for leantune's optimizers that is nearly every
+    parameter. ``bandwidth_ratio=inf`` counts the bus alone (2·S > G + 2·W)."""
+    k = float(bandwidth_ratio)
+    if k == float("inf"):
+        return 2 * state_bytes > grad_bytes + 2 * param_bytes
+    return (grad_bytes + 2 * param_bytes) * (k + 1) < 2 * state_bytes * (k - 1)
 
 
 def _tensor_bytes(state: dict[str, Any]) -> int:
@@ -68,13 +77,14 @@ class StateOffload:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, host: str | torch.device = "cpu",
-                 device: str | torch.device | None = None, step_on: str = "auto") -> None:
+                 device: str | torch.device | None = None, step_on: str = "auto", bandwidth_ratio: float = 3.0) -> None:
         if step_on not in STEP_PLACES:
             raise ValueError(f"offload step_on={step_on!r}, expected one of {STEP_PLACES}")
         self.optimizer = optimizer
         self.host = torch.device(host)
         self.device = None if device is None else torch.device(device)
         self.step_on = step_on
+        self.bandwidth_ratio = bandwidth_ratio  # host memory over bus bandwidth, for "auto" (host_is_cheaper)
         self.host_steps = 0  # updates that ran on the host (for tests and the ledger)
         self._order: list[torch.Tensor] = []  # the update order of the last step (prefetch order)
         self._seen: list[torch.Tensor] = []
@@ -103,7 +113,7 @@ class StateOffload:
         ``t``'s strides: a moment stored transposed must come back transposed, or the next step's GEMM reads it in
         the other layout, which on some CPUs (AMD EPYC with MKL) rounds differently from the run without offload."""
         if into is None or into.shape != t.shape or into.stride() != t.stride() or into.dtype != t.dtype or \
-                into.device != self.host:
+                into.device != self.host or (t.is_cuda and not into.is_pinned()):  # (state a host step created)
             into = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=self.host, pin_memory=t.is_cuda)
         into.copy_(t, non_blocking=t.is_cuda)
         return into
@@ -139,16 +149,21 @@ class StateOffload:
             return True
         state = _tensor_bytes(self.optimizer.state.get(p, {})) or self._expected_state_bytes(p)
         grad_bytes = p.numel() * (p.element_size() if grad is None else grad.element_size())
-        return host_is_cheaper(state, p.numel() * p.element_size(), grad_bytes)
+        return host_is_cheaper(state, p.numel() * p.element_size(), grad_bytes, self.bandwidth_ratio)
 
     def _expected_state_bytes(self, p: torch.Tensor) -> int:
-        """The state ``p``'s first update creates, as the rule reads it before that update: a projected parameter's
-        (small: counted 0), else one moment per ``moment_keys`` of ``p``'s size in its dtype (8-bit and factored
-        moments are smaller: from the first update on the real bytes are read)."""
+        """The state ``p``'s first update creates, as the rule reads it before that update: the optimizer's
+        ``state_bytes`` formula, the one ``leantune plan`` uses (``optim/spec.py``); from the first update on the
+        real bytes are read."""
+        from leantune.optim.spec import OPTIMIZERS  # local: spec imports the optimizers, which import this module
+
         opt = self.optimizer
-        if any(opt.is_low_rank(g, p) for g in opt.param_groups if any(q is p for q in g["params"])):
-            return 0
-        return len(getattr(opt, "moment_keys", ("exp_avg", "exp_avg_sq"))) * p.numel() * p.element_size()
+        spec = next((sp for sp in OPTIMIZERS.values() if type(opt) is sp.cls), None)
+        group = next((g for g in opt.param_groups if any(q is p for q in g["params"])), {})
+        if spec is None:  # another optimizer: Adam-like moments of p's size
+            return 2 * p.numel() * p.element_size()
+        return spec.state_bytes(tuple(p.shape), group.get("rank"), p.dtype, projected=opt.is_low_rank(group, p),
+                                projector=group.get("projector"), options=group)
 
     @contextlib.contextmanager
     def on_host(self, p: torch.Tensor, grad: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -162,11 +177,13 @@ class StateOffload:
         weight, gradient = self._to_host(p.detach(), None), self._to_host(grad, None)
         if p.is_cuda:
             torch.cuda.current_stream(p.device).synchronize()  # the host reads them next
-        yield weight, gradient
-        p.detach().copy_(weight, non_blocking=p.is_cuda)  # pinned: the copy may run on while the host goes on
-        self.host_steps += 1
-        self._seen.append(p)
-        self._prefetch_after(p)
+        try:
+            yield weight, gradient
+            p.detach().copy_(weight, non_blocking=p.is_cuda)  # pinned: the copy may run on while the host goes on
+            self.host_steps += 1
+        finally:
+            self._seen.append(p)
+            self._prefetch_after(p)
 
     @contextlib.contextmanager
     def on_device(self, p: torch.Tensor) -> Iterator[None]:

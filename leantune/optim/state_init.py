@@ -7,15 +7,18 @@ For a low-rank optimizer a real first step refreshes every projector. Under FSDP
 sharded gradient, i.e. of the whole model on every rank, and an SVD of each matrix. That is minutes for a 7B model,
 for a state the load overwrites at once.
 
-That step is recognised here (:func:`is_init_step`: no state, lr 0 in every group, every gradient zero, on every rank)
-and runs shape-only (:func:`write_stand_in`). Each projector writes a stand-in basis, the first rows or columns of the
-identity, with the shape, dtype and memory layout its refresh would write. It does not read the gradient, communicate
-or draw a random number, so the global RNG is unchanged. The layout matters: a loaded state is put back in the layout
-the state has (``checkpoint.py``), and CPU GEMMs round by layout. The update rule then creates the moments with their
-shapes; with lr 0 and a zero gradient the weights do not change.
+That step is recognised here (:func:`is_init_step`: no state, lr 0 in every group, every gradient zero, on every rank:
+one pass over the local gradients and a one-byte all-reduce) and runs shape-only (:func:`write_stand_in`). Each
+projector writes a stand-in basis, the first rows or columns of the identity, with the shape, dtype and memory layout
+its refresh would write: no all-gather of the gradient, no decomposition, no random draw, so the global RNG is
+unchanged (the layout comes from a 3 × 2 SVD, once per device type). The layout matters: a loaded state is put back
+in the layout the state has (``checkpoint.py``), and CPU GEMMs round by layout. The update rule then creates the
+moments with their shapes; with lr 0 and a zero gradient the weights do not change.
 
-The optimizer then holds a stand-in state (``LowRankOptimizer.stand_in``). A load replaces it. A real step that finds
-it still there drops it first, so training after a save of an unstepped optimizer is the training without that save.
+The optimizer then holds a stand-in state (``LowRankOptimizer.stand_in``, set before the first parameter's, so an
+error halfway leaves it set). A load replaces it. A real step that finds it still there drops it first, so training
+on after saving an unstepped optimizer is the training without that save. (The mark is not saved: resuming from a
+checkpoint of a never-stepped optimizer starts from the stand-in bases until the first refresh.)
 Projector kinds with more state than a basis (Q-GaLore's lazy INT4 projector) take the real refresh.
 """
 
@@ -46,7 +49,8 @@ def is_init_step(optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) ->
         return False
     if any(float(g.get("lr", 0.0)) != 0.0 for g in optimizer.param_groups):
         return False
-    zero = torch.tensor(all(not bool(local(g).any()) for g in grads))
+    # on the gradients' device: an NCCL group reduces CUDA tensors only
+    zero = torch.tensor(all(not bool(local(g).any()) for g in grads), device=local(grads[0]).device)
     shard = next((s for s in (row_shard(p) for g in optimizer.param_groups for p in g["params"]) if s is not None),
                  None)
     return bool(zero if shard is None else all_ranks_true(zero.reshape(1), shard))

@@ -75,7 +75,7 @@ def test_offloaded_equals_on_device_bit_for_bit(name, layerwise, step_on):
     # the rule, from the final state: which parameters step on the device ("auto" decides by the bytes moved)
     device_side = [p for p in ref[1].state if step_on == "device" or not p.is_floating_point() or (
         step_on == "auto" and not host_is_cheaper(nbytes(ref[1].state[p]), p.numel() * p.element_size(),
-                                                  p.numel() * p.element_size()))]
+                                                  p.numel() * p.element_size(), off[1].offload.bandwidth_ratio))]
     largest = max((nbytes(ref[1].state[p]) for p in device_side), default=0)
     # the stepping parameter and the prefetched next one (a device-side parameter's first update may have come
     # before "auto" knew its state's size: bounded by the largest state)
@@ -148,6 +148,10 @@ def test_offload_in_trainer_resumes_bit_exact(tmp_path):
 def test_offload_refusals():
     with pytest.raises(ValueError, match="offload"):
         OptimizerConfig("galore_adamw", offload="nvme")
+    with pytest.raises(ValueError, match="offload_step"):
+        OptimizerConfig("galore_adamw", offload="cpu", offload_step="gpu")
+    with pytest.raises(ValueError, match="set offload='cpu' as well"):
+        OptimizerConfig("galore_adamw", offload_step="host")
     model = make_net()
     opt = build_optimizer(model, OptimizerConfig("galore_adamw", rank=4))
     with pytest.raises(ValueError, match="can be kept in"):
@@ -155,18 +159,31 @@ def test_offload_refusals():
 
 
 def test_host_is_cheaper_counts_the_bytes_each_side_moves():
-    """2·S (the state in and back) against G + 2·W (the gradient out, the weight out and back), by hand."""
-    n = 1000
-    assert host_is_cheaper(2 * 4 * n, 4 * n, 4 * n)  # fp32 Adam moments of an fp32 weight: 16n > 12n
-    assert not host_is_cheaper(2 * 1 * n + 8 * (n // 256), 2 * n, 2 * n)  # 8-bit moments of a bf16 weight: ~4n < 6n
-    assert host_is_cheaper(2 * 2 * n, 2 * n, 2 * n)  # bf16 moments of a bf16 weight: 8n > 6n
-    assert not host_is_cheaper(2 * 4 * 8 * 40 + 4 * 8 * 40, 4 * 40 * 40, 4 * 40 * 40)  # rank-8 state of 40×40
-    assert not host_is_cheaper(6, 3, 6)  # equal bytes: stays on the device
+    """Device: 2·S over the bus. Host: G + 2·W over the bus, plus 2·S + G + 2·W through host memory at k times the
+    bus's rate — the host wins when (G + 2W)(k + 1) < 2S(k − 1); k = inf: the bus alone (2S > G + 2W). By hand:"""
+    n, inf = 1000, float("inf")
+    assert host_is_cheaper(2 * 4 * n, 2 * n, 2 * n)  # fp32 moments of a bf16 weight: 6n·4 = 24n < 16n·2 = 32n
+    assert not host_is_cheaper(2 * 4 * n, 4 * n, 4 * n)  # fp32 moments of an fp32 weight: 12n·4 = 48n > 32n
+    assert host_is_cheaper(2 * 4 * n, 4 * n, 4 * n, inf)  # ... by the bus alone: 16n > 12n
+    assert not host_is_cheaper(2 * 2 * n, 2 * n, 2 * n)  # bf16 moments of a bf16 weight: 24n > 16n
+    assert host_is_cheaper(2 * 2 * n, 2 * n, 2 * n, inf)  # ... by the bus alone: 8n > 6n
+    assert not host_is_cheaper(2 * n + 8 * (n // 256), 2 * n, 2 * n, inf)  # 8-bit moments: ~4n < 6n even so
+    assert not host_is_cheaper(2 * 4 * 8 * 40 + 4 * 8 * 40, 4 * 40 * 40, 4 * 40 * 40, inf)  # rank-8 state of 40×40
+    assert not host_is_cheaper(6, 3, 6, inf)  # equal bytes: stays on the device
+    assert not host_is_cheaper(10 ** 9, 1, 1, 1.0)  # host memory no faster than the bus: never
 
 
-def test_auto_steps_plain_fp32_parameters_on_the_host_and_projected_ones_on_the_device():
+def test_auto_keeps_every_update_of_an_fp32_galore_on_the_device_by_default():
+    model, opt, sched = _build("galore_adamw", False, "cpu", step_on="auto")
+    _train(model, opt, sched, batches(2))
+    assert opt.offload.host_steps == 0 and opt.offload.ledger()["peak_device_bytes"] > 0
+
+
+def test_auto_by_the_bus_alone_steps_plain_fp32_parameters_on_the_host_projected_ones_on_the_device():
+    """With the bus counted alone (``bandwidth_ratio=inf``)."""
     model, opt, sched = _build("galore_adamw", False, "cpu", step_on="auto")
     off = opt.offload
+    off.bandwidth_ratio = float("inf")
     where = {}
     on_host, on_device = off.on_host, off.on_device
 
