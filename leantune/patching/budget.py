@@ -37,6 +37,9 @@ from .live import LiveStorages, OpRecord
 from .recompute import MODES, Offloader, mlp_modules, run_layer, tag_mlp, without_cache, worth_saving
 from .state import rebind
 
+#: the modes a budget picks from by default (besides ``keep``): the exact ones; DIVISION only when named
+DEFAULT_BUDGET_MODES: tuple[str, ...] = ("save_matmuls", "recompute_mlp", "save_attention", "checkpoint", "offload")
+
 
 @dataclass(frozen=True)
 class DeviceCosts:
@@ -216,7 +219,7 @@ class BudgetPolicy:
     forwards: list[Callable]
     budget: Any = None                       # MemoryConfig.budget (None: layer_modes decides)
     layer_modes: tuple[str, ...] | None = None
-    allowed: tuple[str, ...] = ("save_matmuls", "recompute_mlp", "save_attention", "checkpoint", "offload")
+    allowed: tuple[str, ...] = DEFAULT_BUDGET_MODES
     costs: DeviceCosts | None = None
     device: str | None = None                # plan for this device type (None: where the layer runs)
     verbose: bool = False

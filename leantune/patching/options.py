@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 from leantune._validation import check_bool, check_int, check_number
 
-from .budget import check_modes, parse_budget
+from .budget import DEFAULT_BUDGET_MODES, check_modes, parse_budget
 
 #: the exact kernels (same forward and gradients up to rounding); the default set
 EXACT_KERNELS = ("lora_linear", "lowrank_linear", "ms_rmsnorm", "ms_layernorm", "gated_mlp")
@@ -65,7 +65,7 @@ class MemoryConfig:
     loss_chunk_tokens: int | None = None
     budget: float | int | str | None = None
     layer_modes: tuple[str, ...] | str | None = None
-    budget_modes: tuple[str, ...] = ("save_matmuls", "recompute_mlp", "save_attention", "checkpoint", "offload")
+    budget_modes: tuple[str, ...] = DEFAULT_BUDGET_MODES
     verbose: bool = False
 
     def __post_init__(self) -> None:
