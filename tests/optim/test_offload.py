@@ -204,3 +204,24 @@ def test_auto_by_the_bus_alone_steps_plain_fp32_parameters_on_the_host_projected
                   for p in model.parameters() if id(p) in projected)
     assert 0 < off.ledger()["peak_device_bytes"] <= 2 * largest  # the host-stepped Adam states never came in
     assert off.host_steps == 3 * (len(list(model.parameters())) - 3)
+
+
+@pytest.mark.parametrize("step_on", ["host", "device"])
+@pytest.mark.parametrize("name", ["galore_adamw", "galore_adamw8bit", "fira_adamw"])
+def test_offload_in_bf16_equals_no_offload_bit_for_bit(name, step_on):
+    """bf16 weights and moments, per-layer updates with an LR schedule: each side bitwise the run without offload."""
+    if name.endswith("8bit"):
+        pytest.importorskip("bitsandbytes")
+    data = [(x.bfloat16(), y.bfloat16()) for x, y in batches(6)]
+    runs = []
+    for offload in (None, "cpu"):
+        model, opt, sched = _build(name, True, offload, 1, step_on if offload else "auto")
+        model.to(torch.bfloat16)
+        runs.append((model, opt))
+        _train(model, opt, sched, data)
+    (ref, ref_opt), (off, off_opt) = runs
+    assert all(p.dtype == torch.bfloat16 for p in off.parameters())
+    for x, y in zip(ref.state_dict().values(), off.state_dict().values()):
+        assert torch.equal(x, y)
+    _state_equal(ref_opt, off_opt)
+    assert (off_opt.offload.host_steps > 0) == (step_on == "host")
